@@ -1,0 +1,100 @@
+using System;
+using System.Linq;
+using EarlyExit.Models;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace EarlyExit.Inference
+{
+    /// <summary>Per sample: the predicted class, the exit it left at (1-based) and the confidence there.</summary>
+    public sealed record EarlyExitResult(long[] Predictions, int[] Exits, float[] Confidences);
+
+    /// <summary>
+    /// Early-exit inference. Exit rule: a sample leaves at the first exit whose maximum softmax probability is
+    /// strictly greater than the threshold; a sample that never does takes the last exit.
+    /// </summary>
+    public static class EarlyExitInference
+    {
+        /// <summary>
+        /// Real early exit: computes segment μ+1 only for the samples still in the network after exit μ, so a batch
+        /// shrinks as samples leave (batch 1 stops as soon as its sample leaves). The network must be in eval mode
+        /// for per-sample results to be independent of the batch.
+        /// </summary>
+        public static EarlyExitResult Run(MultiExitNetwork net, Tensor x, double threshold)
+        {
+            net.CheckInput(x);
+            long n = x.shape[0];
+            var predictions = new long[n];
+            var exits = new int[n];
+            var confidences = new float[n];
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            Tensor[] state = { x };
+            // Positions (in the original batch) of the samples still running.
+            long[] alive = Enumerable.Range(0, (int)n).Select(i => (long)i).ToArray();
+            int m = net.ExitCount;
+            for (int mu = 1; mu <= m && alive.Length > 0; mu++)
+            {
+                state = net.Segment(mu).call(state);
+                var logits = net.Head(mu).call(state);
+                var probs = nn.functional.softmax(logits.to_type(ScalarType.Float32), 1);
+                var (conf, pred) = probs.max(1);
+                var confArr = conf.cpu().data<float>().ToArray();
+                var predArr = pred.cpu().data<long>().ToArray();
+                var stay = new System.Collections.Generic.List<long>();
+                for (int i = 0; i < alive.Length; i++)
+                {
+                    if (mu == m || confArr[i] > threshold)
+                    {
+                        long at = alive[i];
+                        predictions[at] = predArr[i];
+                        exits[at] = mu;
+                        confidences[at] = confArr[i];
+                    }
+                    else stay.Add(i);
+                }
+                if (stay.Count == alive.Length || mu == m) { if (mu == m) break; continue; }
+                if (stay.Count == 0) break;
+                var keep = tensor(stay.ToArray(), device: x.device);
+                state = state.Select(s => s.index_select(0, keep)).ToArray();
+                alive = stay.Select(i => alive[i]).ToArray();
+            }
+            return new EarlyExitResult(predictions, exits, confidences);
+        }
+
+        /// <summary>
+        /// The same rule applied afterwards to the logits of every exit (what evaluation from cached logits does):
+        /// returns predictions and exits. <paramref name="probabilities"/> is [exit][sample][class] softmax output.
+        /// </summary>
+        public static (long[] predictions, int[] exits) ChooseAfterwards(float[][][] probabilities, double threshold)
+        {
+            int m = probabilities.Length, n = probabilities[0].Length;
+            var predictions = new long[n];
+            var exits = new int[n];
+            for (int i = 0; i < n; i++)
+            {
+                for (int mu = 0; mu < m; mu++)
+                {
+                    var p = probabilities[mu][i];
+                    int arg = 0;
+                    for (int c = 1; c < p.Length; c++) if (p[c] > p[arg]) arg = c;
+                    if (mu == m - 1 || p[arg] > threshold) { predictions[i] = arg; exits[i] = mu + 1; break; }
+                }
+            }
+            return (predictions, exits);
+        }
+
+        /// <summary>Softmax of every exit's logits as nested arrays [exit][sample][class].</summary>
+        public static float[][][] Probabilities(Tensor[] logits)
+        {
+            using var scope = NewDisposeScope();
+            return logits.Select(l =>
+            {
+                var p = nn.functional.softmax(l.detach().to_type(ScalarType.Float32), 1).cpu();
+                long n = p.shape[0], c = p.shape[1];
+                var flat = p.data<float>().ToArray();
+                return Enumerable.Range(0, (int)n).Select(i => flat.AsSpan((int)(i * c), (int)c).ToArray()).ToArray();
+            }).ToArray();
+        }
+    }
+}

@@ -1,0 +1,71 @@
+using System;
+using System.Collections.Generic;
+using System.Linq;
+
+namespace EarlyExit.Models
+{
+    /// <summary>Options a user may set on any family; null means "the family's default".</summary>
+    public sealed record ModelOptions
+    {
+        public int? NumClasses { get; init; }
+        /// <summary>Input (C, H, W), e.g. 1×28×28 for Fashion-MNIST.</summary>
+        public long[]? InputShape { get; init; }
+        /// <summary>Width of the first stage; later stages double it (ResNet) or scale the growth (MSDNet).</summary>
+        public int? BaseWidth { get; init; }
+        /// <summary>Blocks per stage (ResNet) or number of blocks (MSDNet, one value).</summary>
+        public int[]? Blocks { get; init; }
+        /// <summary>1-based positions of the exits (ResNet: after which block).</summary>
+        public int[]? ExitPositions { get; init; }
+
+        public static readonly ModelOptions Default = new();
+    }
+
+    /// <summary>A registered family: its name, what it is, its defaults, and the factory.</summary>
+    public sealed record ModelFamily(string Name, string Summary, string Defaults, Func<ModelOptions, MultiExitNetwork> Create);
+
+    /// <summary>The model zoo: names mapped to factories, each family's defaults beside it.</summary>
+    public static class ModelRegistry
+    {
+        static readonly Dictionary<string, ModelFamily> families = new(StringComparer.OrdinalIgnoreCase);
+
+        static ModelRegistry()
+        {
+            Register(new ModelFamily(
+                "resnet34",
+                "ResNet-34, CIFAR stem, BasicBlocks [3,4,6,3], 8 exits after blocks 2,4,...,16 (SDN heads, final avg-pool + linear)",
+                "blocks 3,4,6,3; width 64 (64-128-256-512); exits 2,4,6,8,10,12,14,16; 100 classes; input 3x32x32",
+                CreateResNet34));
+        }
+
+        public static void Register(ModelFamily family) => families[family.Name] = family;
+
+        public static IReadOnlyList<ModelFamily> Families => families.Values.OrderBy(f => f.Name).ToList();
+
+        public static ModelFamily Get(string name) =>
+            families.TryGetValue(name, out var f)
+                ? f
+                : throw new ArgumentException($"unknown model '{name}'; known models: {string.Join(", ", families.Keys.OrderBy(k => k))}");
+
+        public static MultiExitNetwork Create(string name, ModelOptions? options = null) => Get(name).Create(options ?? ModelOptions.Default);
+
+        /// <summary>Default exits of a ResNet with <paramref name="totalBlocks"/> blocks: after every second block and after the last.</summary>
+        public static int[] EverySecondBlock(int totalBlocks) =>
+            Enumerable.Range(1, totalBlocks).Where(b => b % 2 == 0 || b == totalBlocks).ToArray();
+
+        public static ResNetConfig ResNet34Config(ModelOptions o)
+        {
+            var blocks = o.Blocks ?? new[] { 3, 4, 6, 3 };
+            int w = o.BaseWidth ?? 64;
+            return new ResNetConfig
+            {
+                Blocks = blocks,
+                Widths = Enumerable.Range(0, blocks.Length).Select(i => w << i).ToArray(),
+                ExitAfterBlocks = o.ExitPositions ?? EverySecondBlock(blocks.Sum()),
+                NumClasses = o.NumClasses ?? 100,
+                InputShape = o.InputShape ?? new long[] { 3, 32, 32 },
+            };
+        }
+
+        static MultiExitNetwork CreateResNet34(ModelOptions o) => new MultiExitResNet(ResNet34Config(o), "resnet34");
+    }
+}

@@ -1,0 +1,120 @@
+using System;
+using System.Collections.Generic;
+using System.Linq;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace EarlyExit.Models
+{
+    /// <summary>
+    /// A multi-exit network: M consecutive backbone segments Θ1..ΘM and M exit heads IC1..ICM.
+    /// Segment μ maps the features after segment μ−1 (a list of tensors, one per scale; one for a ResNet)
+    /// to the features after segment μ; head μ reads them and returns the logits of exit μ.
+    /// The last head is the backbone's own classifier.
+    /// <para>Parameter and buffer names start with <c>segments.{i}.</c> or <c>heads.{i}.</c> (0-based i), so every
+    /// tensor of the network belongs to exactly one group (see <see cref="GroupOf"/>).</para>
+    /// </summary>
+    public abstract class MultiExitNetwork : nn.Module<Tensor, Tensor[]>
+    {
+        protected MultiExitNetwork(string name) : base(name) { }
+
+        /// <summary>Number of exits M (equal to the number of segments).</summary>
+        public abstract int ExitCount { get; }
+        /// <summary>Classes predicted by every exit.</summary>
+        public abstract int NumClasses { get; }
+        /// <summary>Input shape of one sample (C, H, W).</summary>
+        public abstract long[] InputShape { get; }
+        /// <summary>The family this network was built from and the options that built it, for reports.</summary>
+        public abstract string Describe();
+
+        /// <summary>Segment Θμ for μ = 1..M.</summary>
+        public abstract nn.Module<Tensor[], Tensor[]> Segment(int exit);
+        /// <summary>Head ICμ for μ = 1..M.</summary>
+        public abstract nn.Module<Tensor[], Tensor> Head(int exit);
+
+        /// <summary>Runs segments 1..<paramref name="upTo"/> and returns the logits of exits 1..<paramref name="upTo"/>.</summary>
+        public Tensor[] ForwardUpTo(Tensor x, int upTo)
+        {
+            CheckExit(upTo, nameof(upTo));
+            CheckInput(x);
+            var logits = new Tensor[upTo];
+            Tensor[] state = { x };
+            for (int mu = 1; mu <= upTo; mu++)
+            {
+                state = Segment(mu).call(state);
+                logits[mu - 1] = Head(mu).call(state);
+            }
+            return logits;
+        }
+
+        /// <summary>Runs segments 1..<paramref name="upTo"/> and returns only the logits of exit <paramref name="upTo"/>.</summary>
+        public Tensor ForwardExit(Tensor x, int upTo)
+        {
+            CheckExit(upTo, nameof(upTo));
+            CheckInput(x);
+            Tensor[] state = { x };
+            for (int mu = 1; mu <= upTo; mu++) state = Segment(mu).call(state);
+            return Head(upTo).call(state);
+        }
+
+        /// <summary>Logits of every exit, shallow to deep.</summary>
+        public override Tensor[] forward(Tensor x) => ForwardUpTo(x, ExitCount);
+
+        public void CheckExit(int exit, string what = "exit")
+        {
+            if (exit < 1 || exit > ExitCount)
+                throw new ArgumentOutOfRangeException(what, exit, $"exit must be in 1..{ExitCount} for this network");
+        }
+
+        /// <summary>Refuses inputs whose shape does not match the network before they reach libtorch.</summary>
+        public void CheckInput(Tensor x)
+        {
+            var s = InputShape;
+            if (x.dim() != 4 || x.shape[1] != s[0] || x.shape[2] != s[1] || x.shape[3] != s[2])
+                throw new ArgumentException(
+                    $"input of shape [{string.Join(", ", x.shape)}] does not fit this network, which takes [N, {s[0]}, {s[1]}, {s[2]}]");
+        }
+
+        /// <summary>Group name of a parameter or buffer: "segment{μ}" or "head{μ}" (1-based).</summary>
+        public static string GroupOf(string tensorName)
+        {
+            var parts = tensorName.Split('.');
+            if (parts.Length >= 2 && int.TryParse(parts[1], out var i))
+            {
+                if (parts[0] == "segments") return $"segment{i + 1}";
+                if (parts[0] == "heads") return $"head{i + 1}";
+            }
+            throw new ArgumentException($"'{tensorName}' belongs to no segment or head");
+        }
+
+        public static string SegmentGroup(int exit) => $"segment{exit}";
+        public static string HeadGroup(int exit) => $"head{exit}";
+
+        /// <summary>All groups in order: segment1, head1, segment2, head2, ...</summary>
+        public IEnumerable<string> Groups()
+        {
+            for (int mu = 1; mu <= ExitCount; mu++) { yield return SegmentGroup(mu); yield return HeadGroup(mu); }
+        }
+
+        /// <summary>Named parameters of one group (names as in <c>named_parameters()</c>).</summary>
+        public IEnumerable<(string name, Parameter parameter)> GroupParameters(string group) =>
+            named_parameters().Where(p => GroupOf(p.name) == group);
+
+        /// <summary>Named buffers of one group (BatchNorm running statistics and the like).</summary>
+        public IEnumerable<(string name, Tensor buffer)> GroupBuffers(string group) =>
+            named_buffers().Where(b => GroupOf(b.name) == group);
+
+        /// <summary>Parameters of segments 1..<paramref name="upTo"/> (the set EWC protects).</summary>
+        public IEnumerable<(string name, Parameter parameter)> SegmentParameters(int upTo) =>
+            named_parameters().Where(p => { var g = GroupOf(p.name); return g.StartsWith("segment") && int.Parse(g[7..]) <= upTo; });
+
+        /// <summary>Modules of one group (used to put frozen BatchNorm layers in eval mode).</summary>
+        public nn.Module GroupModule(string group)
+        {
+            if (group.StartsWith("segment")) return Segment(int.Parse(group[7..]));
+            if (group.StartsWith("head")) return Head(int.Parse(group[4..]));
+            throw new ArgumentException($"unknown group '{group}'");
+        }
+    }
+}

@@ -1,0 +1,118 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace EarlyExit.Models
+{
+    /// <summary>ResNet BasicBlock: 3×3 conv, BN, ReLU, 3×3 conv, BN, plus a shortcut (1×1 conv + BN when the shape changes), ReLU.</summary>
+    public sealed class BasicBlock : nn.Module<Tensor, Tensor>
+    {
+        private readonly Conv2d conv1;
+        private readonly BatchNorm2d bn1;
+        private readonly ReLU relu1;
+        private readonly Conv2d conv2;
+        private readonly BatchNorm2d bn2;
+        private readonly nn.Module<Tensor, Tensor>? shortcut;
+        private readonly ReLU relu2;
+
+        public BasicBlock(string name, long inChannels, long outChannels, long stride) : base(name)
+        {
+            conv1 = nn.Conv2d(inChannels, outChannels, 3, stride: stride, padding: 1, bias: false);
+            bn1 = nn.BatchNorm2d(outChannels);
+            relu1 = nn.ReLU();
+            conv2 = nn.Conv2d(outChannels, outChannels, 3, stride: 1, padding: 1, bias: false);
+            bn2 = nn.BatchNorm2d(outChannels);
+            if (stride != 1 || inChannels != outChannels)
+                shortcut = nn.Sequential(
+                    ("0", nn.Conv2d(inChannels, outChannels, 1, stride: stride, bias: false)),
+                    ("1", nn.BatchNorm2d(outChannels)));
+            relu2 = nn.ReLU();
+            RegisterComponents();
+        }
+
+        public override Tensor forward(Tensor x)
+        {
+            using var scope = NewDisposeScope();
+            var y = bn2.call(conv2.call(relu1.call(bn1.call(conv1.call(x)))));
+            var s = shortcut is null ? x : shortcut.call(x);
+            return relu2.call(y.add_(s)).MoveToOuterDisposeScope();
+        }
+    }
+
+    /// <summary>CIFAR stem: 3×3 conv, stride 1, BN, ReLU (no max-pool).</summary>
+    public sealed class CifarStem : nn.Module<Tensor, Tensor>
+    {
+        private readonly Conv2d conv;
+        private readonly BatchNorm2d bn;
+        private readonly ReLU relu;
+
+        public CifarStem(string name, long inChannels, long outChannels) : base(name)
+        {
+            conv = nn.Conv2d(inChannels, outChannels, 3, stride: 1, padding: 1, bias: false);
+            bn = nn.BatchNorm2d(outChannels);
+            relu = nn.ReLU();
+            RegisterComponents();
+        }
+
+        public override Tensor forward(Tensor x) => relu.call(bn.call(conv.call(x)));
+    }
+
+    /// <summary>A backbone segment that carries a single feature map: a sequence of modules applied to state[0].</summary>
+    public sealed class SequentialSegment : nn.Module<Tensor[], Tensor[]>
+    {
+        private readonly Sequential layers;
+
+        public SequentialSegment(string name, Sequential layers) : base(name)
+        {
+            this.layers = layers;
+            RegisterComponents();
+        }
+
+        public override Tensor[] forward(Tensor[] state) => new[] { layers.call(state[0]) };
+    }
+
+    /// <summary>
+    /// SDN internal classifier (Kaya et al. 2019): α·AdaptiveMaxPool(k) + (1−α)·AdaptiveAvgPool(k), flatten, linear.
+    /// α is a learnable scalar initialised uniformly in [0, 1), used as is (no sigmoid).
+    /// </summary>
+    public sealed class SdnHead : nn.Module<Tensor[], Tensor>
+    {
+        private readonly Parameter alpha;
+        private readonly AdaptiveMaxPool2d maxPool;
+        private readonly AdaptiveAvgPool2d avgPool;
+        private readonly Linear linear;
+
+        public SdnHead(string name, long channels, long numClasses, long poolSize = 4) : base(name)
+        {
+            alpha = nn.Parameter(rand(1));
+            maxPool = nn.AdaptiveMaxPool2d(new[] { poolSize, poolSize });
+            avgPool = nn.AdaptiveAvgPool2d(new[] { poolSize, poolSize });
+            linear = nn.Linear(channels * poolSize * poolSize, numClasses);
+            RegisterComponents();
+        }
+
+        public override Tensor forward(Tensor[] state)
+        {
+            using var scope = NewDisposeScope();
+            var x = state[0];
+            var pooled = alpha * maxPool.call(x) + (1 - alpha) * avgPool.call(x);
+            return linear.call(pooled.flatten(1)).MoveToOuterDisposeScope();
+        }
+    }
+
+    /// <summary>The backbone's own classifier: adaptive average pool to 1×1, flatten, linear.</summary>
+    public sealed class PoolLinearHead : nn.Module<Tensor[], Tensor>
+    {
+        private readonly AdaptiveAvgPool2d pool;
+        private readonly Linear linear;
+
+        public PoolLinearHead(string name, long channels, long numClasses) : base(name)
+        {
+            pool = nn.AdaptiveAvgPool2d(1);
+            linear = nn.Linear(channels, numClasses);
+            RegisterComponents();
+        }
+
+        public override Tensor forward(Tensor[] state) => linear.call(pool.call(state[0]).flatten(1));
+    }
+}
