@@ -1,0 +1,178 @@
+/// Figures pinned to references: the paper's ResNet-34 (SPEC), the ELF patch, and the describe JSON.
+module EarlyExit.Tests.Golden.Tests
+
+open System
+open System.IO
+open System.Text.Json
+open Expecto
+open EarlyExit.Models
+open EarlyExit.Flops
+open EarlyExit.Native
+open EarlyExit.Tests.Support
+
+let private resnet34 (options: ModelOptions) =
+    TorchSharp.torch.manual_seed 0L |> ignore
+    ModelRegistry.Create("resnet34", options)
+
+let resnet34Paper =
+    testList "resnet34 (SPEC reference figures)" [
+        let net = lazy (resnet34 ModelOptions.Default)
+        let cost = lazy (MacCounter.Count(net.Value))
+
+        test "21,328,292 parameters without internal classifiers (100 classes)" {
+            Expect.equal cost.Value.BackboneParameters 21_328_292L "backbone parameters"
+        }
+        test "1,159,448,576 conv+linear MACs at 32x32" {
+            Expect.equal cost.Value.BackboneMacs 1_159_448_576L "backbone MACs"
+        }
+        test "8 exits" { Expect.equal net.Value.ExitCount 8 "exit count" }
+        test "cumulative backbone MACs after blocks 2..16: 13.2/24.8/37.8/49.4/62.4/75.4/87.0/100%" {
+            let percents =
+                cost.Value.Exits
+                |> Seq.map (fun e -> Math.Round(100.0 * float e.CumulativeBackboneMacs / float cost.Value.BackboneMacs, 1))
+                |> Seq.toList
+            Expect.equal percents [ 13.2; 24.8; 37.8; 49.4; 62.4; 75.4; 87.0; 100.0 ] "percent of the backbone"
+        }
+        test "SDN head parameters are C*1600+101 for C = 64,128,128,256,256,256,512; the final head 512*100+100" {
+            let heads = cost.Value.Exits |> Seq.map (fun e -> e.HeadParameters) |> Seq.toList
+            let expected = ([ 64; 128; 128; 256; 256; 256; 512 ] |> List.map (fun c -> int64 c * 1600L + 101L)) @ [ 51_300L ]
+            Expect.equal heads expected "head parameters"
+        }
+        test "exit cost includes every earlier head" {
+            let exits = cost.Value.Exits |> Seq.toArray
+            for e in exits do
+                let expected = (exits |> Seq.take e.Exit |> Seq.sumBy (fun x -> x.SegmentMacs + x.HeadMacs))
+                Expect.equal e.CumulativeMacs expected $"exit {e.Exit}"
+            Expect.equal exits[7].CumulativeMacs (1_159_448_576L + (exits |> Seq.take 7 |> Seq.sumBy (fun x -> x.HeadMacs))) "last exit = backbone + 7 ICs"
+        }
+        test "total parameters = backbone + the seven SDN heads" {
+            let icParams = [ 64; 128; 128; 256; 256; 256; 512 ] |> List.sumBy (fun c -> int64 c * 1600L + 101L)
+            Expect.equal cost.Value.TotalParameters (21_328_292L + icParams) "all parameters"
+        }
+    ]
+
+let describeJson =
+    testList "earlyexit describe --json" [
+        test "has parameters, macs and the exits in order with cumulative macs and parameters" {
+            use net = resnet34 ModelOptions.Default
+            let cost = MacCounter.Count net
+            use doc = JsonDocument.Parse(EarlyExit.Experiments.Cli.Describe.toJson "resnet34" net cost)
+            let root = doc.RootElement
+            Expect.equal (root.GetProperty("parameters").GetInt64()) 21_328_292L "parameters"
+            Expect.equal (root.GetProperty("macs").GetInt64()) 1_159_448_576L "macs"
+            let exits = root.GetProperty("exits").EnumerateArray() |> Seq.toArray
+            Expect.equal exits.Length 8 "eight exits"
+            let macs = exits |> Array.map (fun e -> e.GetProperty("macs").GetInt64())
+            Expect.isTrue (macs |> Array.pairwise |> Array.forall (fun (a, b) -> a < b)) "cumulative MACs increase"
+            Expect.equal (exits[0].GetProperty("macs").GetInt64()) (152_764_416L + 102_400L) "exit 1 = blocks 1-2 and the stem + head 1"
+            Expect.equal (exits[7].GetProperty("parameters").GetInt64()) cost.TotalParameters "last exit's cumulative parameters = whole network"
+        }
+        test "Fashion-MNIST shape: 1x28x28, 10 classes, narrow widths" {
+            use net = resnet34 (ModelOptions(NumClasses = 10, InputShape = [| 1L; 28L; 28L |], BaseWidth = 16, Blocks = [| 2; 2; 2; 2 |]))
+            let cost = MacCounter.Count net
+            Expect.equal net.ExitCount 4 "exits after blocks 2,4,6,8"
+            // stem 1->16 at 28x28: 16*9*784; blocks 1-2: 4 convs 16->16 at 28x28.
+            let stem = 16L * 9L * 784L
+            let block12 = 4L * 16L * 16L * 9L * 784L
+            Expect.equal cost.Exits[0].SegmentMacs (stem + block12) "segment 1 MACs"
+            Expect.equal cost.Exits[0].HeadMacs (16L * 16L * 10L) "SDN head MACs = C*16*classes"
+        }
+    ]
+
+/// A minimal ELF64 with a .gnu.version_r section naming libstdc++.so.6 and two versions, built byte by byte.
+let syntheticElf (weak: bool) =
+    let strtab = Text.Encoding.ASCII.GetBytes("\000libstdc++.so.6\000GLIBCXX_3.4.30\000GLIBCXX_3.4.32\000")
+    let nameFile, name30, name32 = 1, 16, 31
+    let le16 (v: int) = [| byte v; byte (v >>> 8) |]
+    let le32 (v: int) = BitConverter.GetBytes(v)
+    let le64 (v: int64) = BitConverter.GetBytes(v)
+    // Verneed (16 bytes) + two Vernaux (16 bytes each)
+    let verneed = Array.concat [ le16 1; le16 2; le32 nameFile; le32 16; le32 0 ]
+    let aux1 = Array.concat [ le32 0; le16 0; le16 2; le32 name30; le32 16 ]
+    let aux2 = Array.concat [ le32 0; le16 (if weak then 2 else 0); le16 3; le32 name32; le32 0 ]
+    let verr = Array.concat [ verneed; aux1; aux2 ]
+    let strOff, verOff = 64L, 64L + int64 strtab.Length
+    let shoff = verOff + int64 verr.Length
+    let section (typ: int) (offset: int64) (size: int64) (link: int) (info: int) =
+        Array.concat [ le32 0; le32 typ; le64 0L; le64 0L; le64 offset; le64 size; le32 link; le32 info; le64 1L; le64 0L ]
+    let header =
+        Array.concat [
+            [| 0x7fuy; byte 'E'; byte 'L'; byte 'F'; 2uy; 1uy; 1uy; 0uy |]; Array.zeroCreate 8
+            le16 3; le16 0x3e; le32 1; le64 0L; le64 0L; le64 shoff; le32 0; le16 64; le16 0; le16 0; le16 64; le16 3; le16 0 ]
+    Array.concat [ header; strtab; verr; section 0 0L 0L 0 0; section 3 strOff (int64 strtab.Length) 0 0; section 0x6ffffffe verOff (int64 verr.Length) 1 1 ]
+
+let elfPatch =
+    testList "ELF version-needs patch" [
+        test "marks GLIBCXX_3.4.32 weak and leaves GLIBCXX_3.4.30 alone" {
+            let elf = syntheticElf false
+            let before = Array.copy elf
+            Expect.equal (ElfVersionNeedPatcher.MarkVersionNeedWeak(elf, "GLIBCXX_3.4.32")) ElfPatchOutcome.Patched "patched"
+            let diff = Array.zip before elf |> Array.indexed |> Array.filter (fun (_, (a, b)) -> a <> b) |> Array.map fst
+            Expect.equal diff.Length 1 "exactly one byte changes"
+            Expect.equal elf[diff[0]] 2uy "the flag byte becomes VER_FLG_WEAK"
+            Expect.equal (ElfVersionNeedPatcher.MarkVersionNeedWeak(elf, "GLIBCXX_3.4.32")) ElfPatchOutcome.AlreadyWeak "idempotent"
+        }
+        test "an entry already weak is reported so" {
+            Expect.equal (ElfVersionNeedPatcher.MarkVersionNeedWeak(syntheticElf true, "GLIBCXX_3.4.32")) ElfPatchOutcome.AlreadyWeak "weak"
+        }
+        test "a version the library does not need is reported so" {
+            Expect.equal (ElfVersionNeedPatcher.MarkVersionNeedWeak(syntheticElf false, "GLIBCXX_9.9")) ElfPatchOutcome.VersionNotNeeded "absent"
+        }
+        test "not an ELF file, or a truncated one, is a clear error naming the file" {
+            let e = Expect.throwsT<InvalidDataException> (fun () -> ElfVersionNeedPatcher.MarkVersionNeedWeak(Array.zeroCreate 100, "X", "lib.so") |> ignore)
+            ()
+            let truncated = (syntheticElf false)[.. 120]
+            let ex = try ElfVersionNeedPatcher.MarkVersionNeedWeak(truncated, "GLIBCXX_3.4.32", "cut.so") |> ignore; "" with :? InvalidDataException as x -> x.Message
+            Expect.stringContains ex "cut.so" "names the file"
+            Expect.stringContains ex "truncated" "says what is wrong"
+        }
+        test "patching through a hard link replaces the link and leaves the other name untouched" {
+            use dir = new TempDir()
+            let original = dir.File "cache-original.so"
+            File.WriteAllBytes(original, syntheticElf false)
+            let link = dir.File "output-copy.so"
+            let rc = Diagnostics.Process.Start("ln", [| original; link |])
+            rc.WaitForExit()
+            Expect.equal rc.ExitCode 0 "ln made a hard link"
+            ElfVersionNeedPatcher.PatchFile(link, link, "GLIBCXX_3.4.32") |> ignore
+            Expect.equal (File.ReadAllBytes original) (syntheticElf false) "the linked original is unchanged"
+            Expect.equal (ElfVersionNeedPatcher.MarkVersionNeedWeak(File.ReadAllBytes link, "GLIBCXX_3.4.32")) ElfPatchOutcome.AlreadyWeak "the output copy is patched"
+        }
+        test "the shipped libLibTorchSharp.so in the NuGet cache is left as shipped by the build" {
+            let nuget =
+                match Environment.GetEnvironmentVariable "NUGET_PACKAGES" with
+                | null | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
+                | p -> p
+            let shipped = Path.Combine(nuget, "torchsharp", "0.107.0", "runtimes", "linux-x64", "native", "libLibTorchSharp.so")
+            Expect.isTrue (File.Exists shipped) $"restored package at {shipped}"
+            let bytes = File.ReadAllBytes shipped
+            Expect.equal (ElfVersionNeedPatcher.MarkVersionNeedWeak(bytes, "GLIBCXX_3.4.32", shipped)) ElfPatchOutcome.Patched "the cache copy still asks for GLIBCXX_3.4.32 strictly"
+        }
+        test "the build patched the copy in this test's output folder where the system libstdc++ is old" {
+            let copy = Path.Combine(AppContext.BaseDirectory, "libLibTorchSharp.so")
+            let outcome = ElfVersionNeedPatcher.MarkVersionNeedWeak(File.ReadAllBytes copy, "GLIBCXX_3.4.32", copy)
+            if ElfVersionNeedPatcher.SystemLibstdcxxProvides "GLIBCXX_3.4.32" then
+                Expect.equal outcome ElfPatchOutcome.Patched "left as shipped where libstdc++ is new enough"
+            else
+                Expect.equal outcome ElfPatchOutcome.AlreadyWeak "patched in the output folder"
+        }
+    ]
+
+let registry =
+    testList "model registry (every family)" [
+        for family in ModelRegistry.Families do
+            test $"{family.Name}: builds at Fashion-MNIST scale and every exit gives [N, classes] logits" {
+                TorchSharp.torch.manual_seed 1L |> ignore
+                use net = family.Create.Invoke(ModelOptions(NumClasses = 10, InputShape = [| 1L; 28L; 28L |], BaseWidth = 8))
+                net.eval() |> ignore
+                use scope = TorchSharp.torch.NewDisposeScope()
+                let x = TorchSharp.torch.randn(3L, 1L, 28L, 28L)
+                let logits = net.forward x
+                Expect.equal logits.Length net.ExitCount "one logits tensor per exit"
+                for l in logits do Expect.equal (l.shape |> Array.toList) [ 3L; 10L ] "shape"
+                let cost = MacCounter.Count net
+                Expect.equal cost.Exits.Count net.ExitCount "cost per exit"
+            }
+    ]
+
+let all = testList "golden" [ resnet34Paper; describeJson; elfPatch; registry ]

@@ -1,0 +1,3 @@
+module EarlyExit.Tests.Properties.Tests
+open Expecto
+let all = testList "properties" []
