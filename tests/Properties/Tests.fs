@@ -1,3 +1,251 @@
 module EarlyExit.Tests.Properties.Tests
+
+open System
+open System.IO
 open Expecto
-let all = testList "properties" []
+open FsCheck
+open FsCheck.FSharp
+open TorchSharp
+open EarlyExit.Models
+open EarlyExit.Flops
+open EarlyExit.Inference
+open EarlyExit.Data
+open EarlyExit.Tests.Support
+open EarlyExit.Tests.Properties.Generators
+
+type Tensor = torch.Tensor
+
+/// Bit-for-bit equality of two tensors (same shape, every element equal).
+let same (a: Tensor) (b: Tensor) = a.shape = b.shape && a.eq(b).all().item<bool>()
+
+let build (c: SmallResNet) =
+    torch.manual_seed (int64 c.Seed) |> ignore
+    let widths = Array.init c.Blocks.Length (fun i -> c.BaseWidth <<< i)
+    new MultiExitResNet(ResNetConfig(Blocks = c.Blocks, Widths = widths, ExitAfterBlocks = c.Exits, NumClasses = c.Classes, InputShape = c.Input))
+
+/// Slow, obvious oracle: ResNet MACs from closed-form layer sizes (conv + linear, one multiply-add = 1).
+let analyticMacs (c: SmallResNet) =
+    let out (side: int64) (stride: int64) = (side - 1L) / stride + 1L
+    let mutable h, w = c.Input[1], c.Input[2]
+    let mutable ch = int64 c.BaseWidth
+    let stem = c.Input[0] * ch * 9L * h * w
+    let blockMacs = ResizeArray<int64>()
+    let blockChannels = ResizeArray<int64>()
+    for s in 0 .. c.Blocks.Length - 1 do
+        let cout = int64 (c.BaseWidth <<< s)
+        for b in 0 .. c.Blocks[s] - 1 do
+            let stride = if s > 0 && b = 0 then 2L else 1L
+            let h2, w2 = out h stride, out w stride
+            let shortcut = if stride <> 1L || ch <> cout then ch * cout * h2 * w2 else 0L
+            blockMacs.Add(ch * cout * 9L * h2 * w2 + cout * cout * 9L * h2 * w2 + shortcut)
+            blockChannels.Add cout
+            ch <- cout; h <- h2; w <- w2
+    let mutable start = 0
+    [ for e in 0 .. c.Exits.Length - 1 do
+        let seg = (if e = 0 then stem else 0L) + (blockMacs |> Seq.skip start |> Seq.take (c.Exits[e] - start) |> Seq.sum)
+        let cAt = blockChannels[c.Exits[e] - 1]
+        let head = if e = c.Exits.Length - 1 then cAt * int64 c.Classes else cAt * 16L * int64 c.Classes
+        start <- c.Exits[e]
+        yield seg, head ]
+
+let models =
+    testList "multi-exit models" [
+        testPropArbs "MAC counter (forward hooks on real modules) equals the closed-form count" (fun (c: SmallResNet) ->
+            use net = build c
+            let cost = MacCounter.Count net
+            let expected = analyticMacs c
+            let actual = cost.Exits |> Seq.map (fun e -> e.SegmentMacs, e.HeadMacs) |> Seq.toList
+            actual = expected)
+
+        testPropArbs "ForwardUpTo(mu) gives exactly the first mu logits of a full forward pass" (fun (c: SmallResNet) ->
+            use net = build c
+            net.eval() |> ignore
+            use scope = torch.NewDisposeScope()
+            let x = torch.randn([| 2L; c.Input[0]; c.Input[1]; c.Input[2] |])
+            let all = net.forward x
+            [ 1 .. net.ExitCount ]
+            |> List.forall (fun mu ->
+                let part = net.ForwardUpTo(x, mu)
+                part.Length = mu && Seq.forall2 same part (Seq.take mu all)))
+
+        testPropArbs "every parameter and buffer belongs to exactly one group; groups cover the network" (fun (c: SmallResNet) ->
+            use net = build c
+            let groups = net.Groups() |> Seq.toList
+            let pCount = groups |> List.sumBy (fun g -> net.GroupParameters g |> Seq.length)
+            let bCount = groups |> List.sumBy (fun g -> net.GroupBuffers g |> Seq.length)
+            groups.Length = 2 * net.ExitCount
+            && pCount = Seq.length (net.named_parameters())
+            && bCount = Seq.length (net.named_buffers()))
+
+        testPropArbs "early-exit inference (batched, per-sample exits) predicts what choosing afterwards from all exits predicts" (fun (c: SmallResNet) ->
+            use net = build c
+            net.``to``(torch.float64) |> ignore
+            net.eval() |> ignore
+            use scope = torch.NewDisposeScope()
+            let x = torch.randn([| 16L; c.Input[0]; c.Input[1]; c.Input[2] |], dtype = torch.float64)
+            let probs = use _ = torch.no_grad() in EarlyExitInference.Probabilities(net.forward x)
+            // Thresholds spread between the smallest and largest confidence seen, so that samples leave at several exits.
+            [ 0.0; 1.0 / float c.Classes; 0.5; 0.7; 0.9; 0.99; 1.0 ]
+            |> List.forall (fun t ->
+                let r = EarlyExitInference.Run(net, x, t)
+                let struct (pred, exits) = EarlyExitInference.ChooseAfterwards(probs, t)
+                r.Predictions = pred && r.Exits = exits))
+
+        testPropN 5 "early-exit inference with batch 1 gives the same per-sample answers" (fun (seed: int) ->
+            let c = { Blocks = [| 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = abs seed % 1000 }
+            use net = build c
+            net.``to``(torch.float64) |> ignore
+            net.eval() |> ignore
+            use scope = torch.NewDisposeScope()
+            let x = torch.randn([| 6L; 1L; 8L; 8L |], dtype = torch.float64)
+            let batched = EarlyExitInference.Run(net, x, 0.5)
+            [ 0 .. 5 ] |> List.forall (fun i ->
+                let one = EarlyExitInference.Run(net, x.narrow(0, int64 i, 1L), 0.5)
+                one.Predictions[0] = batched.Predictions[i] && one.Exits[0] = batched.Exits[i]))
+
+        test "a wrong input shape is refused before it reaches libtorch" {
+            use net = build { Blocks = [| 1 |]; BaseWidth = 2; Exits = [| 1 |]; Classes = 2; Input = [| 1L; 8L; 8L |]; Seed = 0 }
+            use x = torch.zeros(2L, 3L, 8L, 8L)
+            Expect.throwsT<ArgumentException> (fun () -> net.forward x |> ignore) "3 channels into a 1-channel network"
+            Expect.throwsT<ArgumentOutOfRangeException> (fun () -> net.ForwardUpTo(torch.zeros(1L, 1L, 8L, 8L), 2) |> ignore) "exit 2 of 1"
+        }
+    ]
+
+let randomImages (rng: Random) n c h w = Array.init (n * c * h * w) (fun _ -> byte (rng.Next 256))
+
+let data =
+    testList "data" [
+        testProp "CIFAR-100 binary: what is written reads back (images and fine labels)" (fun (seed: int) (PositiveInt n0) ->
+            let n = 1 + n0 % 12
+            let rng = Random seed
+            let pixels = randomImages rng n 3 32 32
+            let labels = Array.init n (fun _ -> rng.Next 100)
+            use dir = new TempDir()
+            let file = dir.File "train.bin"
+            CifarBinary.Write(CifarBinary.Cifar100, file, pixels, labels)
+            let d = CifarBinary.Read(CifarBinary.Cifar100, [ file ], "t")
+            d.Pixels = pixels && d.Labels = labels && d.NumClasses = 100)
+
+        testProp "CIFAR-10 binary across several batch files reads back in order" (fun (seed: int) ->
+            let rng = Random seed
+            use dir = new TempDir()
+            let parts =
+                [ for i in 1 .. 3 ->
+                    let n = 1 + rng.Next 5
+                    let px = randomImages rng n 3 32 32
+                    let l = Array.init n (fun _ -> rng.Next 10)
+                    let f = dir.File $"data_batch_{i}.bin"
+                    CifarBinary.Write(CifarBinary.Cifar10, f, px, l)
+                    f, px, l ]
+            let d = CifarBinary.Read(CifarBinary.Cifar10, parts |> List.map (fun (f, _, _) -> f), "t")
+            d.Pixels = Array.concat (parts |> List.map (fun (_, p, _) -> p)) && d.Labels = Array.concat (parts |> List.map (fun (_, _, l) -> l)))
+
+        testProp "IDX (Fashion-MNIST), gzipped or not: what is written reads back" (fun (seed: int) (gzip: bool) ->
+            let rng = Random seed
+            let n = 1 + rng.Next 20
+            let px = randomImages rng n 1 28 28
+            let labels = Array.init n (fun _ -> rng.Next 10)
+            use dir = new TempDir()
+            let suffix = if gzip then ".gz" else ""
+            IdxFormat.WriteImages(dir.File("train-images-idx3-ubyte" + suffix), px, n, 28, 28, gzip)
+            IdxFormat.WriteLabels(dir.File("train-labels-idx1-ubyte" + suffix), labels, gzip)
+            IdxFormat.WriteImages(dir.File("t10k-images-idx3-ubyte" + suffix), px, n, 28, 28, gzip)
+            IdxFormat.WriteLabels(dir.File("t10k-labels-idx1-ubyte" + suffix), labels, gzip)
+            let struct (train, test) = FashionMnist.ReadFolder dir.Path
+            train.Pixels = px && train.Labels = labels && test.Count = n && train.Shape = [| 1L; 28L; 28L |])
+
+        test "a truncated CIFAR file is an error naming the file and the record size" {
+            use dir = new TempDir()
+            let file = dir.File "test.bin"
+            File.WriteAllBytes(file, Array.zeroCreate 3000)
+            let e = Expect.throwsT<DataFormatException> (fun () -> CifarBinary.Read(CifarBinary.Cifar100, [ file ], "t") |> ignore)
+            let msg = try CifarBinary.Read(CifarBinary.Cifar100, [ file ], "t") |> ignore; "" with :? DataFormatException as x -> x.Message
+            Expect.stringContains msg file "names the file"
+            Expect.stringContains msg "3074-byte" "says the record size"
+        }
+        test "a CIFAR-100 fine label of 100 is out of range" {
+            use dir = new TempDir()
+            let file = dir.File "train.bin"
+            let bytes = Array.zeroCreate<byte> 3074
+            bytes[1] <- 100uy
+            File.WriteAllBytes(file, bytes)
+            let msg = try CifarBinary.Read(CifarBinary.Cifar100, [ file ], "t") |> ignore; "" with :? DataFormatException as x -> x.Message
+            Expect.stringContains msg "label 100 is out of range 0..99 (fine label)" "label check"
+        }
+        test "an IDX file with a wrong magic number, or truncated, is an error naming the file" {
+            use dir = new TempDir()
+            let images = dir.File "imgs"
+            IdxFormat.WriteLabels(images, [| 1; 2 |], false)
+            let msg = try IdxFormat.ReadImages images |> ignore; "" with :? DataFormatException as x -> x.Message
+            Expect.stringContains msg "wrong magic number 0x00000801" "magic"
+            Expect.stringContains msg images "file named"
+            let labels = dir.File "labels"
+            IdxFormat.WriteLabels(labels, [| 1; 2; 3 |], false)
+            File.WriteAllBytes(labels, (File.ReadAllBytes labels)[.. 9])
+            let msg2 = try IdxFormat.ReadLabels(labels, 10) |> ignore; "" with :? DataFormatException as x -> x.Message
+            Expect.stringContains msg2 "header says 3 labels, file holds 2" "truncation"
+        }
+        test "a missing data set says where it looked and how to get it" {
+            use dir = new TempDir()
+            let msg = try FashionMnist.ReadFolder dir.Path |> ignore; "" with :? DataFormatException as x -> x.Message
+            Expect.stringContains msg "apt-get install -y dataset-fashion-mnist" "how to get it"
+            Expect.stringContains msg dir.Path "where it looked"
+            let msg2 = try CifarBinary.ReadFolder(CifarBinary.Cifar100, dir.Path) |> ignore; "" with :? DataFormatException as x -> x.Message
+            Expect.stringContains msg2 "earlyexit data download cifar100" "how to get CIFAR"
+        }
+
+        testProp "stratified split: disjoint, complete, per-class sizes round(f*n), same seed same split" (fun (seed: int) ->
+            let rng = Random seed
+            let classes = 2 + rng.Next 5
+            let labels = Array.init (20 + rng.Next 200) (fun _ -> rng.Next classes)
+            let struct (a, b) = Splits.Stratified(labels, classes, 0.1, seed)
+            let struct (a2, _) = Splits.Stratified(labels, classes, 0.1, seed)
+            let perClassOk =
+                [ 0 .. classes - 1 ] |> List.forall (fun c ->
+                    let n = labels |> Array.filter ((=) c) |> Array.length
+                    let got = a |> Array.filter (fun i -> labels[i] = c) |> Array.length
+                    let expected = int (Math.Round(0.1 * float n))
+                    let expected = if expected = 0 && n >= 2 then 1 elif expected = n && n >= 2 then n - 1 else expected
+                    got = expected)
+            Set.intersect (set a) (set b) = Set.empty && Array.length a + Array.length b = labels.Length && a = a2 && perClassOk)
+
+        testProp "Mixup/CutMix targets are distributions (non-negative, rows sum to 1)" (fun (seed: int) ->
+            use scope = torch.NewDisposeScope()
+            let classes = 5
+            let mix = MixupCutmix(MixSettings(), classes, seed)
+            torch.manual_seed (int64 seed) |> ignore
+            let x = torch.rand(8L, 3L, 8L, 8L)
+            let y = torch.randint(0L, int64 classes, [| 8L |])
+            let struct (_, t, _) = mix.Apply(x, y)
+            let sums = t.sum(1L)
+            t.min().item<float32>() >= 0.0f && (sums - torch.ones_like(sums)).abs().max().item<float32>() < 1e-5f)
+
+        testPropN 40 "CutMix: the reversed sample's label weight equals the pasted area; pixels come from the right image" (fun (seed: int) ->
+            use scope = torch.NewDisposeScope()
+            let mix = MixupCutmix(MixSettings(MixupAlpha = 0.0, CutmixAlpha = 1.0, LabelSmoothing = 0.0), 4, seed)
+            let x = torch.arange(0L, 504L, 1L).to_type(torch.float32).reshape(4L, 2L, 9L, 7L)
+            let y = torch.tensor([| 0L; 1L; 2L; 3L |])
+            let struct (mixed, t, info) = mix.Apply(x, y)
+            let area = float ((info.Bottom - info.Top) * (info.Right - info.Left)) / float (9 * 7)
+            let weightOfReversed = float (t[0L, 3L].item<float32>())
+            let mask = torch.zeros([| 9L; 7L |], dtype = torch.ScalarType.Bool)
+            if area > 0.0 then
+                mask[torch.TensorIndex.Slice(int64 info.Top, int64 info.Bottom), torch.TensorIndex.Slice(int64 info.Left, int64 info.Right)] <- torch.ones([| 1L |], dtype = torch.ScalarType.Bool).squeeze()
+            let expected = torch.where(mask, x.flip(0L), x)
+            info.Cutmix && abs (weightOfReversed - area) < 1e-6 && abs (info.Lambda - (1.0 - area)) < 1e-12 && same mixed expected)
+
+        testProp "random crop with padding and flip equals a per-sample reference" (fun (seed: int) ->
+            use scope = torch.NewDisposeScope()
+            let x = torch.rand(5L, 2L, 6L, 5L)
+            let out = CropFlip(2, true, int64 seed).Apply x
+            // Reference: every output sample is some crop of the padded input, possibly flipped.
+            let padded = torch.nn.functional.pad(x, [| 2L; 2L; 2L; 2L |])
+            [ 0L .. 4L ] |> List.forall (fun n ->
+                let o = out[n]
+                [ for dy in 0L .. 4L do for dx in 0L .. 4L -> dy, dx ]
+                |> List.exists (fun (dy, dx) ->
+                    let crop = padded[n].narrow(1L, dy, 6L).narrow(2L, dx, 5L)
+                    same crop o || same (crop.flip(2L)) o)))
+    ]
+
+let all = testList "properties" [ models; data ]

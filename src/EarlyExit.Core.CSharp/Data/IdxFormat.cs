@@ -32,14 +32,20 @@ namespace EarlyExit.Data
             return raw;
         }
 
+        static void CheckMagic(string file, byte[] b, int expected, string kind)
+        {
+            if (b.Length < 4) throw new DataFormatException(file, $"truncated: {b.Length} bytes, too short for an IDX {kind} file");
+            int magic = BigEndian(b, 0);
+            if (magic != expected) throw new DataFormatException(file, $"wrong magic number 0x{magic:x8}; an IDX {kind} file starts with 0x{expected:x8}");
+        }
+
         static int BigEndian(byte[] b, int at) => b[at] << 24 | b[at + 1] << 16 | b[at + 2] << 8 | b[at + 3];
 
         public static int[] ReadLabels(string file, int numClasses)
         {
             var b = ReadMaybeGzip(file);
+            CheckMagic(file, b, LabelMagic, "label");
             if (b.Length < 8) throw new DataFormatException(file, $"truncated: {b.Length} bytes, an IDX label file has at least 8");
-            int magic = BigEndian(b, 0);
-            if (magic != LabelMagic) throw new DataFormatException(file, $"wrong magic number 0x{magic:x8}; an IDX label file starts with 0x{LabelMagic:x8}");
             int n = BigEndian(b, 4);
             if (n < 0 || b.Length != 8 + n)
                 throw new DataFormatException(file, $"truncated or malformed: header says {n} labels, file holds {b.Length - 8}");
@@ -55,9 +61,8 @@ namespace EarlyExit.Data
         public static (byte[] pixels, int count, int height, int width) ReadImages(string file)
         {
             var b = ReadMaybeGzip(file);
+            CheckMagic(file, b, ImageMagic, "image");
             if (b.Length < 16) throw new DataFormatException(file, $"truncated: {b.Length} bytes, an IDX image file has at least 16");
-            int magic = BigEndian(b, 0);
-            if (magic != ImageMagic) throw new DataFormatException(file, $"wrong magic number 0x{magic:x8}; an IDX image file starts with 0x{ImageMagic:x8}");
             int n = BigEndian(b, 4), h = BigEndian(b, 8), w = BigEndian(b, 12);
             if (n < 0 || h <= 0 || w <= 0) throw new DataFormatException(file, $"malformed header: {n} images of {h}x{w}");
             long expected = 16 + (long)n * h * w;
