@@ -158,6 +158,61 @@ let elfPatch =
         }
     ]
 
+/// Runs the CLI from a copy of this test's output folder whose libLibTorchSharp.so is
+/// the one shipped in the NuGet package, unpatched: the runtime loader must cope by itself.
+let private runCliFromUnpatchedCopy (leaveOut: string list) =
+    let nuget =
+        match Environment.GetEnvironmentVariable "NUGET_PACKAGES" with
+        | null | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
+        | p -> p
+    let shipped = Path.Combine(nuget, "torchsharp", "0.107.0", "runtimes", "linux-x64", "native", "libLibTorchSharp.so")
+    let hashBefore = Security.Cryptography.SHA256.HashData(File.ReadAllBytes shipped)
+    let dir = new TempDir()
+    let bin = Path.Combine(dir.Path, "bin")
+    Directory.CreateDirectory bin |> ignore
+    for f in Directory.GetFiles AppContext.BaseDirectory do
+        let name = Path.GetFileName f
+        if name <> "libLibTorchSharp.so" && not (List.contains name leaveOut) then
+            // The host resolves the real path of managed assemblies, so those are copied; the large natives are linked.
+            if name.Contains ".so" then File.CreateSymbolicLink(Path.Combine(bin, name), f) |> ignore
+            else File.Copy(f, Path.Combine(bin, name))
+    File.Copy(shipped, Path.Combine(bin, "libLibTorchSharp.so"))
+    let psi = Diagnostics.ProcessStartInfo("dotnet", [| Path.Combine(bin, "earlyexit.dll"); "doctor" |])
+    psi.RedirectStandardOutput <- true
+    psi.RedirectStandardError <- true
+    psi.Environment["XDG_CACHE_HOME"] <- Path.Combine(dir.Path, "cache")
+    psi.Environment.Remove "EARLYEXIT_TORCH_NATIVE_DIR" |> ignore
+    use p = Diagnostics.Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEnd()
+    p.WaitForExit()
+    let hashAfter = Security.Cryptography.SHA256.HashData(File.ReadAllBytes shipped)
+    dir, p.ExitCode, out.Result + err, (hashBefore = hashAfter)
+
+let runtimeLoader =
+    testList "runtime loader (unpatched natives)" [
+        test "the CLI loads TorchSharp from an output folder the build did not patch, without touching the NuGet cache" {
+            let dir, code, output, cacheUntouched = runCliFromUnpatchedCopy []
+            use _ = dir
+            Expect.equal code 0 $"earlyexit doctor succeeds:\n{output}"
+            Expect.isTrue cacheUntouched "the NuGet cache's libLibTorchSharp.so is unchanged"
+            if ElfVersionNeedPatcher.SystemLibstdcxxProvides "GLIBCXX_3.4.32" then
+                Expect.stringContains output "loaded as shipped" "nothing to do where libstdc++ is new enough"
+            else
+                Expect.stringContains output "marked weak" "a patched copy was loaded"
+                let copies = Directory.GetFiles(Path.Combine(dir.Path, "cache", "earlyexit", "native"), "libLibTorchSharp.so", SearchOption.AllDirectories)
+                Expect.equal copies.Length 1 "one patched copy in the per-user cache"
+                Expect.isFalse (File.Exists(Path.Combine(dir.Path, "bin", "cpu", "libLibTorchSharp.so"))) "TorchSharp's own fallback copy was not made"
+        }
+        test "when a native dependency is missing the CLI ends with one clear message and exit code 1" {
+            let dir, code, output, _ = runCliFromUnpatchedCopy [ "libtorch_cpu.so" ]
+            use _ = dir
+            Expect.equal code 1 $"exit code 1:\n{output}"
+            Expect.stringContains output "error: " "one error line"
+            Expect.stringContains output "libtorch_cpu.so" "names what is missing"
+        }
+    ]
+
 let registry =
     testList "model registry (every family)" [
         for family in ModelRegistry.Families do
@@ -175,4 +230,4 @@ let registry =
             }
     ]
 
-let all = testList "golden" [ resnet34Paper; describeJson; elfPatch; registry ]
+let all = testList "golden" [ resnet34Paper; describeJson; elfPatch; runtimeLoader; registry ]

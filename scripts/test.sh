@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The project's test command: builds the solution (Release, linux-x64) and runs both Expecto executables.
+# Ends with one plain line "N passed, N failed" and a non-zero exit code on any failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if ! dotnet build EarlyExit.sln -c Release -nologo -v q -clp:ErrorsOnly; then
+  echo "build failed"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
+passed=0; failed=0; status=0
+for suite in Golden Properties; do
+  log=$(mktemp)
+  dotnet "tests/$suite/bin/Release/net10.0/linux-x64/EarlyExit.Tests.$suite.dll" --summary --no-spinner --colours 0 "$@" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  line=$(grep -aE '^[a-z]+: [0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+  if [ -z "$line" ]; then
+    echo "$suite: no summary line (the test executable crashed, exit code $rc)"
+    failed=$((failed + 1)); status=1
+  else
+    p=$(sed -E 's/^[a-z]+: ([0-9]+) passed, ([0-9]+) failed.*/\1/' <<<"$line")
+    f=$(sed -E 's/^[a-z]+: ([0-9]+) passed, ([0-9]+) failed.*/\2/' <<<"$line")
+    passed=$((passed + p)); failed=$((failed + f))
+    [ "$rc" -ne 0 ] && status=1
+  fi
+  rm -f "$log"
+done
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ] || status=1
+exit $status
