@@ -28,6 +28,44 @@ namespace EarlyExit.Models
         /// <summary>The family this network was built from and the options that built it, for reports.</summary>
         public abstract string Describe();
 
+        /// <summary>A new network of the same architecture and options (fresh parameters, on the CPU).</summary>
+        public abstract MultiExitNetwork CreateSibling();
+
+        /// <summary>A frozen copy: same architecture, same parameters and buffers, eval mode, no gradients.</summary>
+        public MultiExitNetwork FrozenCopy()
+        {
+            var copy = CreateSibling();
+            var device = parameters().First().device;
+            copy.to(device);
+            using (no_grad())
+            {
+                var mine = state_dict();
+                foreach (var (name, t) in copy.state_dict()) t.copy_(mine[name]);
+            }
+            foreach (var p in copy.parameters()) p.requires_grad = false;
+            copy.eval();
+            return copy;
+        }
+
+        /// <summary>
+        /// Runs segments 1..needed.Length and returns the logits of the exits marked in <paramref name="needed"/>
+        /// (index μ−1), null for the others: heads that are not needed are not computed.
+        /// </summary>
+        public Tensor?[] ForwardSelected(Tensor x, bool[] needed)
+        {
+            int upTo = needed.Length;
+            CheckExit(upTo, "needed.Length");
+            CheckInput(x);
+            var logits = new Tensor?[upTo];
+            Tensor[] state = { x };
+            for (int mu = 1; mu <= upTo; mu++)
+            {
+                state = Segment(mu).call(state);
+                if (needed[mu - 1]) logits[mu - 1] = Head(mu).call(state);
+            }
+            return logits;
+        }
+
         /// <summary>Segment Θμ for μ = 1..M.</summary>
         public abstract nn.Module<Tensor[], Tensor[]> Segment(int exit);
         /// <summary>Head ICμ for μ = 1..M.</summary>

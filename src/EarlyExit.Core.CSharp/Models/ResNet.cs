@@ -100,6 +100,8 @@ namespace EarlyExit.Models
             RegisterComponents();
         }
 
+        public override MultiExitNetwork CreateSibling() => new MultiExitResNet(Config, family);
+
         public override int ExitCount => segments.Count;
         public override int NumClasses => Config.NumClasses;
         public override long[] InputShape => Config.InputShape;

@@ -35,7 +35,8 @@ namespace EarlyExit.Models
             using var scope = NewDisposeScope();
             var y = bn2.call(conv2.call(relu1.call(bn1.call(conv1.call(x)))));
             var s = shortcut is null ? x : shortcut.call(x);
-            return relu2.call(y.add_(s)).MoveToOuterDisposeScope();
+            // Out-of-place add: forward hooks (MAC counter, per-sample Fisher) may hold on to bn2's output.
+            return relu2.call(y + s).MoveToOuterDisposeScope();
         }
     }
 

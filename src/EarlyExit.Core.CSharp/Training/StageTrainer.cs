@@ -1,0 +1,404 @@
+using System;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.IO;
+using System.Linq;
+using System.Text.Json;
+using EarlyExit.Data;
+using EarlyExit.Losses;
+using EarlyExit.Models;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace EarlyExit.Training
+{
+    public enum LrSchedule { Constant, Cosine }
+
+    /// <summary>One training stage, resolved: what the interpreter of a recipe hands to the loop.</summary>
+    public sealed record StagePlan
+    {
+        public required string Name { get; init; }
+        /// <summary>1-based exits whose cross-entropy enters the loss, with their weights.</summary>
+        public required int[] LossExits { get; init; }
+        public required double[] LossWeights { get; init; }
+        /// <summary>Groups ("segment3", "head2", ...) that train; every other group is frozen.</summary>
+        public required string[] TrainableGroups { get; init; }
+        /// <summary>EWC strength λ (0: off). Protects the parameters of segments 1..μ−1 with μ = <see cref="StageExit"/>.</summary>
+        public double EwcLambda { get; init; }
+        /// <summary>LwF strength ρ (0: off). Protects the distributions of <see cref="ProtectedExits"/>.</summary>
+        public double LwfRho { get; init; }
+        /// <summary>μ of a sequential stage (the exit being added); 0 when the stage is not sequential.</summary>
+        public int StageExit { get; init; }
+        /// <summary>Exits ν whose knowledge the regularisers protect (ν &lt; μ).</summary>
+        public int[] ProtectedExits { get; init; } = Array.Empty<int>();
+        public double LearningRate { get; init; } = 1e-3;
+        public double WeightDecay { get; init; }
+        public LrSchedule Schedule { get; init; } = LrSchedule.Cosine;
+        public int BatchSize { get; init; } = 128;
+        public int MaxEpochs { get; init; } = 1;
+        /// <summary>Early-stopping patience in epochs on the validation split (0: never stop early).</summary>
+        public int Patience { get; init; }
+        /// <summary>Cap on optimiser steps per epoch (0: a full pass over the training split).</summary>
+        public int MaxStepsPerEpoch { get; init; }
+        public int CropPadding { get; init; } = 4;
+        public bool HorizontalFlip { get; init; } = true;
+        /// <summary>Mixup/CutMix settings, or null for plain labels.</summary>
+        public MixSettings? Mix { get; init; }
+        public int Seed { get; init; }
+        /// <summary>Directory for per-epoch checkpoints of this stage (resume point); null: none.</summary>
+        public string? CheckpointDirectory { get; init; }
+        /// <summary>Batch size of validation passes.</summary>
+        public int EvalBatchSize { get; init; } = 256;
+        /// <summary>After the stage: add the Fisher of <see cref="StageExit"/> to the EWC state and move the anchor θ* there.</summary>
+        public bool ConsolidateEwcAfter { get; init; }
+        /// <summary>After the stage: keep a frozen copy of the network as the LwF teacher of <see cref="StageExit"/>.</summary>
+        public bool SnapshotTeacherAfter { get; init; }
+        public FisherEstimator FisherEstimator { get; init; } = FisherEstimator.PerSampleEmpirical;
+        /// <summary>Cap on the training samples the Fisher uses (0: all).</summary>
+        public int FisherSamples { get; init; }
+
+        /// <summary>Exits whose mean validation accuracy early stopping watches: the trained and the protected ones.</summary>
+        public int[] MonitorExits => LossExits.Concat(ProtectedExits).Distinct().OrderBy(e => e).ToArray();
+    }
+
+    /// <summary>Per-epoch report.</summary>
+    public sealed record EpochReport(string Stage, int Epoch, double TrainLoss, double[] ValidationAccuracy, double Monitor,
+        bool Improved, double Seconds, double LearningRate, int Steps);
+
+    /// <summary>Result of a stage: the best epoch (restored into the network) and the history.</summary>
+    public sealed record StageResult(string Stage, int BestEpoch, double BestMonitor, int EpochsRun, bool StoppedEarly, IReadOnlyList<EpochReport> History);
+
+    /// <summary>A NaN or infinite loss: the run stops, the last good checkpoint stays.</summary>
+    public sealed class NonFiniteLossException : Exception
+    {
+        public NonFiniteLossException(string message) : base(message) { }
+    }
+
+    /// <summary>Hooks of the loop: progress and the end of an epoch.</summary>
+    public interface ITrainingObserver
+    {
+        void OnStageStart(StagePlan plan, int startEpoch, int batchesPerEpoch) { }
+        void OnBatch(StagePlan plan, int epoch, int batch, int batches, double loss) { }
+        void OnEpochEnd(StagePlan plan, EpochReport report) { }
+    }
+
+    /// <summary>The regularisers' long-lived state, shared by the stages of a recipe.</summary>
+    public sealed class RegularizerState : IDisposable
+    {
+        public EwcState Ewc { get; } = new();
+        /// <summary>Frozen copies of the network as it was when exit ν finished (LwF teachers), by ν.</summary>
+        public Dictionary<int, MultiExitNetwork> Teachers { get; } = new();
+
+        public void Dispose()
+        {
+            Ewc.Dispose();
+            foreach (var t in Teachers.Values) t.Dispose();
+            Teachers.Clear();
+        }
+
+        /// <summary>Writes the Fishers, anchors and teachers to one tensor file.</summary>
+        public void Save(string path)
+        {
+            var d = Ewc.ToDictionary("ewc/");
+            d["meta/ewc_exits"] = tensor(Ewc.Exits.Select(e => (long)e).ToArray());
+            d["meta/teachers"] = tensor(Teachers.Keys.OrderBy(k => k).Select(e => (long)e).ToArray());
+            foreach (var (nu, t) in Teachers)
+                foreach (var (k, v) in TensorStore.StateOf(t, $"teacher{nu}/")) d[k] = v;
+            TensorStore.Save(path, d);
+            d["meta/ewc_exits"].Dispose();
+            d["meta/teachers"].Dispose();
+        }
+
+        /// <summary>Reads what <see cref="Save"/> wrote; teachers are rebuilt as frozen siblings of <paramref name="net"/>.</summary>
+        public void Load(string path, MultiExitNetwork net)
+        {
+            Dispose();
+            var d = TensorStore.Load(path);
+            try
+            {
+                var exits = d["meta/ewc_exits"].data<long>().Select(e => (int)e).ToArray();
+                Ewc.LoadFrom(d, "ewc/", exits);
+                var device = net.parameters().First().device;
+                foreach (var nu in d["meta/teachers"].data<long>())
+                {
+                    var teacher = net.CreateSibling();
+                    TensorStore.LoadInto(teacher, d, $"teacher{nu}/");
+                    teacher.to(device);
+                    foreach (var p in teacher.parameters()) p.requires_grad = false;
+                    teacher.eval();
+                    Teachers[(int)nu] = teacher;
+                }
+                if (device.type != DeviceType.CPU)
+                {
+                    // EWC tensors live beside the parameters they protect.
+                    Ewc.MoveTo(device);
+                }
+            }
+            finally
+            {
+                foreach (var t in d.Values) t.Dispose();
+            }
+        }
+    }
+
+    /// <summary>
+    /// The training loop of one stage. Fixed structure; what varies is in the <see cref="StagePlan"/>:
+    /// which exits give a loss, which groups train (the rest frozen: no gradient, not in the optimiser, BatchNorm in
+    /// eval mode), and which regularisers (EWC, LwF, both) apply. One dispose scope per batch.
+    /// </summary>
+    public static class StageTrainer
+    {
+        public static StageResult Run(MultiExitNetwork net, StagePlan plan, DataSplits data, RegularizerState regs, Device device,
+            ITrainingObserver? observer = null)
+        {
+            Validate(net, plan, regs);
+            var trainable = new HashSet<string>(plan.TrainableGroups);
+            var frozenGroups = net.Groups().Where(g => !trainable.Contains(g)).ToList();
+            var trainParams = new List<Parameter>();
+            foreach (var g in net.Groups())
+                foreach (var (_, p) in net.GroupParameters(g))
+                {
+                    p.requires_grad = trainable.Contains(g);
+                    if (p.requires_grad) trainParams.Add(p);
+                }
+
+            using var optimizer = optim.AdamW(trainParams, lr: plan.LearningRate, weight_decay: plan.WeightDecay);
+            var ewcTerms = plan.EwcLambda > 0 ? regs.Ewc.Bind(net, plan.StageExit) : null;
+
+            int forwardUpTo = plan.LossExits.Concat(plan.ProtectedExits).Max();
+            var needed = new bool[forwardUpTo];
+            foreach (var e in plan.LossExits) needed[e - 1] = true;
+            if (plan.LwfRho > 0) foreach (var e in plan.ProtectedExits) needed[e - 1] = true;
+
+            var history = new List<EpochReport>();
+            int startEpoch = 0, badEpochs = 0, bestEpoch = -1;
+            double best = double.NegativeInfinity;
+            Dictionary<string, Tensor>? bestState = null;
+            if (plan.CheckpointDirectory is { } dir && EpochCheckpoint.TryLoad(dir, net, optimizer, out var resumed))
+            {
+                startEpoch = resumed.NextEpoch; badEpochs = resumed.BadEpochs; best = resumed.Best; bestEpoch = resumed.BestEpoch;
+                bestState = resumed.BestState; history.AddRange(resumed.History);
+            }
+
+            var train = data.Train;
+            int stepsPerEpoch = (train.Count + plan.BatchSize - 1) / plan.BatchSize;
+            if (plan.MaxStepsPerEpoch > 0) stepsPerEpoch = Math.Min(stepsPerEpoch, plan.MaxStepsPerEpoch);
+            observer?.OnStageStart(plan, startEpoch, stepsPerEpoch);
+            bool stoppedEarly = plan.Patience > 0 && badEpochs >= plan.Patience;
+
+            for (int epoch = startEpoch; epoch < plan.MaxEpochs && !stoppedEarly; epoch++)
+            {
+                var clock = Stopwatch.StartNew();
+                double lr = plan.Schedule == LrSchedule.Cosine && plan.MaxEpochs > 1
+                    ? plan.LearningRate * 0.5 * (1 + Math.Cos(Math.PI * epoch / plan.MaxEpochs))
+                    : plan.LearningRate;
+                foreach (var g in optimizer.ParamGroups) g.LearningRate = lr;
+
+                net.train();
+                foreach (var g in frozenGroups) net.GroupModule(g).eval();
+
+                int epochSeed = StableSeed(plan.Seed, plan.Name, epoch);
+                var order = Enumerable.Range(0, train.Count).ToArray();
+                new Random(epochSeed).Shuffle(order);
+                var cropFlip = plan.CropPadding > 0 || plan.HorizontalFlip ? new CropFlip(plan.CropPadding, plan.HorizontalFlip, epochSeed) : null;
+                var mix = plan.Mix is null ? null : new MixupCutmix(plan.Mix, train.NumClasses, epochSeed);
+
+                double lossSum = 0;
+                int steps = 0;
+                for (int b = 0; b < stepsPerEpoch; b++)
+                {
+                    using var scope = NewDisposeScope();
+                    int start = b * plan.BatchSize;
+                    var idx = order.AsSpan(start, Math.Min(plan.BatchSize, train.Count - start));
+                    var x = train.Images(idx, device);
+                    var y = train.LabelTensor(idx, device);
+                    if (cropFlip is not null) x = cropFlip.Apply(x);
+                    Tensor targets = y;
+                    if (mix is not null) (x, targets, _) = mix.Apply(x, y);
+
+                    var logits = net.ForwardSelected(x, needed);
+                    var loss = WeightedLoss(logits, plan, targets);
+                    if (ewcTerms is not null) loss = loss + plan.EwcLambda * Ewc.Penalty(ewcTerms);
+                    if (plan.LwfRho > 0)
+                    {
+                        var current = new List<Tensor>();
+                        var teacher = new List<Tensor>();
+                        using (no_grad())
+                            foreach (var nu in plan.ProtectedExits) teacher.Add(regs.Teachers[nu].ForwardExit(x, nu));
+                        foreach (var nu in plan.ProtectedExits) current.Add(logits[nu - 1]!);
+                        loss = loss + plan.LwfRho * Lwf.Penalty(current, teacher);
+                    }
+
+                    double value = loss.item<float>();
+                    if (!double.IsFinite(value))
+                        throw new NonFiniteLossException($"stage {plan.Name}, epoch {epoch + 1}, batch {b + 1}: the loss is {value}; stopping (the last good checkpoint is kept)");
+                    optimizer.zero_grad();
+                    loss.backward();
+                    optimizer.step();
+                    lossSum += value;
+                    steps++;
+                    observer?.OnBatch(plan, epoch, b, stepsPerEpoch, value);
+                }
+
+                var eval = Evaluator.Evaluate(net, data.Validation, forwardUpTo, plan.EvalBatchSize, device);
+                double monitor = plan.MonitorExits.Average(e => eval.Accuracy[e - 1]);
+                bool improved = monitor > best;
+                if (improved)
+                {
+                    best = monitor; bestEpoch = epoch; badEpochs = 0;
+                    DisposeAll(bestState);
+                    bestState = Snapshot(net);
+                }
+                else badEpochs++;
+                var report = new EpochReport(plan.Name, epoch, steps > 0 ? lossSum / steps : double.NaN, eval.Accuracy, monitor, improved,
+                    clock.Elapsed.TotalSeconds, lr, steps);
+                history.Add(report);
+                if (plan.CheckpointDirectory is { } cdir)
+                    EpochCheckpoint.Save(cdir, net, optimizer, new EpochCheckpoint.Progress(epoch + 1, badEpochs, best, bestEpoch, history), bestState!);
+                observer?.OnEpochEnd(plan, report);
+                if (plan.Patience > 0 && badEpochs >= plan.Patience) stoppedEarly = true;
+            }
+
+            if (bestState is not null)
+            {
+                TensorStore.LoadInto(net, bestState);
+                DisposeAll(bestState);
+            }
+            if (plan.ConsolidateEwcAfter)
+            {
+                var fisher = FisherInformation.Compute(net, plan.StageExit, data.Train, plan.FisherEstimator, plan.FisherSamples,
+                    Math.Min(plan.EvalBatchSize, 128), plan.Seed, device);
+                regs.Ewc.Accumulate(plan.StageExit, fisher);
+                foreach (var f in fisher.Values) f.Dispose();
+                regs.Ewc.SetAnchor(net);
+            }
+            if (plan.SnapshotTeacherAfter)
+            {
+                if (regs.Teachers.Remove(plan.StageExit, out var old)) old.Dispose();
+                regs.Teachers[plan.StageExit] = net.FrozenCopy();
+            }
+            return new StageResult(plan.Name, bestEpoch, best, history.Count, stoppedEarly, history);
+        }
+
+        /// <summary>A seed from (seed, stage, epoch) that is the same in every process (string.GetHashCode is not).</summary>
+        public static int StableSeed(int seed, string stage, int epoch)
+        {
+            unchecked
+            {
+                uint h = 2166136261;
+                foreach (char c in stage) h = (h ^ c) * 16777619;
+                h = (h ^ (uint)seed) * 16777619;
+                h = (h ^ (uint)epoch) * 16777619;
+                return (int)(h & 0x7fffffff);
+            }
+        }
+
+        static Tensor WeightedLoss(Tensor?[] logits, StagePlan plan, Tensor targets)
+        {
+            Tensor? total = null;
+            for (int i = 0; i < plan.LossExits.Length; i++)
+            {
+                var l = logits[plan.LossExits[i] - 1]!;
+                var ce = targets.dim() == 2 ? ExitLosses.SoftCrossEntropy(l, targets) : ExitLosses.CrossEntropy(l, targets);
+                var term = ce * plan.LossWeights[i];
+                total = total is null ? term : total + term;
+            }
+            return total!;
+        }
+
+        static Dictionary<string, Tensor> Snapshot(MultiExitNetwork net)
+        {
+            using var noGrad = no_grad();
+            return net.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone().DetachFromDisposeScope());
+        }
+
+        static void DisposeAll(Dictionary<string, Tensor>? d)
+        {
+            if (d is null) return;
+            foreach (var t in d.Values) t.Dispose();
+        }
+
+        /// <summary>Refuses a plan that cannot run, with the reason, before any native call.</summary>
+        public static void Validate(MultiExitNetwork net, StagePlan plan, RegularizerState regs)
+        {
+            var problems = new List<string>();
+            int m = net.ExitCount;
+            if (plan.LossExits.Length == 0) problems.Add("no exit contributes a loss");
+            if (plan.LossExits.Length != plan.LossWeights.Length) problems.Add($"{plan.LossExits.Length} loss exits but {plan.LossWeights.Length} weights");
+            foreach (var e in plan.LossExits.Concat(plan.ProtectedExits))
+                if (e < 1 || e > m) problems.Add($"exit {e} is out of range 1..{m}");
+            var groups = net.Groups().ToHashSet();
+            foreach (var g in plan.TrainableGroups)
+                if (!groups.Contains(g)) problems.Add($"unknown group '{g}'");
+            if (plan.TrainableGroups.Length == 0) problems.Add("the stage trains nothing");
+            if (plan.BatchSize < 1) problems.Add("batch size must be positive");
+            if (plan.MaxEpochs < 1) problems.Add("at least one epoch is needed");
+            if (plan.LearningRate <= 0 || !double.IsFinite(plan.LearningRate)) problems.Add("learning rate must be positive");
+            if (plan.EwcLambda < 0 || plan.LwfRho < 0) problems.Add("regulariser strengths must be non-negative");
+            if ((plan.EwcLambda > 0 || plan.LwfRho > 0) && plan.ProtectedExits.Length == 0) problems.Add("a regulariser needs an earlier exit to protect");
+            if (plan.EwcLambda > 0)
+            {
+                if (plan.StageExit < 2) problems.Add("EWC needs a sequential stage μ ≥ 2");
+                else if (regs.Ewc.Fisher.Count == 0) problems.Add("EWC has no Fisher yet (no earlier exit finished)");
+            }
+            if (plan.LwfRho > 0)
+                foreach (var nu in plan.ProtectedExits)
+                    if (!regs.Teachers.ContainsKey(nu)) problems.Add($"LwF has no teacher for exit {nu}");
+            if (problems.Count > 0) throw new ArgumentException($"stage '{plan.Name}': " + string.Join("; ", problems));
+        }
+    }
+
+    /// <summary>Per-epoch checkpoint of a stage: model, optimiser, best state and progress. The JSON is written last.</summary>
+    public static class EpochCheckpoint
+    {
+        public sealed record Progress(int NextEpoch, int BadEpochs, double Best, int BestEpoch, IReadOnlyList<EpochReport> History);
+        public sealed record Resumed(int NextEpoch, int BadEpochs, double Best, int BestEpoch, Dictionary<string, Tensor>? BestState, List<EpochReport> History);
+
+        public static void Save(string dir, MultiExitNetwork net, OptimizerHelper optimizer, Progress progress, IReadOnlyDictionary<string, Tensor> bestState)
+        {
+            Directory.CreateDirectory(dir);
+            var tensors = TensorStore.StateOf(net, "model/");
+            foreach (var (k, v) in bestState) tensors["best/" + k] = v;
+            TensorStore.Save(Path.Combine(dir, "epoch.tensors"), tensors);
+            var optTmp = Path.Combine(dir, ".optimizer." + Guid.NewGuid().ToString("N") + ".tmp");
+            optimizer.save_state_dict(optTmp);
+            File.Move(optTmp, Path.Combine(dir, "optimizer.bin"), overwrite: true);
+            var json = JsonSerializer.Serialize(new
+            {
+                nextEpoch = progress.NextEpoch,
+                badEpochs = progress.BadEpochs,
+                best = double.IsFinite(progress.Best) ? progress.Best : -1,
+                bestEpoch = progress.BestEpoch,
+                history = progress.History,
+            }, new JsonSerializerOptions { WriteIndented = true });
+            var tmp = Path.Combine(dir, ".epoch.json.tmp");
+            File.WriteAllText(tmp, json);
+            File.Move(tmp, Path.Combine(dir, "epoch.json"), overwrite: true);
+        }
+
+        public static bool TryLoad(string dir, MultiExitNetwork net, OptimizerHelper optimizer, out Resumed resumed)
+        {
+            resumed = null!;
+            var jsonPath = Path.Combine(dir, "epoch.json");
+            if (!File.Exists(jsonPath)) return false;
+            using var doc = JsonDocument.Parse(File.ReadAllText(jsonPath));
+            var root = doc.RootElement;
+            var tensors = TensorStore.Load(Path.Combine(dir, "epoch.tensors"));
+            try
+            {
+                TensorStore.LoadInto(net, tensors, "model/");
+                optimizer.load_state_dict(Path.Combine(dir, "optimizer.bin"));
+                var best = tensors.Where(kv => kv.Key.StartsWith("best/")).ToDictionary(kv => kv.Key[5..], kv => kv.Value.clone().DetachFromDisposeScope());
+                var history = JsonSerializer.Deserialize<List<EpochReport>>(root.GetProperty("history").GetRawText(), new JsonSerializerOptions { PropertyNameCaseInsensitive = true }) ?? new();
+                resumed = new Resumed(root.GetProperty("nextEpoch").GetInt32(), root.GetProperty("badEpochs").GetInt32(),
+                    root.GetProperty("best").GetDouble(), root.GetProperty("bestEpoch").GetInt32(), best.Count > 0 ? best : null, history);
+                return true;
+            }
+            finally
+            {
+                foreach (var t in tensors.Values) t.Dispose();
+            }
+        }
+    }
+}
