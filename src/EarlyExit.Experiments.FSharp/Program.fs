@@ -88,6 +88,9 @@ let main argv =
         | [ Describe r ] -> describe r
         | [ Data r ] -> data r
         | [ Doctor ] -> doctor ()
+        | [ Train r ] ->
+            TorchNativeLoader.EnsureLoaded() |> ignore
+            Train.run r
         | _ ->
             eprintfn "%s" (parser.PrintUsage())
             2

@@ -177,9 +177,12 @@ namespace EarlyExit.Losses
                 var remover = c.Module.register_forward_hook((m, input, output) =>
                 {
                     cap.Calls++;
-                    cap.Input = input;
-                    cap.Output = output;
-                    return output;
+                    // Modules run inner dispose scopes: keep what we need past them, and dispose it after the batch.
+                    // The caller gets a view and may dispose it (nn.Sequential does); the original stays ours, and the
+                    // gradient with respect to it is the gradient with respect to the layer's output.
+                    cap.Input = input.detach().DetachFromDisposeScope();
+                    cap.Output = output.DetachFromDisposeScope();
+                    return output.view_as(output);
                 });
                 removers.Add(() => remover.remove());
             }
@@ -189,7 +192,7 @@ namespace EarlyExit.Losses
                 {
                     using var scope = NewDisposeScope();
                     var idx = indices.AsSpan(start, Math.Min(batchSize, indices.Length - start));
-                    foreach (var c in captures) { c.Calls = 0; c.Input = null; c.Output = null; }
+                    foreach (var c in captures) c.Calls = 0;
                     // The input requires grad so that a graph exists even where every parameter is frozen.
                     var x = data.Images(idx, device).requires_grad_(true);
                     var y = data.LabelTensor(idx, device);
@@ -209,15 +212,26 @@ namespace EarlyExit.Losses
                         if (g is null || g.IsInvalid) continue;
                         AccumulateSquared(c, c.Input!.detach(), g.detach(), sums);
                     }
-                    foreach (var c in captures) { c.Input = null; c.Output = null; }
+                    ReleaseCaptures(captures);
                 }
             }
             finally
             {
+                ReleaseCaptures(captures);
                 foreach (var r in removers) r();
             }
             foreach (var s in sums.Values) s.div_(indices.Length);
             return sums;
+        }
+
+        static void ReleaseCaptures(List<Capture> captures)
+        {
+            foreach (var c in captures)
+            {
+                c.Input?.Dispose();
+                c.Output?.Dispose();
+                c.Input = null; c.Output = null;
+            }
         }
 
         /// <summary>Adds Σ_i (per-sample gradient_i)² of the layer's parameters to the sums.</summary>

@@ -21,7 +21,8 @@ namespace EarlyExit.Models
     }
 
     /// <summary>A registered family: its name, what it is, its defaults, and the factory.</summary>
-    public sealed record ModelFamily(string Name, string Summary, string Defaults, Func<ModelOptions, MultiExitNetwork> Create);
+    public sealed record ModelFamily(string Name, string Summary, string Defaults, Func<ModelOptions, MultiExitNetwork> Create,
+        Func<ModelOptions, int> ExitCount, Func<ModelOptions, IReadOnlyList<string>> Problems);
 
     /// <summary>The model zoo: names mapped to factories, each family's defaults beside it.</summary>
     public static class ModelRegistry
@@ -34,7 +35,9 @@ namespace EarlyExit.Models
                 "resnet34",
                 "ResNet-34, CIFAR stem, BasicBlocks [3,4,6,3], 8 exits after blocks 2,4,...,16 (SDN heads, final avg-pool + linear)",
                 "blocks 3,4,6,3; width 64 (64-128-256-512); exits 2,4,6,8,10,12,14,16; 100 classes; input 3x32x32",
-                CreateResNet34));
+                CreateResNet34,
+                o => ResNet34Config(o).ExitAfterBlocks.Length,
+                o => ResNet34Config(o).Problems()));
         }
 
         public static void Register(ModelFamily family) => families[family.Name] = family;

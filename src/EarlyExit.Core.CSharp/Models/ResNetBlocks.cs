@@ -12,7 +12,8 @@ namespace EarlyExit.Models
         private readonly ReLU relu1;
         private readonly Conv2d conv2;
         private readonly BatchNorm2d bn2;
-        private readonly nn.Module<Tensor, Tensor>? shortcut;
+        private readonly Conv2d? shortcutConv;
+        private readonly BatchNorm2d? shortcutBn;
         private readonly ReLU relu2;
 
         public BasicBlock(string name, long inChannels, long outChannels, long stride) : base(name)
@@ -23,9 +24,10 @@ namespace EarlyExit.Models
             conv2 = nn.Conv2d(outChannels, outChannels, 3, stride: 1, padding: 1, bias: false);
             bn2 = nn.BatchNorm2d(outChannels);
             if (stride != 1 || inChannels != outChannels)
-                shortcut = nn.Sequential(
-                    ("0", nn.Conv2d(inChannels, outChannels, 1, stride: stride, bias: false)),
-                    ("1", nn.BatchNorm2d(outChannels)));
+            {
+                shortcutConv = nn.Conv2d(inChannels, outChannels, 1, stride: stride, bias: false);
+                shortcutBn = nn.BatchNorm2d(outChannels);
+            }
             relu2 = nn.ReLU();
             RegisterComponents();
         }
@@ -34,7 +36,7 @@ namespace EarlyExit.Models
         {
             using var scope = NewDisposeScope();
             var y = bn2.call(conv2.call(relu1.call(bn1.call(conv1.call(x)))));
-            var s = shortcut is null ? x : shortcut.call(x);
+            var s = shortcutConv is null ? x : shortcutBn!.call(shortcutConv.call(x));
             // Out-of-place add: forward hooks (MAC counter, per-sample Fisher) may hold on to bn2's output.
             return relu2.call(y + s).MoveToOuterDisposeScope();
         }

@@ -49,11 +49,46 @@ type DataArgs =
             | Check _ -> "read a data set and print its sizes, or say what is missing"
             | Download _ -> "download CIFAR-10/100 from the official address (checksum verified)"
 
+type TrainArgs =
+    | Recipe of file: string
+    | Strategy of name: string
+    | Model of name: string
+    | Data of name: string
+    | Scale of scale: string
+    | Seed of seed: int
+    | Lambda of lambda: float
+    | Rho of rho: float
+    | Data_Root of dir: string
+    | [<Mandatory>] Out of dir: string
+    | Resume
+    | Device of device: string
+    | Prefix_Cache of dir: string
+    | Save_Recipe of file: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Recipe _ -> "train from a JSON recipe (see `--save-recipe` for the format)"
+            | Strategy _ -> "joint, disjoint, mixed, branchwise, separate, sequential-ewc, sequential-lwf (and -nowarmup variants)"
+            | Model _ -> "model family (default resnet34)"
+            | Data _ -> "cifar100, cifar10 or fashion-mnist (default fashion-mnist)"
+            | Scale _ -> "smoke (seconds), cpu (minutes on a 2-core CPU) or paper (default: paper on a GPU, cpu otherwise)"
+            | Seed _ -> "random seed (default 0)"
+            | Lambda _ -> "EWC strength (default: the paper's preset for the model)"
+            | Rho _ -> "LwF strength (default: the paper's preset for the model)"
+            | Data_Root _ -> "folder of the data sets"
+            | Out _ -> "run folder (checkpoints, log, metrics.json)"
+            | Resume -> "continue an unfinished run in --out from its last checkpoint"
+            | Device _ -> "auto, cpu, cuda or cuda:N (default auto)"
+            | Prefix_Cache _ -> "folder where finished stage prefixes (e.g. the warm-up) are cached and reused across runs"
+            | Save_Recipe _ -> "write the resolved recipe to this JSON file and stop"
+
 type CliArgs =
     | [<CliPrefix(CliPrefix.None)>] Models
     | [<CliPrefix(CliPrefix.None)>] Describe of ParseResults<DescribeArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
     | [<CliPrefix(CliPrefix.None)>] Doctor
+    | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
 
     interface IArgParserTemplate with
         member a.Usage =
@@ -62,3 +97,4 @@ type CliArgs =
             | Describe _ -> "parameters and cumulative MACs of every exit of a model"
             | Data _ -> "check or download data sets"
             | Doctor -> "show how TorchSharp was loaded and which device would be used"
+            | Train _ -> "train a model with a strategy or a recipe; writes a resumable run folder"

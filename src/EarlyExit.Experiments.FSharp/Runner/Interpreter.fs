@@ -1,0 +1,334 @@
+/// The one interpreter of recipes: runs the stages in order in a run folder that survives a kill.
+///
+/// Run folder:
+///   recipe.json          the resolved recipe (the run's identity: --resume refuses a different one)
+///   run.json             seed, device, code version, machine, data source, scale, start time
+///   log.txt              every log line
+///   stages/NN-name/      per-epoch checkpoint of a stage in progress (epoch.json written last)
+///   stages/NN-name.done  state after the stage (model and regulariser state) + .json with its result
+///   metrics.json         test accuracy of every exit, costs, wall time: the run is finished when it exists
+///   test-logits.tensors  logits of every exit on the test set (evaluation derives everything from them)
+///   tensorboard/         event files
+module EarlyExit.Experiments.Runner.Interpreter
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Security.Cryptography
+open System.Text
+open System.Text.Json
+open Spectre.Console
+open TorchSharp
+open EarlyExit.Data
+open EarlyExit.Flops
+open EarlyExit.Losses
+open EarlyExit.Models
+open EarlyExit.Native
+open EarlyExit.Training
+open EarlyExit.Experiments.Recipes
+open EarlyExit.Experiments.Reports
+
+type RunOptions =
+    { OutDir: string
+      Resume: bool
+      /// Folder of the stage-prefix cache shared between runs (None: no cache).
+      PrefixCache: string option
+      Scale: string
+      Device: string option
+      /// Called with each log line (besides log.txt).
+      Log: string -> unit }
+
+type RunResult =
+    { OutDir: string
+      TestAccuracy: float[]
+      AlreadyFinished: bool
+      WallSeconds: float }
+
+exception RunError of string
+
+let private json = JsonSerializerOptions(WriteIndented = true)
+
+let private writeAtomic (path: string) (text: string) =
+    let tmp = path + ".tmp"
+    File.WriteAllText(tmp, text)
+    File.Move(tmp, path, true)
+
+let private fisherEstimator =
+    function
+    | PerSample -> FisherEstimator.PerSampleEmpirical
+    | PerSampleNaive -> FisherEstimator.PerSampleEmpiricalNaive
+    | SquaredMinibatch -> FisherEstimator.SquaredMinibatchGradient
+
+/// Exits each stage must consolidate after it ends: EWC (Fisher + anchor) and/or LwF (teacher), derived from
+/// which later stages protect that exit with which regulariser.
+let consolidation (stages: Stage list) (i: int) =
+    let s = stages[i]
+    if s.Exit = 0 then false, false
+    else
+        let later = stages |> List.skip (i + 1) |> List.filter (fun l -> List.contains s.Exit l.Protects)
+        let ewc = later |> List.exists (fun l -> match l.Regulariser with
+                                                 | Ewc _ | EwcAndLwf _ -> true
+                                                 | _ -> false)
+        let lwf = later |> List.exists (fun l -> match l.Regulariser with
+                                                 | Lwf _ | EwcAndLwf _ -> true
+                                                 | _ -> false)
+        ewc, lwf
+
+/// The resolved plan of one stage for the C# loop.
+let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
+    let s = recipe.Stages[i]
+    let ewc, lwf = consolidation recipe.Stages i
+    let lambda, rho =
+        match s.Regulariser with
+        | NoRegulariser -> 0.0, 0.0
+        | Ewc l -> l, 0.0
+        | Lwf r -> 0.0, r
+        | EwcAndLwf (l, r) -> l, r
+    let mix =
+        recipe.Augment.Mix
+        |> Option.map (fun m ->
+            MixSettings(MixupAlpha = m.MixupAlpha, CutmixAlpha = m.CutmixAlpha, SwitchProbability = m.SwitchProbability,
+                        LabelSmoothing = m.LabelSmoothing, Probability = m.Probability))
+    StagePlan(
+        Name = s.Name,
+        LossExits = (s.LossExits |> List.map fst |> List.toArray),
+        LossWeights = (s.LossExits |> List.map snd |> List.toArray),
+        TrainableGroups = List.toArray s.Trainable,
+        EwcLambda = lambda,
+        LwfRho = rho,
+        StageExit = s.Exit,
+        ProtectedExits = List.toArray s.Protects,
+        LearningRate = s.Optimiser.LearningRate,
+        WeightDecay = s.Optimiser.WeightDecay,
+        Schedule = (match s.Optimiser.Schedule with
+                    | Cosine -> LrSchedule.Cosine
+                    | Constant -> LrSchedule.Constant),
+        BatchSize = s.BatchSize,
+        MaxEpochs = s.MaxEpochs,
+        Patience = s.Patience,
+        MaxStepsPerEpoch = s.MaxStepsPerEpoch,
+        CropPadding = recipe.Augment.CropPadding,
+        HorizontalFlip = recipe.Augment.Flip,
+        Mix = Option.toObj mix,
+        Seed = recipe.Seed + 1000 * i,
+        CheckpointDirectory = Option.toObj checkpointDir,
+        ConsolidateEwcAfter = ewc,
+        SnapshotTeacherAfter = lwf,
+        FisherEstimator = fisherEstimator recipe.Fisher.Estimator,
+        FisherSamples = recipe.Fisher.Samples)
+
+/// Cache key of the state after stages 0..k: everything that determines it (not the recipe's name).
+let prefixKey (recipe: Recipe) (k: int) =
+    let prefix = { recipe with Name = ""; Stages = List.take (k + 1) recipe.Stages }
+    let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix))
+    Convert.ToHexString(bytes).Substring(0, 20).ToLowerInvariant()
+
+/// Loads the data of a recipe: train/validation/test, limited as the recipe says (stratified, seeded).
+let loadData (recipe: Recipe) =
+    let d = recipe.Data
+    let splits = DataCatalog.Load(d.Name, Option.toObj d.Root, d.ValidationFraction, recipe.Seed)
+    let train = if d.TrainLimit > 0 then splits.Train.Take(d.TrainLimit, recipe.Seed) else splits.Train
+    let valLimit = if d.TrainLimit > 0 then max 1 (int (float d.TrainLimit * d.ValidationFraction / (1.0 - d.ValidationFraction))) else 0
+    let validation = if valLimit > 0 then splits.Validation.Take(valLimit, recipe.Seed) else splits.Validation
+    let test = if d.TestLimit > 0 then splits.Test.Take(d.TestLimit, recipe.Seed) else splits.Test
+    DataSplits(train, validation, test, splits.Source)
+
+let private stageDir (out: string) (i: int) (s: Stage) = Path.Combine(out, "stages", $"%02d{i}-{s.Name}")
+let private doneFile (out: string) (i: int) (s: Stage) = stageDir out i s + ".done"
+
+/// Writes the state after a stage: model tensors and regulariser state, then the result JSON last.
+let private saveStageState (path: string) (net: MultiExitNetwork) (regs: RegularizerState) (result: obj) =
+    Directory.CreateDirectory(Path.GetDirectoryName path) |> ignore
+    TensorStore.Save(path + ".model", TensorStore.StateOf net)
+    regs.Save(path + ".regs")
+    writeAtomic (path + ".json") (JsonSerializer.Serialize(result, json))
+
+let private stageStateExists (path: string) = File.Exists(path + ".json") && File.Exists(path + ".model") && File.Exists(path + ".regs")
+
+let private loadStageState (path: string) (net: MultiExitNetwork) (regs: RegularizerState) =
+    let tensors = TensorStore.Load(path + ".model")
+    try TensorStore.LoadInto(net, tensors)
+    finally for t in tensors.Values do t.Dispose()
+    regs.Load(path + ".regs", net)
+
+let private copyStageState (src: string) (dst: string) =
+    Directory.CreateDirectory(Path.GetDirectoryName dst) |> ignore
+    for ext in [ ".model"; ".regs"; ".json" ] do
+        File.Copy(src + ext, dst + ext + ".tmp", true)
+        File.Move(dst + ext + ".tmp", dst + ext, true)
+
+/// Progress: a live bar when interactive, plain log lines otherwise.
+type private Observer(log: string -> unit, writer: Modules.SummaryWriter, task: ProgressTask option, stageIndex: int, stageCount: int) =
+    let mutable step = 0
+    interface ITrainingObserver with
+        member _.OnStageStart(plan, startEpoch, batches) =
+            let from = if startEpoch > 0 then $" (resuming at epoch {startEpoch + 1})" else ""
+            log $"stage {stageIndex + 1}/{stageCount} '{plan.Name}': up to {plan.MaxEpochs} epochs of {batches} steps, trains {String.Join(',', plan.TrainableGroups)}{from}"
+            task |> Option.iter (fun t ->
+                t.Description <- Markup.Escape $"stage {stageIndex + 1}/{stageCount} {plan.Name}"
+                t.MaxValue <- float (max 1 (plan.MaxEpochs * batches))
+                t.Value <- float (startEpoch * batches))
+        member _.OnBatch(plan, epoch, batch, batches, loss) =
+            step <- step + 1
+            match task with
+            | Some t -> t.Increment 1.0
+            | None ->
+                let every = max 1 (batches / 4)
+                if (batch + 1) % every = 0 && batch + 1 < batches then
+                    log $"  {plan.Name} epoch {epoch + 1} step {batch + 1}/{batches} loss {loss:F4}"
+        member _.OnEpochEnd(plan, r) =
+            let accs = r.ValidationAccuracy |> Array.map (fun a -> a.ToString("F3", Globalization.CultureInfo.InvariantCulture)) |> String.concat " "
+            let mark = if r.Improved then " *" else ""
+            log $"  {plan.Name} epoch {r.Epoch + 1}: train loss {r.TrainLoss:F4}, validation accuracy per exit [{accs}], monitored {r.Monitor:F4}{mark} ({r.Seconds:F1} s, lr {r.LearningRate:G3})"
+            let tag = $"{stageIndex:D2}-{plan.Name}"
+            writer.add_scalar($"{tag}/train_loss", float32 r.TrainLoss, r.Epoch)
+            r.ValidationAccuracy |> Array.iteri (fun e a -> writer.add_scalar($"{tag}/val_acc_exit{e + 1}", float32 a, r.Epoch))
+
+/// Runs (or resumes, or recognises as finished) a recipe in a run folder.
+let run (options: RunOptions) (recipe: Recipe) : RunResult =
+    match Validation.validate recipe with
+    | Error problems -> raise (RunError("the recipe is not valid:\n  " + String.Join("\n  ", problems)))
+    | Ok _ -> ()
+    let out = Path.GetFullPath options.OutDir
+    let recipeJson = RecipeJson.toJson recipe
+    let recipePath = Path.Combine(out, "recipe.json")
+    let metricsPath = Path.Combine(out, "metrics.json")
+    if Directory.Exists out && Directory.EnumerateFileSystemEntries out |> Seq.isEmpty |> not then
+        if not (File.Exists recipePath) then
+            raise (RunError $"{out} exists and is not a run folder; choose another --out")
+        elif File.ReadAllText recipePath <> recipeJson then
+            raise (RunError $"{out} holds a run of a different recipe; choose another --out (nothing was changed)")
+        elif not options.Resume && not (File.Exists metricsPath) then
+            raise (RunError $"{out} holds an unfinished run of this recipe; pass --resume to continue it")
+    Directory.CreateDirectory out |> ignore
+    if File.Exists metricsPath then
+        use doc = JsonDocument.Parse(File.ReadAllText metricsPath)
+        let acc = doc.RootElement.GetProperty("testAccuracy").EnumerateArray() |> Seq.map (fun e -> e.GetDouble()) |> Seq.toArray
+        options.Log $"{out}: finished run found; not redone"
+        { OutDir = out; TestAccuracy = acc; AlreadyFinished = true; WallSeconds = 0.0 }
+    else
+    let clock = Stopwatch.StartNew()
+    writeAtomic recipePath recipeJson
+    use logFile = new StreamWriter(Path.Combine(out, "log.txt"), true)
+    let log (line: string) =
+        let stamped = $"{DateTime.Now:``yyyy-MM-dd HH:mm:ss``} {line}"
+        logFile.WriteLine stamped
+        logFile.Flush()
+        options.Log line
+    let loader = TorchNativeLoader.EnsureLoaded()
+    let device = Devices.Choose(Option.toObj options.Device)
+    let code = Provenance.codeVersion ()
+    log $"run {recipe.Name} in {out}"
+    log $"device {Devices.Describe device}; TorchSharp natives {TorchNativeLoader.Describe loader}; code {code}"
+    let data = loadData recipe
+    log $"data {data.Train.Name}: {data.Train.Count} train, {data.Validation.Count} validation, {data.Test.Count} test images from {data.Source}"
+    let runInfo =
+        {| recipe = recipe.Name
+           seed = recipe.Seed
+           scale = options.Scale
+           device = Devices.Describe device
+           codeVersion = code
+           machine = Provenance.machine ()
+           data = data.Source
+           trainImages = data.Train.Count
+           validationImages = data.Validation.Count
+           testImages = data.Test.Count
+           started = DateTime.UtcNow.ToString("o") |}
+    writeAtomic (Path.Combine(out, "run.json")) (JsonSerializer.Serialize(runInfo, json))
+
+    torch.manual_seed (int64 recipe.Seed) |> ignore
+    use net = ModelRegistry.Create(recipe.Model.Name, Validation.modelOptions recipe.Model)
+    net.``to``(device) |> ignore
+    let cost = MacCounter.Count net
+    use regs = new RegularizerState()
+    let writer = torch.utils.tensorboard.SummaryWriter(Path.Combine(out, "tensorboard"))
+    let stages = recipe.Stages
+    let n = stages.Length
+
+    // Resume point: the last finished stage in the run folder, else the longest cached prefix.
+    let lastDone = [ 0 .. n - 1 ] |> List.filter (fun i -> stageStateExists (doneFile out i stages[i])) |> List.tryLast
+    let firstToRun =
+        match lastDone with
+        | Some i ->
+            loadStageState (doneFile out i stages[i]) net regs
+            log $"resuming after stage {i + 1}/{n} '{stages[i].Name}'"
+            i + 1
+        | None ->
+            let cached =
+                match options.PrefixCache with
+                | None -> None
+                | Some dir ->
+                    [ 0 .. n - 1 ] |> List.rev |> List.tryFind (fun k -> stageStateExists (Path.Combine(dir, prefixKey recipe k)))
+            match cached, options.PrefixCache with
+            | Some k, Some dir ->
+                for i in 0..k do
+                    let cachedState = Path.Combine(dir, prefixKey recipe i)
+                    if stageStateExists cachedState then copyStageState cachedState (doneFile out i stages[i])
+                loadStageState (doneFile out k stages[k]) net regs
+                let names = String.Join(", ", stages |> List.take (k + 1) |> List.map (fun s -> s.Name))
+                log $"stages 1..{k + 1} ({names}) reused from the prefix cache"
+                k + 1
+            | _ -> 0
+
+    let runStages (task: ProgressTask option) =
+        for i in firstToRun .. n - 1 do
+            let s = stages[i]
+            let p = plan recipe i (Some(stageDir out i s))
+            let observer = Observer(log, writer, task, i, n)
+            let result =
+                try StageTrainer.Run(net, p, data, regs, device, observer)
+                with :? NonFiniteLossException as e -> raise (RunError e.Message)
+            let stateInfo =
+                {| stage = s.Name
+                   bestEpoch = result.BestEpoch + 1
+                   bestMonitor = result.BestMonitor
+                   epochsRun = result.EpochsRun
+                   stoppedEarly = result.StoppedEarly |}
+            saveStageState (doneFile out i s) net regs stateInfo
+            match options.PrefixCache with
+            | Some dir -> copyStageState (doneFile out i s) (Path.Combine(dir, prefixKey recipe i))
+            | None -> ()
+            // The per-epoch checkpoint of a finished stage is no longer needed.
+            let dir = stageDir out i s
+            if Directory.Exists dir then Directory.Delete(dir, true)
+            let early = if result.StoppedEarly then " (stopped early)" else ""
+            log $"stage {i + 1}/{n} '{s.Name}' done: best epoch {result.BestEpoch + 1}, monitored validation accuracy {result.BestMonitor:F4}{early}"
+
+    if AnsiConsole.Profile.Capabilities.Interactive && firstToRun < n then
+        AnsiConsole.Progress().AutoClear(false).Columns(TaskDescriptionColumn(), ProgressBarColumn(), PercentageColumn(), ElapsedTimeColumn(), RemainingTimeColumn())
+            .Start(fun ctx -> runStages (Some(ctx.AddTask "training")))
+    else runStages None
+
+    // Test evaluation from the cached logits of every exit.
+    let logits = Evaluator.CollectLogits(net, data.Test, 256, device)
+    let labels = torch.tensor(data.Test.Labels |> Array.map int64)
+    TensorStore.Save(Path.Combine(out, "test-logits.tensors"), dict [ "logits", logits; "labels", labels ] |> Collections.Generic.Dictionary)
+    let acc =
+        [| for e in 0 .. net.ExitCount - 1 ->
+               use pred = logits[e].argmax(1L)
+               use eq = pred.eq(labels)
+               use s = eq.sum()
+               float (s.item<int64>()) / float data.Test.Count |]
+    logits.Dispose()
+    labels.Dispose()
+    let metrics =
+        {| recipe = recipe.Name
+           model = net.Describe()
+           data = data.Test.Name
+           dataSource = data.Source
+           scale = options.Scale
+           device = Devices.Describe device
+           seed = recipe.Seed
+           codeVersion = code
+           testImages = data.Test.Count
+           testAccuracy = acc
+           exitMacs = cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray
+           backboneMacs = cost.BackboneMacs
+           macConvention = "conv-linear (one multiply-add = 1)"
+           wallSeconds = clock.Elapsed.TotalSeconds
+           finished = DateTime.UtcNow.ToString("o") |}
+    writeAtomic metricsPath (JsonSerializer.Serialize(metrics, json))
+    writer.add_text("metrics", JsonSerializer.Serialize(metrics), 0)
+    let accText = acc |> Array.mapi (fun i a -> $"exit{i + 1} {a:F4}") |> String.concat ", "
+    log $"test accuracy: {accText}; {clock.Elapsed.TotalSeconds:F0} s"
+    { OutDir = out; TestAccuracy = acc; AlreadyFinished = false; WallSeconds = clock.Elapsed.TotalSeconds }

@@ -1,0 +1,96 @@
+/// Experiment scales: seconds (smoke), minutes on a 2-core CPU (cpu), or the paper's (paper, needs a GPU).
+module EarlyExit.Experiments.Runner.Scales
+
+open EarlyExit.Experiments.Recipes
+open EarlyExit.Experiments.Recipes.Builders
+
+type Scale =
+    | Smoke
+    | Cpu
+    | Paper
+
+let name =
+    function
+    | Smoke -> "smoke"
+    | Cpu -> "cpu"
+    | Paper -> "paper"
+
+let parse (s: string) =
+    match s.Trim().ToLowerInvariant() with
+    | "smoke" -> Ok Smoke
+    | "cpu" -> Ok Cpu
+    | "paper" -> Ok Paper
+    | other -> Error $"unknown scale '{other}'; use smoke, cpu or paper"
+
+/// Model, data limits, augmentation and stage settings of a scale, for a model family and a data set.
+type ScaleSettings =
+    { Model: ModelSpec
+      Data: DataSpec
+      Augment: AugmentSpec
+      Fisher: FisherSpec
+      Stages: StageSettings
+      Description: string }
+
+let private inputOf (data: string) =
+    match EarlyExit.Data.DataCatalog.Normalise data with
+    | "fashion-mnist" -> [ 1L; 28L; 28L ], 10
+    | "cifar10" -> [ 3L; 32L; 32L ], 10
+    | _ -> [ 3L; 32L; 32L ], 100
+
+let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
+    let input, classes = inputOf data
+    let preset = Presets.forModel model
+    let isFashion = EarlyExit.Data.DataCatalog.Normalise data = "fashion-mnist"
+    match scale with
+    | Smoke ->
+        { Model = { Defaults.model model with Classes = Some classes; Input = Some input; Width = Some 4; Blocks = Some [ 1; 1; 1; 1 ]; Exits = Some [ 1; 2; 3; 4 ] }
+          Data = { Defaults.data data with TrainLimit = 512; TestLimit = 256 }
+          Augment = { Defaults.augment with CropPadding = (if isFashion then 2 else 4) }
+          Fisher = { Defaults.fisher with Samples = 128 }
+          Stages =
+            { Optimiser = { LearningRate = 2e-3; WeightDecay = 0.0; Schedule = Constant }
+              BatchSize = 64
+              MaxEpochs = 1
+              Patience = 0
+              MaxStepsPerEpoch = 3
+              WarmupEpochs = 1 }
+          Description = "smoke: width-4 ResNet [1,1,1,1] with 4 exits, 512 training images, 3 steps per stage; checks the plumbing, not accuracy" }
+    | Cpu ->
+        { Model = { Defaults.model model with Classes = Some classes; Input = Some input; Width = Some 16; Blocks = Some [ 2; 2; 2; 2 ] }
+          Data = { Defaults.data data with TrainLimit = 20000; TestLimit = 0 }
+          // Short schedules learn little from Mixup/CutMix; the cpu scale keeps crop and flip only.
+          Augment = { CropPadding = (if isFashion then 2 else 4); Flip = true; Mix = None }
+          Fisher = { Defaults.fisher with Samples = 2000 }
+          Stages =
+            { Optimiser = { LearningRate = 2e-3; WeightDecay = 0.0; Schedule = Cosine }
+              BatchSize = 128
+              MaxEpochs = 2
+              Patience = 0
+              MaxStepsPerEpoch = 0
+              WarmupEpochs = 4 }
+          Description = "cpu: width-16 ResNet [2,2,2,2] (resnet34 family) with 4 exits, 20,000 training images, 2 epochs per stage (4 for the warm-up), crop+flip, AdamW lr 2e-3 cosine" }
+    | Paper ->
+        { Model = { Defaults.model model with Classes = Some classes; Input = Some input }
+          Data = Defaults.data data
+          Augment = Defaults.augment
+          Fisher = Defaults.fisher
+          Stages =
+            { Optimiser = { LearningRate = preset.LearningRate; WeightDecay = 0.0; Schedule = Constant }
+              BatchSize = preset.BatchSize
+              MaxEpochs = 500
+              Patience = preset.Patience
+              MaxStepsPerEpoch = 0
+              WarmupEpochs = 500 }
+          Description = $"paper: full {model}, batch {preset.BatchSize}, AdamW lr {preset.LearningRate} without weight decay, Mixup+CutMix, early stopping with patience {preset.Patience} (epoch cap 500)" }
+
+/// The recipe of a strategy at a scale.
+let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (seed: int) : Recipe =
+    let s = settings scale model data
+    let m = Validation.exitCount s.Model
+    { Name = $"{strategyName strategy}-{model}-{EarlyExit.Data.DataCatalog.Normalise data}-{name scale}"
+      Model = s.Model
+      Data = s.Data
+      Augment = s.Augment
+      Fisher = s.Fisher
+      Seed = seed
+      Stages = stagesOf strategy m s.Stages }
