@@ -1,4 +1,4 @@
 module EarlyExit.Tests.Properties.Main
 
 [<EntryPoint>]
-let main argv = EarlyExit.Tests.Support.run "properties" argv EarlyExit.Tests.Properties.Tests.all
+let main argv = EarlyExit.Tests.Support.run "properties" argv (Expecto.Tests.testList "all" [ EarlyExit.Tests.Properties.Tests.all; EarlyExit.Tests.Properties.TrainingTests.all; EarlyExit.Tests.Properties.RecipeTests.all ])

@@ -14,7 +14,7 @@ namespace EarlyExit.Losses
             if (logits.dim() != 2 || !logits.shape.AsSpan().SequenceEqual(targets.shape))
                 throw new ArgumentException($"soft cross-entropy needs logits and targets of the same shape N×C, got [{string.Join(", ", logits.shape)}] and [{string.Join(", ", targets.shape)}]");
             using var scope = NewDisposeScope();
-            var loss = -(targets * nn.functional.log_softmax(logits, 1)).sum(1).mean();
+            var loss = -(targets * nn.functional.log_softmax(logits, 1)).sum(1L).mean();
             return loss.MoveToOuterDisposeScope();
         }
 

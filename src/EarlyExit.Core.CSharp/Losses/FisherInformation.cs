@@ -244,7 +244,7 @@ namespace EarlyExit.Losses
                     {
                         if (a.dim() != 2) throw new NotSupportedException($"per-sample Fisher: linear layer {c.WeightName} with input of {a.dim()} dimensions");
                         sums[c.WeightName].add_((g * g).t().mm(a * a));
-                        if (c.BiasName is { } b) sums[b].add_((g * g).sum(0));
+                        if (c.BiasName is { } b) sums[b].add_((g * g).sum(0L));
                         break;
                     }
                 case Conv2d conv:
@@ -262,13 +262,13 @@ namespace EarlyExit.Losses
                             long len = Math.Min(chunk, n - s);
                             using var inner = NewDisposeScope();
                             var perSample = gm.narrow(0, s, len).bmm(u.narrow(0, s, len).transpose(1, 2));
-                            acc.add_((perSample * perSample).sum(0));
+                            acc.add_((perSample * perSample).sum(0L));
                         }
                         sums[c.WeightName].add_(acc.reshape(sums[c.WeightName].shape));
                         if (c.BiasName is { } b)
                         {
                             var gb = g.sum(new long[] { 2, 3 });
-                            sums[b].add_((gb * gb).sum(0));
+                            sums[b].add_((gb * gb).sum(0L));
                         }
                         break;
                     }
@@ -279,8 +279,8 @@ namespace EarlyExit.Losses
                         var xhat = (a - mean) * invStd;
                         var gw = (g * xhat).sum(new long[] { 2, 3 });
                         var gb = g.sum(new long[] { 2, 3 });
-                        sums[c.WeightName].add_((gw * gw).sum(0));
-                        sums[c.BiasName!].add_((gb * gb).sum(0));
+                        sums[c.WeightName].add_((gw * gw).sum(0L));
+                        sums[c.BiasName!].add_((gb * gb).sum(0L));
                         break;
                     }
             }

@@ -22,7 +22,7 @@ namespace EarlyExit.Losses
             using var scope = NewDisposeScope();
             var logP = nn.functional.log_softmax(currentLogits, 1);
             var logQ = nn.functional.log_softmax(teacherLogits.detach(), 1);
-            var kl = (logP.exp() * (logP - logQ)).sum(1).mean();
+            var kl = (logP.exp() * (logP - logQ)).sum(1L).mean();
             return kl.MoveToOuterDisposeScope();
         }
 

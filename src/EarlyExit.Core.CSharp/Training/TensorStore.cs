@@ -32,7 +32,7 @@ namespace EarlyExit.Training
                         using var c = t.detach().cpu().contiguous();
                         w.Write(name);
                         w.Write((int)c.dtype);
-                        w.Write(c.dim());
+                        w.Write((int)c.dim());
                         foreach (var s in c.shape) w.Write(s);
                         switch (c.dtype)
                         {

@@ -1,0 +1,249 @@
+/// Properties of the training engine: EWC, the per-sample Fisher, LwF, freezing, memory, resume.
+module EarlyExit.Tests.Properties.TrainingTests
+
+open System
+open System.IO
+open Expecto
+open FsCheck
+open FsCheck.FSharp
+open TorchSharp
+open EarlyExit.Models
+open EarlyExit.Data
+open EarlyExit.Losses
+open EarlyExit.Training
+open EarlyExit.Experiments.Recipes
+open EarlyExit.Experiments.Recipes.Builders
+open EarlyExit.Experiments.Runner
+open EarlyExit.Tests.Support
+open EarlyExit.Tests.Properties.Generators
+open EarlyExit.Tests.Properties.Tests
+
+/// Random images and labels in memory: train, validation and test splits.
+let synthetic (seed: int) (classes: int) (shape: int64[]) (n: int) =
+    let rng = Random seed
+    let make name count =
+        let size = int (shape[0] * shape[1] * shape[2])
+        let px = Array.init (count * size) (fun _ -> byte (rng.Next 256))
+        let labels = Array.init count (fun i -> i % classes)
+        ImageDataset(name, px, labels, int shape[0], int shape[1], int shape[2], classes, Array.create (int shape[0]) 0.5f, Array.create (int shape[0]) 0.25f)
+    DataSplits(make "synthetic/train" n, make "synthetic/validation" (max classes (n / 4)), make "synthetic/test" (max classes (n / 4)), "memory")
+
+let private close (a: torch.Tensor) (b: torch.Tensor) =
+    let scale = b.abs().max().item<float32>()
+    let diff = (a - b).abs()
+    let bound = (b.abs() * 1e-3f) + (1e-5f * max scale 1e-12f)
+    (diff - bound).max().item<float32>() <= 0.0f
+
+let fisher =
+    testList "per-sample Fisher" [
+        testPropArbs "fast per-sample Fisher (layer inputs x output gradients) equals one backward pass per sample" (fun (c: SmallResNet) ->
+            use net = build c
+            let data = synthetic c.Seed c.Classes c.Input 12
+            let exit = 1 + (c.Seed % net.ExitCount)
+            let fast = FisherInformation.Compute(net, exit, data.Train, FisherEstimator.PerSampleEmpirical, 12, 5, c.Seed)
+            let slow = FisherInformation.Compute(net, exit, data.Train, FisherEstimator.PerSampleEmpiricalNaive, 12, 5, c.Seed)
+            let ok =
+                fast.Count = slow.Count && fast.Count > 0
+                && fast.Keys |> Seq.forall (fun k -> slow.ContainsKey k && close fast[k] slow[k])
+            for t in Seq.append fast.Values slow.Values do t.Dispose()
+            ok)
+
+        testPropArbs "Fishers are non-negative and cover exactly the parameters of segments 1..exit" (fun (c: SmallResNet) ->
+            use net = build c
+            let data = synthetic c.Seed c.Classes c.Input 8
+            let exit = 1 + (c.Seed % net.ExitCount)
+            let f = FisherInformation.Compute(net, exit, data.Train, FisherEstimator.PerSampleEmpirical, 8, 4, c.Seed)
+            let expected = net.SegmentParameters(exit) |> Seq.map (fun struct (n, _) -> n) |> set
+            let ok = set f.Keys = expected && f.Values |> Seq.forall (fun t -> t.min().item<float32>() >= 0.0f)
+            for t in f.Values do t.Dispose()
+            ok)
+
+        testPropN 5 "with batches of one sample the squared-minibatch estimator equals the per-sample one" (fun (seed: int) ->
+            let c = { Blocks = [| 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = abs seed % 1000 }
+            use net = build c
+            let data = synthetic c.Seed 3 c.Input 6
+            let a = FisherInformation.Compute(net, 2, data.Train, FisherEstimator.SquaredMinibatchGradient, 6, 1, 1)
+            let b = FisherInformation.Compute(net, 2, data.Train, FisherEstimator.PerSampleEmpirical, 6, 3, 1)
+            let ok = a.Keys |> Seq.forall (fun k -> close a[k] b[k])
+            for t in Seq.append a.Values b.Values do t.Dispose()
+            ok)
+    ]
+
+let private randomTerms (seed: int) =
+    let g = torch.Generator(uint64 (abs seed + 1))
+    [ for shape in [ [| 3L; 4L |]; [| 5L |]; [| 2L; 2L; 3L |] ] ->
+        let theta = torch.randn(shape, generator = g)
+        let fisher = torch.rand(shape, generator = g)
+        let anchor = torch.randn(shape, generator = g)
+        theta, fisher, anchor ]
+
+let ewc =
+    testList "EWC penalty" [
+        testProp "zero at the anchor, with zero gradient there" (fun (seed: int) ->
+            use scope = torch.NewDisposeScope()
+            let terms = randomTerms seed |> List.map (fun (_, f, a) -> a.clone().requires_grad_(true), f, a)
+            let p = Ewc.Penalty(ResizeArray(terms |> List.map (fun (t, f, a) -> struct (t, f, a))))
+            p.backward()
+            p.item<float32>() = 0.0f && terms |> List.forall (fun (t, _, _) -> t.grad.abs().max().item<float32>() = 0.0f))
+
+        testProp "never negative" (fun (seed: int) ->
+            use scope = torch.NewDisposeScope()
+            let terms = randomTerms seed |> List.map (fun (t, f, a) -> struct (t, f, a))
+            Ewc.Penalty(ResizeArray terms).item<float32>() >= 0.0f)
+
+        testProp "quadratic in the displacement: R(θ* + t·d) = t²·R(θ* + d)" (fun (seed: int) (NormalFloat t0) ->
+            let t = (abs t0 % 10.0) + 0.1
+            use scope = torch.NewDisposeScope()
+            let terms = randomTerms seed
+            let at (scale: float) =
+                Ewc.Penalty(ResizeArray(terms |> List.map (fun (d, f, a) -> struct (a + d * scale, f, a)))).to_type(torch.float64).item<float>()
+            let r1, rt = at 1.0, at t
+            abs (rt - t * t * r1) <= 1e-4 * abs (t * t * r1) + 1e-6)
+    ]
+
+let lwf =
+    testList "LwF KL" [
+        testProp "KL(current || teacher) is never negative" (fun (seed: int) ->
+            use scope = torch.NewDisposeScope()
+            let g = torch.Generator(uint64 (abs seed + 7))
+            let a = torch.randn([| 6L; 5L |], generator = g) * 3.0f
+            let b = torch.randn([| 6L; 5L |], generator = g) * 3.0f
+            Lwf.KlCurrentToTeacher(a, b).item<float32>() >= -1e-7f)
+
+        testProp "zero when the distributions agree (logits equal up to a per-row shift), positive when they differ" (fun (seed: int) ->
+            use scope = torch.NewDisposeScope()
+            let g = torch.Generator(uint64 (abs seed + 11))
+            let a = torch.randn([| 4L; 6L |], generator = g)
+            let shift = torch.randn([| 4L; 1L |], generator = g) * 5.0f
+            let same = Lwf.KlCurrentToTeacher(a, a + shift).item<float32>()
+            let b = a.clone()
+            b[0L, 0L] <- torch.tensor(a[0L, 0L].item<float32>() + 1.0f)
+            let differ = Lwf.KlCurrentToTeacher(a, b).item<float32>()
+            abs same < 1e-6f && differ > 0.0f)
+
+        test "matches the definition on a worked example" {
+            // p = softmax([0, ln 3]) = [1/4, 3/4], q = [1/2, 1/2]: KL(p||q) = 1/4 ln(1/2) + 3/4 ln(3/2)
+            use scope = torch.NewDisposeScope()
+            let p = torch.tensor([| 0.0f; float32 (log 3.0) |]).reshape(1L, 2L)
+            let q = torch.zeros(1L, 2L)
+            let expected = 0.25 * log 0.5 + 0.75 * log 1.5
+            Expect.floatClose Accuracy.medium (float (Lwf.KlCurrentToTeacher(p, q).item<float32>())) expected "KL value"
+        }
+    ]
+
+let private settings =
+    { Optimiser = { LearningRate = 1e-2; WeightDecay = 0.0; Schedule = Constant }
+      BatchSize = 8
+      MaxEpochs = 1
+      Patience = 0
+      MaxStepsPerEpoch = 2
+      WarmupEpochs = 1 }
+
+let private strategies =
+    [ Joint; Disjoint; Mixed; BranchWise; Separate; Sequential(Ewc 100.0); Sequential(Lwf 0.7); Sequential(EwcAndLwf(10.0, 0.5)) ]
+
+let private recipeFor (c: SmallResNet) (strategy: Strategy) =
+    { Name = "t"
+      Model = { Defaults.model "resnet34" with Classes = Some c.Classes; Input = Some(List.ofArray c.Input); Width = Some c.BaseWidth; Blocks = Some(List.ofArray c.Blocks); Exits = Some(List.ofArray c.Exits) }
+      Data = Defaults.data "fashion-mnist"
+      Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
+      Fisher = { Estimator = PerSample; Samples = 8 }
+      Seed = c.Seed
+      Stages = stagesOf strategy c.Exits.Length settings }
+
+let private stateOf (net: MultiExitNetwork) (groups: string list) =
+    groups
+    |> List.collect (fun g ->
+        [ for (n, p) in net.GroupParameters g -> n, p.detach().clone()
+          for (n, b) in net.GroupBuffers g -> n, b.detach().clone() ])
+
+let freezing =
+    testList "freezing" [
+        testPropertyWithConfig { configWithArbs with maxTest = 12 } "after any stage of any built recipe, frozen parameters and buffers are bit-for-bit unchanged" (fun (c0: SmallResNet) (pick: NonNegativeInt) ->
+            let c = { c0 with Exits = (if c0.Exits.Length < 2 then [| 1; c0.Blocks |> Array.sum |] |> Array.distinct else c0.Exits) }
+            let strategy = strategies[pick.Get % strategies.Length]
+            let recipe = recipeFor c strategy
+            match Validation.validate recipe with
+            | Error _ when c.Exits.Length < 2 -> true // a one-exit network has no disjoint heads stage
+            | Error e -> failwithf "built recipe is invalid: %A" e
+            | Ok recipe ->
+                use net = build c
+                use regs = new RegularizerState()
+                let data = synthetic c.Seed c.Classes c.Input 24
+                recipe.Stages
+                |> List.indexed
+                |> List.forall (fun (i, s) ->
+                    let frozen = net.Groups() |> Seq.filter (fun g -> not (List.contains g s.Trainable)) |> Seq.toList
+                    let before = stateOf net frozen
+                    StageTrainer.Run(net, Interpreter.plan recipe i None, data, regs, torch.CPU) |> ignore
+                    let after = stateOf net frozen |> Map.ofList
+                    let ok = before |> List.forall (fun (n, t) -> same t after[n])
+                    for (_, t) in before do t.Dispose()
+                    for t in after.Values do t.Dispose()
+                    ok))
+    ]
+
+let memory =
+    testList "memory" [
+        test "live tensors return to their starting count after a stage, plus exactly what consolidation keeps" {
+            let c = { Blocks = [| 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = 3 }
+            let settle () =
+                for _ in 1..3 do
+                    GC.Collect()
+                    GC.WaitForPendingFinalizers()
+                torch.Tensor.TotalCount
+            for strategy in [ Joint; Disjoint; Sequential(Ewc 10.0); Sequential(Lwf 0.5) ] do
+                let recipe = recipeFor c strategy
+                use net = build c
+                // What one teacher (a frozen copy of the network) holds.
+                let teacherTensors =
+                    let before = settle ()
+                    let t = net.FrozenCopy()
+                    let held = settle () - before
+                    t.Dispose()
+                    held
+                use regs = new RegularizerState()
+                let data = synthetic 1 3 c.Input 24
+                for i, s in List.indexed recipe.Stages do
+                    let (_, lwf) = Interpreter.consolidation recipe.Stages i
+                    let fisherBefore, anchorBefore = regs.Ewc.Fisher.Count, regs.Ewc.Anchor.Count
+                    let before = settle ()
+                    StageTrainer.Run(net, Interpreter.plan recipe i None, data, regs, torch.CPU) |> ignore
+                    let after = settle ()
+                    let kept =
+                        int64 (regs.Ewc.Fisher.Count - fisherBefore + regs.Ewc.Anchor.Count - anchorBefore)
+                        + (if lwf then teacherTensors else 0L)
+                    Expect.equal (after - before) kept $"{strategyName strategy} stage {s.Name}: live tensors grow by what consolidation keeps"
+        }
+    ]
+
+/// Stops a stage after a given epoch, as a kill would (the checkpoint of that epoch is written first).
+type private KillAfter(epoch: int) =
+    interface ITrainingObserver with
+        member _.OnEpochEnd(_, r) = if r.Epoch = epoch then raise (OperationCanceledException "killed")
+
+let resume =
+    testList "resume" [
+        test "a stage killed after an epoch and resumed ends bit-for-bit where an uninterrupted one ends" {
+            let c = { Blocks = [| 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = 5 }
+            let recipe = { recipeFor c Joint with Stages = [ { (stagesOf Joint 2 settings).Head with MaxEpochs = 3; Optimiser = { LearningRate = 1e-2; WeightDecay = 0.01; Schedule = Cosine } } ] }
+            let data = synthetic 2 3 c.Input 32
+            let final (kill: bool) =
+                use dir = new TempDir()
+                let p = Interpreter.plan recipe 0 (Some dir.Path)
+                use regs = new RegularizerState()
+                if kill then
+                    use net = build c
+                    Expect.throwsT<OperationCanceledException> (fun () -> StageTrainer.Run(net, p, data, regs, torch.CPU, KillAfter 1) |> ignore) "killed"
+                use net = build c
+                let result = StageTrainer.Run(net, p, data, regs, torch.CPU)
+                result.EpochsRun, net.state_dict() |> Seq.map (fun kv -> kv.Key, kv.Value.clone()) |> Map.ofSeq
+            let epochsA, a = final false
+            let epochsB, b = final true
+            Expect.equal epochsB epochsA "same history length"
+            for KeyValue (k, t) in a do
+                Expect.isTrue (same t b[k]) $"{k} equal after resume"
+        }
+    ]
+
+let all = testList "training engine" [ fisher; ewc; lwf; freezing; memory; resume ]
