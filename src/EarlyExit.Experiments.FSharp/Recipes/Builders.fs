@@ -10,7 +10,7 @@ type StageSettings =
       MaxEpochs: int
       Patience: int
       MaxStepsPerEpoch: int
-      /// Epoch cap of the warm-up (backbone with its final exit).
+      /// Epoch cap of the stages that train a backbone from scratch: the warm-up (backbone with its final exit) and joint.
       WarmupEpochs: int }
 
 type Strategy =
@@ -61,8 +61,10 @@ let private stage (s: StageSettings) name loss trainable =
 let warmup (m: int) (s: StageSettings) =
     { stage s "warmup" [ m, 1.0 ] (segments [ 1..m ] @ heads [ m ]) with MaxEpochs = s.WarmupEpochs }
 
-/// Joint: one stage, all segments and exits, loss = mean of the exits' cross-entropies.
-let joint (m: int) (s: StageSettings) = [ stage s "joint" (uniform [ 1..m ]) (segments [ 1..m ] @ heads [ 1..m ]) ]
+/// Joint: one stage, all segments and exits, loss = mean of the exits' cross-entropies. It trains a backbone from
+/// scratch, so it gets the warm-up's epoch cap.
+let joint (m: int) (s: StageSettings) =
+    [ { stage s "joint" (uniform [ 1..m ]) (segments [ 1..m ] @ heads [ 1..m ]) with MaxEpochs = s.WarmupEpochs } ]
 
 /// Disjoint (two-stage): warm-up, then the backbone frozen and the internal classifiers trained.
 let disjoint (m: int) (s: StageSettings) =
