@@ -157,6 +157,12 @@ let interpreter =
             Expect.exists logs (fun l -> l.Contains "reused from the prefix cache" && l.Contains "warmup") "mixed reused disjoint's warm-up"
             Expect.isTrue (File.Exists(Path.Combine(dir.File "mixed", "metrics.json"))) "mixed finished"
         }
+        test "a cached stage is reused only where it kept what later stages need (EWC Fisher vs LwF teacher)" {
+            let ewc = smokeRecipe (Sequential(Ewc 100.0))
+            let lwf = smokeRecipe (Sequential(Lwf 0.7))
+            Expect.equal (Interpreter.prefixKey ewc 0) (Interpreter.prefixKey lwf 0) "the warm-up is shared"
+            Expect.notEqual (Interpreter.prefixKey ewc 1) (Interpreter.prefixKey lwf 1) "exit 1 is not: EWC keeps a Fisher, LwF a teacher"
+        }
     ]
 
 let all = testList "recipes" [ builders; validation; interpreter ]

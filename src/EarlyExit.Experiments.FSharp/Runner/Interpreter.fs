@@ -118,9 +118,15 @@ let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
         FisherSamples = recipe.Fisher.Samples)
 
 /// Cache key of the state after stages 0..k: everything that determines it (not the recipe's name).
+/// What a stage keeps for later ones (Fisher and anchor, teacher) depends on the stages after it, so it is part of the key.
 let prefixKey (recipe: Recipe) (k: int) =
     let prefix = { recipe with Name = ""; Stages = List.take (k + 1) recipe.Stages }
-    let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix))
+    let kept =
+        [ for i in 0..k do
+            match consolidation recipe.Stages i with
+            | false, false -> ()
+            | ewc, lwf -> $"|{i}:ewc={ewc},lwf={lwf}" ]
+    let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix + String.concat "" kept))
     Convert.ToHexString(bytes).Substring(0, 20).ToLowerInvariant()
 
 /// Loads the data of a recipe: train/validation/test, limited as the recipe says (stratified, seeded).

@@ -1,0 +1,51 @@
+/// Reading a finished run folder: its metrics and cached test logits.
+module EarlyExit.Experiments.Evaluation.RunFolder
+
+open System.IO
+open System.Text.Json
+open EarlyExit.Training
+open EarlyExit.Experiments.Evaluation.Budget
+
+type RunInfo =
+    { Dir: string
+      Recipe: string
+      Scale: string
+      Device: string
+      Data: string
+      Seed: int
+      CodeVersion: string
+      TestAccuracy: float[]
+      ExitMacs: int64[]
+      BackboneMacs: int64
+      WallSeconds: float }
+
+let readInfo (dir: string) =
+    let path = Path.Combine(dir, "metrics.json")
+    if not (File.Exists path) then failwithf "%s: no metrics.json; the run is not finished (train it, or pass --resume)" dir
+    use doc = JsonDocument.Parse(File.ReadAllText path)
+    let r = doc.RootElement
+    let str (k: string) = r.GetProperty(k).GetString()
+    { Dir = dir
+      Recipe = str "recipe"
+      Scale = str "scale"
+      Device = str "device"
+      Data = str "data"
+      Seed = r.GetProperty("seed").GetInt32()
+      CodeVersion = str "codeVersion"
+      TestAccuracy = r.GetProperty("testAccuracy").EnumerateArray() |> Seq.map (fun e -> e.GetDouble()) |> Seq.toArray
+      ExitMacs = r.GetProperty("exitMacs").EnumerateArray() |> Seq.map (fun e -> e.GetInt64()) |> Seq.toArray
+      BackboneMacs = r.GetProperty("backboneMacs").GetInt64()
+      WallSeconds = r.GetProperty("wallSeconds").GetDouble() }
+
+/// The cached test outputs of a finished run (exit confidences and predictions).
+let readOutputs (dir: string) (info: RunInfo) : ExitOutputs =
+    let tensors = TensorStore.Load(Path.Combine(dir, "test-logits.tensors"))
+    try
+        let logits = tensors["logits"]
+        let m, n, c = int logits.shape[0], int logits.shape[1], int logits.shape[2]
+        let flat = logits.data<float32>().ToArray()
+        let labels = tensors["labels"].data<int64>().ToArray() |> Array.map int
+        let nested = Array.init m (fun e -> Array.init n (fun i -> Array.sub flat ((e * n + i) * c) c))
+        fromLogits nested labels info.ExitMacs info.BackboneMacs
+    finally
+        for t in tensors.Values do t.Dispose()

@@ -1,0 +1,140 @@
+/// Table 1 of the 2026 paper (every strategy × top-1 at 25/50/75/100% of the backbone's MACs) with Fig. 2 and Fig. 3,
+/// on the data and scale the machine allows. Runs are resumable and shared: finished runs are not redone and the
+/// warm-up is trained once for every strategy that starts with it.
+module EarlyExit.Experiments.Experiments.Table1
+
+open System
+open System.IO
+open System.Text.Json
+open EarlyExit.Data
+open EarlyExit.Native
+open EarlyExit.Experiments.Recipes
+open EarlyExit.Experiments.Recipes.Builders
+open EarlyExit.Experiments.Runner
+open EarlyExit.Experiments.Evaluation
+open EarlyExit.Experiments.Reports
+
+type Options =
+    { Scale: Scales.Scale
+      /// None: CIFAR-100 when its files are present, else Fashion-MNIST.
+      Data: string option
+      DataRoot: string option
+      Model: string
+      Seed: int
+      OutRoot: string
+      Device: string option
+      Strategies: Strategy list option
+      Log: string -> unit }
+
+/// The paper's published differences at the 25% budget (2026 paper, section 3.2, CIFAR-100), beside ours.
+let publishedDeltaVsSeparateAt25 = [ "sequential-ewc", 4.25; "sequential-lwf", 4.46 ]
+
+let chooseData (o: Options) =
+    match o.Data with
+    | Some d -> DataCatalog.Normalise d, $"{DataCatalog.Normalise d} (asked for)"
+    | None ->
+        if DataCatalog.IsPresent("cifar100", Option.toObj o.DataRoot) then "cifar100", "cifar100 (its binary files were found)"
+        else
+            let cifarFolder = DataCatalog.FolderOf("cifar100", Option.toObj o.DataRoot)
+            let fashionFolder = DataCatalog.FolderOf("fashion-mnist", Option.toObj o.DataRoot)
+            "fashion-mnist", $"fashion-mnist (CIFAR-100 not found in {cifarFolder}; Fashion-MNIST from {fashionFolder})"
+
+type Row =
+    { Strategy: string
+      Info: RunFolder.RunInfo
+      Budgets: float option[]
+      ExitAccuracy: float[]
+      Sweep: Budget.SweepPoint[]
+      Outputs: Budget.ExitOutputs }
+
+let run (o: Options) =
+    let data, dataNote = chooseData o
+    let dir = Path.Combine(o.OutRoot, $"{data}-{Scales.name o.Scale}")
+    o.Log $"table 1 on {dataNote}, scale {Scales.name o.Scale}: {(Scales.settings o.Scale o.Model data).Description}"
+    o.Log $"results in {dir}"
+    let preset = Presets.forModel o.Model
+    let strategies = defaultArg o.Strategies (allStrategies preset)
+    let rows =
+        [ for strategy in strategies ->
+            let name = strategyName strategy
+            let recipe = Scales.recipe o.Scale strategy o.Model data o.Seed
+            let recipe = match o.DataRoot with
+                         | Some r -> { recipe with Data = { recipe.Data with Root = Some r } }
+                         | None -> recipe
+            let runDir = Path.Combine(dir, "runs", name)
+            let options: Interpreter.RunOptions =
+                { OutDir = runDir
+                  Resume = true
+                  PrefixCache = Some(Path.Combine(dir, "prefix-cache"))
+                  Scale = Scales.name o.Scale
+                  Device = o.Device
+                  Log = fun l -> o.Log $"[{name}] {l}" }
+            Interpreter.run options recipe |> ignore
+            let info = RunFolder.readInfo runDir
+            let outputs = RunFolder.readOutputs runDir info
+            let sweep = Budget.sweep outputs (Budget.thresholds 100)
+            { Strategy = name
+              Info = info
+              Budgets = Budget.standardBudgets |> Array.map (Budget.budgetedAccuracy outputs sweep)
+              ExitAccuracy = Budget.exitAccuracy outputs
+              Sweep = sweep
+              Outputs = outputs } ]
+    let first = rows.Head.Info
+    let provenance =
+        $"Data: {dataNote}. Scale: {Scales.name o.Scale} ({(Scales.settings o.Scale o.Model data).Description}). " +
+        $"Model: {o.Model}. Device: {first.Device}. Seed: {o.Seed}. Code: {first.CodeVersion}. " +
+        $"MACs: conv+linear, one multiply-add = 1; the 100%% budget is the backbone without internal classifiers ({first.BackboneMacs:N0} MACs). " +
+        "Generated " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC by experiments/table1.fsx."
+    let separate25 = rows |> List.tryFind (fun r -> r.Strategy = "separate") |> Option.bind (fun r -> r.Budgets[0])
+    let published = Map.ofList publishedDeltaVsSeparateAt25
+    let header = [ "strategy"; "25%"; "50%"; "75%"; "100%"; "Δ vs separate @25% (ours)"; "Δ @25% (paper, CIFAR-100)"; "accuracy per exit"; "train time (s)" ]
+    let body =
+        [ for r in rows ->
+            let delta =
+                match r.Budgets[0], separate25 with
+                | Some a, Some s when r.Strategy <> "separate" -> (if a >= s then "+" else "") + Markdown.f2 (100.0 * (a - s))
+                | _ -> "–"
+            [ r.Strategy
+              yield! r.Budgets |> Array.map Budget.percent
+              delta
+              (match published.TryFind r.Strategy with
+               | Some d -> $"+{Markdown.f2 d}"
+               | None -> "")
+              (r.ExitAccuracy |> Array.map (fun a -> Markdown.f2 (100.0 * a)) |> String.concat " / ")
+              (r.Info.WallSeconds.ToString("F0", Globalization.CultureInfo.InvariantCulture)) ] ]
+    let md =
+        "# Table 1: top-1 accuracy (%) under a compute budget\n\n" +
+        "Accuracy at the last confidence threshold (100 evenly spaced in [0, 1], strict >) whose average MACs per sample " +
+        "stay within 25/50/75/100% of the backbone; \"–\" where no threshold fits.\n\n" +
+        Markdown.table header body + "\n" + provenance + "\n"
+    Markdown.writeAtomic (Path.Combine(dir, "table1.md")) md
+    Markdown.writeAtomic (Path.Combine(dir, "table1.csv")) (Markdown.csv header body)
+    let json =
+        {| data = data
+           dataNote = dataNote
+           scale = Scales.name o.Scale
+           model = o.Model
+           device = first.Device
+           seed = o.Seed
+           codeVersion = first.CodeVersion
+           backboneMacs = first.BackboneMacs
+           exitMacs = first.ExitMacs
+           budgets = Budget.standardBudgets
+           rows =
+            rows
+            |> List.map (fun r ->
+                {| strategy = r.Strategy
+                   budgetedAccuracy = r.Budgets |> Array.map Option.toNullable
+                   exitAccuracy = r.ExitAccuracy
+                   trainSeconds = r.Info.WallSeconds
+                   curve = r.Sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |}) |}) |}
+    Markdown.writeAtomic (Path.Combine(dir, "table1.json")) (JsonSerializer.Serialize(json, JsonSerializerOptions(WriteIndented = true)))
+    let title = $"{o.Model} on {data}, {Scales.name o.Scale} scale"
+    Plots.accuracyVsMacs (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" [ for r in rows -> r.Strategy, r.Sweep ]
+    let fig3Thresholds = [ 0.5; 0.6; 0.7; 0.8; 0.9; 0.95; 0.99 ]
+    for r in rows |> List.filter (fun r -> r.Strategy.StartsWith "sequential") do
+        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios: {r.Strategy}, {title}" r.Outputs.Exits
+            [ for t in fig3Thresholds -> t.ToString(Globalization.CultureInfo.InvariantCulture), (Budget.pointAt r.Outputs t).ExitRatios ]
+    let mdPath = Path.Combine(dir, "table1.md")
+    o.Log $"wrote {mdPath}, table1.csv, table1.json, fig2.png, fig3-*.png"
+    md

@@ -1,0 +1,30 @@
+/// Small writers for the tables of reports: Markdown and CSV, with a provenance header.
+module EarlyExit.Experiments.Reports.Markdown
+
+open System
+open System.IO
+open System.Text
+
+let table (header: string list) (rows: string list list) =
+    let sb = StringBuilder()
+    sb.AppendLine("| " + String.Join(" | ", header) + " |") |> ignore
+    sb.AppendLine("|" + String.Join("|", header |> List.map (fun _ -> "---")) + "|") |> ignore
+    for r in rows do
+        sb.AppendLine("| " + String.Join(" | ", r) + " |") |> ignore
+    sb.ToString()
+
+let csv (header: string list) (rows: string list list) =
+    let quote (s: string) = if s.Contains ',' || s.Contains '"' then "\"" + s.Replace("\"", "\"\"") + "\"" else s
+    let sb = StringBuilder()
+    sb.AppendLine(String.Join(",", header |> List.map quote)) |> ignore
+    for r in rows do
+        sb.AppendLine(String.Join(",", r |> List.map quote)) |> ignore
+    sb.ToString()
+
+let writeAtomic (path: string) (text: string) =
+    Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath path)) |> ignore
+    let tmp = path + ".tmp"
+    File.WriteAllText(tmp, text)
+    File.Move(tmp, path, true)
+
+let f2 (v: float) = v.ToString("F2", Globalization.CultureInfo.InvariantCulture)
