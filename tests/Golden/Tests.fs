@@ -230,4 +230,62 @@ let registry =
             }
     ]
 
-let all = testList "golden" [ resnet34Paper; describeJson; elfPatch; runtimeLoader; registry ]
+/// Hand-made outputs of 3 exits on 4 samples (2 classes), with answers worked out by hand:
+///   exit costs 10/25/45 MACs, backbone 40; confidences .9/.6/.5 (a tie, predicting class 0).
+let budgetFixture () =
+    let l9, l15 = float32 (log 9.0), float32 (log 1.5)
+    let logits =
+        [| [| [| l9; 0.0f |]; [| l15; 0.0f |]; [| 0.0f; 0.0f |]; [| 0.0f; l15 |] |]
+           [| [| l9; 0.0f |]; [| 0.0f; l9 |]; [| 0.0f; l15 |]; [| 0.0f; l15 |] |]
+           [| [| l9; 0.0f |]; [| 0.0f; l9 |]; [| 0.0f; l15 |]; [| l9; 0.0f |] |] |]
+    EarlyExit.Experiments.Evaluation.Budget.fromLogits logits [| 0; 1; 1; 0 |] [| 10L; 25L; 45L |] 40L
+
+let budgets =
+    let open' = EarlyExit.Experiments.Evaluation.Budget.pointAt
+    testList "budget and curve computations (worked by hand)" [
+        test "per-exit accuracy, and a tie predicts the first class" {
+            let o = budgetFixture ()
+            Expect.equal (EarlyExit.Experiments.Evaluation.Budget.exitAccuracy o) [| 0.25; 0.75; 1.0 |] "exit accuracies"
+            Expect.equal (o.Prediction[0][2]) 0 "tie -> class 0"
+            Expect.equal (o.Confidence[0][2]) 0.5f "tie confidence"
+        }
+        test "threshold 0: every sample leaves at exit 1" {
+            let p = open' (budgetFixture ()) 0.0
+            Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (0.25, 10.0, [| 1.0; 0.0; 0.0 |]) "t = 0"
+        }
+        test "threshold 0.5 is strict: the tied sample (confidence exactly 0.5) does not leave at exit 1" {
+            let p = open' (budgetFixture ()) 0.5
+            Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (0.5, 13.75, [| 0.75; 0.25; 0.0 |]) "t = 0.5"
+        }
+        test "threshold 0.65: samples spread over the three exits" {
+            let p = open' (budgetFixture ()) 0.65
+            Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (1.0, 31.25, [| 0.25; 0.25; 0.5 |]) "t = 0.65"
+        }
+        test "a threshold nothing passes sends every sample to the last exit" {
+            let p = open' (budgetFixture ()) 0.95
+            Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (1.0, 45.0, [| 0.0; 0.0; 1.0 |]) "t = 0.95"
+        }
+        test "budgeted accuracy: the last threshold within 25/50/75/100% of the backbone, '–' below the first exit" {
+            let o = budgetFixture ()
+            let sweep = EarlyExit.Experiments.Evaluation.Budget.sweep o [| 0.0; 0.5; 0.55; 0.65; 0.95 |]
+            let at f = EarlyExit.Experiments.Evaluation.Budget.budgetedAccuracy o sweep f
+            Expect.equal (at 0.25) (Some 0.25) "25% = 10 MACs: only t = 0"
+            Expect.equal (at 0.5) (Some 0.5) "50% = 20 MACs: t = 0.55"
+            Expect.equal (at 0.75) (Some 0.5) "75% = 30 MACs: 31.25 does not fit"
+            Expect.equal (at 1.0) (Some 1.0) "100% = 40 MACs: t = 0.65"
+            Expect.equal (at 0.2) None "8 MACs: below exit 1"
+            Expect.equal (EarlyExit.Experiments.Evaluation.Budget.percent (at 0.2)) "–" "printed as a dash"
+        }
+        test "speed-up to reach an accuracy: backbone cost over the cheapest point that reaches it" {
+            let o = budgetFixture ()
+            let sweep = EarlyExit.Experiments.Evaluation.Budget.sweep o [| 0.0; 0.5; 0.55; 0.65; 0.95 |]
+            Expect.equal (EarlyExit.Experiments.Evaluation.Budget.speedUp o sweep 1.0) (Some(40.0 / 31.25)) "1.28x"
+            Expect.equal (EarlyExit.Experiments.Evaluation.Budget.speedUp o sweep 0.5) (Some(40.0 / 13.75)) "from t = 0.5"
+        }
+        test "the reference sweep is 100 evenly spaced thresholds from 0 to 1" {
+            let ts = EarlyExit.Experiments.Evaluation.Budget.thresholds 100
+            Expect.equal (ts.Length, ts[0], ts[99]) (100, 0.0, 1.0) "ends"
+        }
+    ]
+
+let all = testList "golden" [ budgets; resnet34Paper; describeJson; elfPatch; runtimeLoader; registry ]
