@@ -88,6 +88,7 @@ let main argv =
         | [ Describe r ] -> describe r
         | [ Data r ] -> data r
         | [ Doctor ] -> doctor ()
+        | [ Eval r ] -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256))
         | [ Train r ] ->
             TorchNativeLoader.EnsureLoaded() |> ignore
             Train.run r

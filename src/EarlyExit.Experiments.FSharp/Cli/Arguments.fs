@@ -83,12 +83,25 @@ type TrainArgs =
             | Prefix_Cache _ -> "folder where finished stage prefixes (e.g. the warm-up) are cached and reused across runs"
             | Save_Recipe _ -> "write the resolved recipe to this JSON file and stop"
 
+type EvalArgs =
+    | [<MainCommand; ExactlyOnce>] Run_Dir of dir: string
+    | Json
+    | Timing_Samples of count: int
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Run_Dir _ -> "a finished run folder (with metrics.json and test-logits.tensors)"
+            | Json -> "print one JSON object"
+            | Timing_Samples _ -> "test images used to time real early-exit inference (default 256; 0 skips timing)"
+
 type CliArgs =
     | [<CliPrefix(CliPrefix.None)>] Models
     | [<CliPrefix(CliPrefix.None)>] Describe of ParseResults<DescribeArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
     | [<CliPrefix(CliPrefix.None)>] Doctor
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
+    | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
 
     interface IArgParserTemplate with
         member a.Usage =
@@ -98,3 +111,4 @@ type CliArgs =
             | Data _ -> "check or download data sets"
             | Doctor -> "show how TorchSharp was loaded and which device would be used"
             | Train _ -> "train a model with a strategy or a recipe; writes a resumable run folder"
+            | Eval _ -> "per-exit accuracy, budget table, accuracy-MACs curve and timing of a finished run"

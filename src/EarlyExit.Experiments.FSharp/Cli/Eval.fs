@@ -1,0 +1,134 @@
+/// `earlyexit eval RUN_DIR`: per-exit accuracy, the budget table, the accuracy-MACs curve and exit ratios from the
+/// cached test logits, plus the wall-clock time of real early-exit inference next to what the MACs predict.
+module EarlyExit.Experiments.Cli.Eval
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+open Spectre.Console
+open TorchSharp
+open EarlyExit.Models
+open EarlyExit.Native
+open EarlyExit.Inference
+open EarlyExit.Training
+open EarlyExit.Experiments.Recipes
+open EarlyExit.Experiments.Runner
+open EarlyExit.Experiments.Evaluation
+open EarlyExit.Experiments.Reports
+
+type Timing =
+    { BatchSize: int
+      Threshold: float
+      Samples: int
+      PredictedSpeedUp: float
+      MeasuredSpeedUp: float
+      EarlyExitMsPerSample: float
+      FullMsPerSample: float }
+
+/// The final network of a finished run: recipe.json rebuilt, the last stage's state loaded.
+let loadFinalNetwork (dir: string) (recipe: Recipe) =
+    let last = recipe.Stages.Length - 1
+    let stage = recipe.Stages[last]
+    let path = Path.Combine(dir, "stages", $"%02d{last}-{stage.Name}.done.model")
+    if not (File.Exists path) then failwithf "%s: the final model state is missing (%s)" dir path
+    torch.manual_seed (int64 recipe.Seed) |> ignore
+    let net = ModelRegistry.Create(recipe.Model.Name, Validation.modelOptions recipe.Model)
+    let tensors = TensorStore.Load path
+    try TensorStore.LoadInto(net, tensors)
+    finally for t in tensors.Values do t.Dispose()
+    net.eval() |> ignore
+    net
+
+/// Times real early-exit inference at a threshold against the same path with no early exit (threshold 1: every
+/// sample runs every segment and head), median of `repeats`.
+let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (threshold: float) (repeats: int) =
+    let n = int images.shape[0]
+    let runAll (t: float) =
+        let clock = Stopwatch.StartNew()
+        let mutable i = 0
+        while i < n do
+            let len = min batch (n - i)
+            use scope = torch.NewDisposeScope()
+            EarlyExitInference.Run(net, images.narrow(0L, int64 i, int64 len), t) |> ignore
+            i <- i + len
+        clock.Elapsed.TotalMilliseconds / float n
+    runAll threshold |> ignore // warm-up
+    let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
+    // Interleaved, so that a change in machine load hits both alike.
+    let pairs = [ for _ in 1..repeats -> runAll threshold, runAll 1.0 ]
+    median (List.map fst pairs), median (List.map snd pairs)
+
+let run (dir: string) (asJson: bool) (timingSamples: int) =
+    let info = RunFolder.readInfo dir
+    let outputs = RunFolder.readOutputs dir info
+    let sweep = Budget.sweep outputs (Budget.thresholds 100)
+    let budgets = Budget.standardBudgets |> Array.map (Budget.budgetedAccuracy outputs sweep)
+    let exitAcc = Budget.exitAccuracy outputs
+    let last = outputs.Exits - 1
+    // The threshold at which about half the samples leave before the last exit.
+    let half = sweep |> Array.minBy (fun p -> abs (1.0 - p.ExitRatios[last] - 0.5))
+    let timings =
+        if timingSamples <= 0 then []
+        else
+            TorchNativeLoader.EnsureLoaded() |> ignore
+            let recipe =
+                match RecipeJson.load (Path.Combine(dir, "recipe.json")) with
+                | Ok r -> r
+                | Error e -> failwithf "%s" (String.Join("; ", e))
+            use net = loadFinalNetwork dir recipe
+            let data = Interpreter.loadData recipe
+            let k = min timingSamples data.Test.Count
+            use images = data.Test.Images(ReadOnlySpan<int>([| 0 .. k - 1 |]))
+            let predicted = float outputs.ExitMacs[last] / half.AverageMacs
+            [ for batch in [ 1; 64 ] ->
+                let early, full = time net images batch half.Threshold 3
+                { BatchSize = batch
+                  Threshold = half.Threshold
+                  Samples = k
+                  PredictedSpeedUp = predicted
+                  MeasuredSpeedUp = full / early
+                  EarlyExitMsPerSample = early
+                  FullMsPerSample = full } ]
+    if asJson then
+        let doc =
+            {| run = dir
+               recipe = info.Recipe
+               scale = info.Scale
+               device = info.Device
+               data = info.Data
+               codeVersion = info.CodeVersion
+               exitAccuracy = exitAcc
+               exitMacs = info.ExitMacs
+               backboneMacs = info.BackboneMacs
+               budgets = Budget.standardBudgets
+               budgetedAccuracy = budgets |> Array.map Option.toNullable
+               curve = sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |})
+               timing = timings |}
+        Console.Out.WriteLine(JsonSerializer.Serialize(doc, JsonSerializerOptions(WriteIndented = true)))
+    else
+        let c = AnsiConsole.Console
+        c.MarkupLine($"[bold]{Markup.Escape info.Recipe}[/] ({Markup.Escape info.Data}, scale {info.Scale}, {Markup.Escape info.Device}, code {info.CodeVersion})")
+        let t = Table(Border = TableBorder.Simple)
+        t.AddColumns("exit", "cumulative MACs", "% of backbone", "test accuracy (%)") |> ignore
+        for e in 0..last do
+            t.AddRow(string (e + 1), info.ExitMacs[e].ToString("N0"), Markdown.f2 (100.0 * float info.ExitMacs[e] / float info.BackboneMacs), Markdown.f2 (100.0 * exitAcc[e])) |> ignore
+        c.Write t
+        let b = Table(Border = TableBorder.Simple)
+        b.AddColumns("budget", "25%", "50%", "75%", "100%") |> ignore
+        b.AddRow(Array.append [| "top-1 (%)" |] (budgets |> Array.map Budget.percent)) |> ignore
+        c.Write b
+        let curve = Table(Border = TableBorder.Simple)
+        curve.AddColumns(Array.append [| "threshold"; "accuracy (%)"; "avg MACs"; "% of backbone" |] [| for e in 1 .. outputs.Exits -> $"exit {e} (%%)" |]) |> ignore
+        for p in sweep |> Array.filter (fun p -> int (round (p.Threshold * 99.0)) % 11 = 0 || p.Threshold = 1.0) do
+            curve.AddRow(
+                Array.append
+                    [| p.Threshold.ToString("F2"); Markdown.f2 (100.0 * p.Accuracy); p.AverageMacs.ToString("N0"); Markdown.f2 (100.0 * p.AverageMacs / float info.BackboneMacs) |]
+                    (p.ExitRatios |> Array.map (fun r -> Markdown.f2 (100.0 * r))))
+            |> ignore
+        c.Write curve
+        for tm in timings do
+            c.MarkupLine(
+                $"real early exit, batch {tm.BatchSize}, threshold {tm.Threshold:F2} ({tm.Samples} test images): {tm.EarlyExitMsPerSample:F3} ms/sample vs {tm.FullMsPerSample:F3} without early exit; " +
+                $"measured speed-up {tm.MeasuredSpeedUp:F2}x, predicted by MACs {tm.PredictedSpeedUp:F2}x (ratio {tm.MeasuredSpeedUp / tm.PredictedSpeedUp:F2})")
+    0
