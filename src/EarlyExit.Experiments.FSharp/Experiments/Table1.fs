@@ -47,6 +47,58 @@ type Row =
       Sweep: Budget.SweepPoint[]
       Outputs: Budget.ExitOutputs }
 
+/// Reads a finished run into a row of the table.
+let loadRow (name: string) (runDir: string) =
+    let info = RunFolder.readInfo runDir
+    let outputs = RunFolder.readOutputs runDir info
+    let sweep = Budget.sweep outputs (Budget.thresholds 100)
+    { Strategy = name
+      Info = info
+      Budgets = Budget.standardBudgets |> Array.map (Budget.budgetedAccuracy outputs sweep)
+      ExitAccuracy = Budget.exitAccuracy outputs
+      Sweep = sweep
+      Outputs = outputs }
+
+/// Every finished run under DIR/runs, in the order of `order` (others after, by name).
+let loadRows (dir: string) (order: string list) =
+    let runs = Path.Combine(dir, "runs")
+    if not (Directory.Exists runs) then failwithf "%s: no runs; run experiments/table1.fsx first" runs
+    Directory.GetDirectories runs
+    |> Array.filter (fun d -> File.Exists(Path.Combine(d, "metrics.json")))
+    |> Array.map (fun d -> Path.GetFileName d, d)
+    |> Array.sortBy (fun (n, _) -> (match List.tryFindIndex ((=) n) order with Some i -> i | None -> 1000), n)
+    |> Array.map (fun (n, d) -> loadRow n d)
+    |> Array.toList
+
+let fig3Thresholds = [ 0.5; 0.6; 0.7; 0.8; 0.9; 0.95; 0.99 ]
+
+/// Fig. 2: accuracy against average MACs, one curve per method.
+let writeFig2 (dir: string) (title: string) (rows: Row list) =
+    Plots.accuracyVsMacs (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" [ for r in rows -> r.Strategy, r.Sweep ]
+
+/// Fig. 3: the share of samples leaving at each exit for several thresholds, one figure per method.
+let writeFig3 (dir: string) (title: string) (rows: Row list) =
+    for r in rows do
+        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios: {r.Strategy}, {title}" r.Outputs.Exits
+            [ for t in fig3Thresholds -> t.ToString(Globalization.CultureInfo.InvariantCulture), (Budget.pointAt r.Outputs t).ExitRatios ]
+
+/// Runs (or reuses) one recipe per (name, strategy) in DIR/runs/NAME, sharing stage prefixes through DIR/prefix-cache.
+let runAll (o: Options) (data: string) (dir: string) (recipes: (string * Recipe) list) =
+    [ for (name, recipe) in recipes ->
+        let recipe = match o.DataRoot with
+                     | Some r -> { recipe with Data = { recipe.Data with Root = Some r } }
+                     | None -> recipe
+        let runDir = Path.Combine(dir, "runs", name)
+        let options: Interpreter.RunOptions =
+            { OutDir = runDir
+              Resume = true
+              PrefixCache = Some(Path.Combine(dir, "prefix-cache"))
+              Scale = Scales.name o.Scale
+              Device = o.Device
+              Log = fun l -> o.Log $"[{name}] {l}" }
+        Interpreter.run options recipe |> ignore
+        loadRow name runDir ]
+
 let run (o: Options) =
     let data, dataNote = chooseData o
     let dir = Path.Combine(o.OutRoot, $"{data}-{Scales.name o.Scale}")
@@ -55,30 +107,7 @@ let run (o: Options) =
     let preset = Presets.forModel o.Model
     let strategies = defaultArg o.Strategies (allStrategies preset)
     let rows =
-        [ for strategy in strategies ->
-            let name = strategyName strategy
-            let recipe = Scales.recipe o.Scale strategy o.Model data o.Seed
-            let recipe = match o.DataRoot with
-                         | Some r -> { recipe with Data = { recipe.Data with Root = Some r } }
-                         | None -> recipe
-            let runDir = Path.Combine(dir, "runs", name)
-            let options: Interpreter.RunOptions =
-                { OutDir = runDir
-                  Resume = true
-                  PrefixCache = Some(Path.Combine(dir, "prefix-cache"))
-                  Scale = Scales.name o.Scale
-                  Device = o.Device
-                  Log = fun l -> o.Log $"[{name}] {l}" }
-            Interpreter.run options recipe |> ignore
-            let info = RunFolder.readInfo runDir
-            let outputs = RunFolder.readOutputs runDir info
-            let sweep = Budget.sweep outputs (Budget.thresholds 100)
-            { Strategy = name
-              Info = info
-              Budgets = Budget.standardBudgets |> Array.map (Budget.budgetedAccuracy outputs sweep)
-              ExitAccuracy = Budget.exitAccuracy outputs
-              Sweep = sweep
-              Outputs = outputs } ]
+        runAll o data dir [ for strategy in strategies -> strategyName strategy, Scales.recipe o.Scale strategy o.Model data o.Seed ]
     let first = rows.Head.Info
     let provenance =
         $"Data: {dataNote}. Scale: {Scales.name o.Scale} ({(Scales.settings o.Scale o.Model data).Description}). " +
@@ -130,11 +159,8 @@ let run (o: Options) =
                    curve = r.Sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |}) |}) |}
     Markdown.writeAtomic (Path.Combine(dir, "table1.json")) (JsonSerializer.Serialize(json, JsonSerializerOptions(WriteIndented = true)))
     let title = $"{o.Model} on {data}, {Scales.name o.Scale} scale"
-    Plots.accuracyVsMacs (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" [ for r in rows -> r.Strategy, r.Sweep ]
-    let fig3Thresholds = [ 0.5; 0.6; 0.7; 0.8; 0.9; 0.95; 0.99 ]
-    for r in rows |> List.filter (fun r -> r.Strategy.StartsWith "sequential") do
-        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios: {r.Strategy}, {title}" r.Outputs.Exits
-            [ for t in fig3Thresholds -> t.ToString(Globalization.CultureInfo.InvariantCulture), (Budget.pointAt r.Outputs t).ExitRatios ]
+    writeFig2 dir title rows
+    writeFig3 dir title (rows |> List.filter (fun r -> r.Strategy.StartsWith "sequential"))
     let mdPath = Path.Combine(dir, "table1.md")
     o.Log $"wrote {mdPath}, table1.csv, table1.json, fig2.png, fig3-*.png"
     md

@@ -1,0 +1,17 @@
+// Table 2 of the 2026 paper: the ablation over the regulariser (EWC, LwF), its strength (λ in 10/100/1000,
+// ρ in 0.2/0.5/0.7) and the warm-up of the backbone (on/off): twelve recipes, one grid.
+//
+//   dotnet build -c Release && dotnet fsi experiments/table2.fsx [--scale smoke|cpu|paper] [--data ...] [--model ...]
+//
+// Same options and behaviour as table1.fsx (resumable, warm-up shared); writes results/table2/<data>-<scale>/.
+#load "Load.fsx"
+
+open EarlyExit.Experiments.Experiments
+
+let clock = System.Diagnostics.Stopwatch.StartNew()
+let code =
+    ScriptArgs.main (fun () ->
+        let options = ScriptArgs.parse "table2" (System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..")) (fsi.CommandLineArgs |> Array.tail |> List.ofArray)
+        printfn "\n%s" (Table2.run options)
+        printfn "table2.fsx finished in %.0f s" clock.Elapsed.TotalSeconds)
+exit code

@@ -1,0 +1,56 @@
+/// The options every experiment script takes: --scale --data --data-root --model --seed --out --device.
+module EarlyExit.Experiments.Experiments.ScriptArgs
+
+open System
+open System.IO
+open EarlyExit.Native
+open EarlyExit.Experiments.Runner
+
+exception ScriptArgError of string
+
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "out"; "device" ]
+
+let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.Options =
+    let rec go (acc: Map<string, string>) =
+        function
+        | [] -> acc
+        | (key: string) :: value :: rest when key.StartsWith "--" && List.contains (key.Substring 2) known -> go (acc.Add(key.Substring 2, value)) rest
+        | [ key ] when key.StartsWith "--" -> raise (ScriptArgError $"missing value after {key}")
+        | other :: _ ->
+            let options = String.Join(", --", known)
+            raise (ScriptArgError $"unexpected argument '{other}'; the options are --{options}")
+    let opts = go Map.empty argv
+    let scale =
+        match opts.TryFind "scale" with
+        | Some s ->
+            match Scales.parse s with
+            | Ok v -> v
+            | Error e -> raise (ScriptArgError e)
+        | None -> if Devices.CudaAvailable() then Scales.Paper else Scales.Cpu
+    let seed =
+        match opts.TryFind "seed" with
+        | None -> 0
+        | Some s ->
+            match Int32.TryParse s with
+            | true, v -> v
+            | _ -> raise (ScriptArgError $"--seed: '{s}' is not an integer")
+    { Scale = scale
+      Data = opts.TryFind "data"
+      DataRoot = opts.TryFind "data-root"
+      Model = defaultArg (opts.TryFind "model") "resnet34"
+      Seed = seed
+      OutRoot = defaultArg (opts.TryFind "out") (Path.Combine(repoRoot, "results", experiment))
+      Device = opts.TryFind "device"
+      Strategies = None
+      Log = fun line -> Console.Out.WriteLine line }
+
+/// Runs an experiment body with the clear errors every script shares; returns the exit code.
+let main (body: unit -> unit) =
+    try
+        body ()
+        0
+    with
+    | ScriptArgError msg -> eprintfn "error: %s" msg; 2
+    | :? EarlyExit.Data.DataFormatException as e -> eprintfn "error: %s" e.Message; 1
+    | Interpreter.RunError msg -> eprintfn "error: %s" msg; 1
+    | :? ArgumentException as e -> eprintfn "error: %s" e.Message; 2
