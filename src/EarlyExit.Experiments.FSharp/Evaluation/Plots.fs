@@ -4,7 +4,12 @@ module EarlyExit.Experiments.Evaluation.Plots
 open EarlyExit.Experiments.Evaluation.Budget
 
 /// One curve per method: (average MACs in millions, accuracy in %) over the threshold sweep.
-let accuracyVsMacs (path: string) (title: string) (curves: (string * SweepPoint[]) list) =
+/// Every figure carries its provenance (data, scale, device, seed, code version) under the title.
+let private titled (plt: ScottPlot.Plot) (title: string) (provenance: string) =
+    plt.Title(title + "\n" + provenance)
+    plt.Axes.Title.Label.FontSize <- 13.0f
+
+let accuracyVsMacs (path: string) (title: string) (provenance: string) (curves: (string * SweepPoint[]) list) =
     let plt = ScottPlot.Plot()
     for (name, points) in curves do
         let sorted = points |> Array.sortBy (fun p -> p.AverageMacs)
@@ -13,14 +18,14 @@ let accuracyVsMacs (path: string) (title: string) (curves: (string * SweepPoint[
         let s = plt.Add.Scatter(xs, ys)
         s.LegendText <- name
         s.MarkerSize <- 3.0f
-    plt.Title(title)
+    titled plt title provenance
     plt.XLabel("average MACs per sample (millions; one multiply-add = 1)")
     plt.YLabel("top-1 accuracy (%)")
     plt.ShowLegend(ScottPlot.Alignment.LowerRight) |> ignore
     plt.SavePng(path, 1000, 650) |> ignore
 
 /// Grouped bars: for each threshold, the share of samples leaving at each exit (exits left to right).
-let exitRatios (path: string) (title: string) (exitsCount: int) (groups: (string * float[]) list) =
+let exitRatios (path: string) (title: string) (provenance: string) (exitsCount: int) (groups: (string * float[]) list) =
     let plt = ScottPlot.Plot()
     let palette = ScottPlot.Palettes.Category10()
     let width = 0.8 / float exitsCount
@@ -40,7 +45,7 @@ let exitRatios (path: string) (title: string) (exitsCount: int) (groups: (string
         plt.Legend.ManualItems.Add item
     let ticks = groups |> List.mapi (fun g (label, _) -> ScottPlot.Tick(float g, label)) |> List.toArray
     plt.Axes.Bottom.TickGenerator <- ScottPlot.TickGenerators.NumericManual(ticks)
-    plt.Title(title)
+    titled plt title provenance
     plt.XLabel("confidence threshold")
     plt.YLabel("samples leaving at the exit (%)")
     plt.ShowLegend(ScottPlot.Alignment.UpperRight) |> ignore

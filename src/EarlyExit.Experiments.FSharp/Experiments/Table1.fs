@@ -72,14 +72,18 @@ let loadRows (dir: string) (order: string list) =
 
 let fig3Thresholds = [ 0.5; 0.6; 0.7; 0.8; 0.9; 0.95; 0.99 ]
 
+/// One line naming what produced a figure or a table row.
+let provenanceOf (r: Row) =
+    $"{r.Info.Data}, scale {r.Info.Scale}, {r.Info.Device}, seed {r.Info.Seed}, code {r.Info.CodeVersion}"
+
 /// Fig. 2: accuracy against average MACs, one curve per method.
 let writeFig2 (dir: string) (title: string) (rows: Row list) =
-    Plots.accuracyVsMacs (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" [ for r in rows -> r.Strategy, r.Sweep ]
+    Plots.accuracyVsMacs (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" (provenanceOf rows.Head) [ for r in rows -> r.Strategy, r.Sweep ]
 
 /// Fig. 3: the share of samples leaving at each exit for several thresholds, one figure per method.
 let writeFig3 (dir: string) (title: string) (rows: Row list) =
     for r in rows do
-        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios: {r.Strategy}, {title}" r.Outputs.Exits
+        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios: {r.Strategy}, {title}" (provenanceOf r) r.Outputs.Exits
             [ for t in fig3Thresholds -> t.ToString(Globalization.CultureInfo.InvariantCulture), (Budget.pointAt r.Outputs t).ExitRatios ]
 
 /// Runs (or reuses) one recipe per (name, strategy) in DIR/runs/NAME, sharing stage prefixes through DIR/prefix-cache.
@@ -137,7 +141,10 @@ let run (o: Options) =
         "stay within 25/50/75/100% of the backbone; \"–\" where no threshold fits.\n\n" +
         Markdown.table header body + "\n" + provenance + "\n"
     Markdown.writeAtomic (Path.Combine(dir, "table1.md")) md
-    Markdown.writeAtomic (Path.Combine(dir, "table1.csv")) (Markdown.csv header body)
+    // The CSV carries the provenance in columns, so that every row says what produced it.
+    let csvHeader = header @ [ "data"; "scale"; "device"; "seed"; "code version" ]
+    let csvBody = List.map2 (fun (row: string list) (r: Row) -> row @ [ r.Info.Data; r.Info.Scale; r.Info.Device; string r.Info.Seed; r.Info.CodeVersion ]) body rows
+    Markdown.writeAtomic (Path.Combine(dir, "table1.csv")) (Markdown.csv csvHeader csvBody)
     let json =
         {| data = data
            dataNote = dataNote
