@@ -4,11 +4,7 @@
 
 open EarlyExit.Experiments.Experiments
 
-let dir =
-    match fsi.CommandLineArgs |> Array.tail with
-    | [| d |] -> d
-    | _ -> System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..", "results", "table1", "fashion-mnist-cpu")
+let dir = ScriptArgs.resultsDir __SOURCE_DIRECTORY__ fsi.CommandLineArgs
 let rows = Table1.loadRows dir [ "sequential-ewc"; "sequential-lwf" ] |> List.filter (fun r -> r.Strategy.StartsWith "sequential")
-let title = $"{System.IO.Path.GetFileName(System.IO.Path.GetFullPath dir)} ({rows.Head.Info.Device}, code {rows.Head.Info.CodeVersion})"
-Table1.writeFig3 dir title rows
+Table1.writeFig3 dir (ScriptArgs.figureTitle dir rows) rows
 for r in rows do printfn "wrote %s" (System.IO.Path.Combine(dir, $"fig3-{r.Strategy}.png"))

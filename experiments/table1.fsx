@@ -11,10 +11,4 @@
 
 open EarlyExit.Experiments.Experiments
 
-let clock = System.Diagnostics.Stopwatch.StartNew()
-let code =
-    ScriptArgs.main (fun () ->
-        let options = ScriptArgs.parse "table1" (System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..")) (fsi.CommandLineArgs |> Array.tail |> List.ofArray)
-        printfn "\n%s" (Table1.run options)
-        printfn "table1.fsx finished in %.0f s" clock.Elapsed.TotalSeconds)
-exit code
+exit (ScriptArgs.runScript "table1" __SOURCE_DIRECTORY__ fsi.CommandLineArgs Table1.run)

@@ -8,10 +8,4 @@
 
 open EarlyExit.Experiments.Experiments
 
-let clock = System.Diagnostics.Stopwatch.StartNew()
-let code =
-    ScriptArgs.main (fun () ->
-        let options = ScriptArgs.parse "table2" (System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..")) (fsi.CommandLineArgs |> Array.tail |> List.ofArray)
-        printfn "\n%s" (Table2.run options)
-        printfn "table2.fsx finished in %.0f s" clock.Elapsed.TotalSeconds)
-exit code
+exit (ScriptArgs.runScript "table2" __SOURCE_DIRECTORY__ fsi.CommandLineArgs Table2.run)

@@ -54,3 +54,21 @@ let main (body: unit -> unit) =
     | :? EarlyExit.Data.DataFormatException as e -> eprintfn "error: %s" e.Message; 1
     | Interpreter.RunError msg -> eprintfn "error: %s" msg; 1
     | :? ArgumentException as e -> eprintfn "error: %s" e.Message; 2
+
+/// The whole body of an experiment script: parse the options, run, print the Markdown and the time; the exit code.
+let runScript (experiment: string) (scriptDir: string) (argv: string[]) (body: Table1.Options -> string) =
+    let clock = Diagnostics.Stopwatch.StartNew()
+    main (fun () ->
+        let options = parse experiment (Path.Combine(scriptDir, "..")) (argv |> Array.tail |> List.ofArray)
+        printfn "\n%s" (body options)
+        printfn "%s.fsx finished in %.0f s" experiment clock.Elapsed.TotalSeconds)
+
+/// The figure scripts' argument: a results folder of table1 (default: Fashion-MNIST at cpu scale).
+let resultsDir (scriptDir: string) (argv: string[]) =
+    match argv |> Array.tail with
+    | [| d |] -> d
+    | _ -> Path.Combine(scriptDir, "..", "results", "table1", "fashion-mnist-cpu")
+
+/// The title line of a figure drawn from finished runs.
+let figureTitle (dir: string) (rows: Table1.Row list) =
+    $"{Path.GetFileName(Path.GetFullPath dir)} ({rows.Head.Info.Device}, code {rows.Head.Info.CodeVersion})"
