@@ -75,25 +75,18 @@ namespace EarlyExit.Models
         public Tensor[] ForwardUpTo(Tensor x, int upTo)
         {
             CheckExit(upTo, nameof(upTo));
-            CheckInput(x);
-            var logits = new Tensor[upTo];
-            Tensor[] state = { x };
-            for (int mu = 1; mu <= upTo; mu++)
-            {
-                state = Segment(mu).call(state);
-                logits[mu - 1] = Head(mu).call(state);
-            }
-            return logits;
+            var needed = new bool[upTo];
+            Array.Fill(needed, true);
+            return ForwardSelected(x, needed).Select(t => t!).ToArray();
         }
 
         /// <summary>Runs segments 1..<paramref name="upTo"/> and returns only the logits of exit <paramref name="upTo"/>.</summary>
         public Tensor ForwardExit(Tensor x, int upTo)
         {
             CheckExit(upTo, nameof(upTo));
-            CheckInput(x);
-            Tensor[] state = { x };
-            for (int mu = 1; mu <= upTo; mu++) state = Segment(mu).call(state);
-            return Head(upTo).call(state);
+            var needed = new bool[upTo];
+            needed[upTo - 1] = true;
+            return ForwardSelected(x, needed)[upTo - 1]!;
         }
 
         /// <summary>Logits of every exit, shallow to deep.</summary>

@@ -48,10 +48,7 @@ exception RunError of string
 
 let private json = JsonSerializerOptions(WriteIndented = true)
 
-let private writeAtomic (path: string) (text: string) =
-    let tmp = path + ".tmp"
-    File.WriteAllText(tmp, text)
-    File.Move(tmp, path, true)
+let private writeAtomic = Markdown.writeAtomic
 
 let private fisherEstimator =
     function
