@@ -1,5 +1,5 @@
 // Fig. 2: accuracy against average MACs per sample, one curve per method, from the finished runs of table1.fsx
-// (no training): dotnet fsi experiments/fig2.fsx [results/table1/fashion-mnist-cpu]
+// (no training): dotnet fsi experiments/fig2.fsx [results/table1/resnet34-fashion-mnist-cpu]
 #load "Load.fsx"
 
 open EarlyExit.Experiments.Experiments

@@ -1,5 +1,5 @@
 // Fig. 3: share of test samples leaving at each exit for thresholds 0.5 ... 0.99, one figure per sequential method,
-// from the finished runs of table1.fsx (no training): dotnet fsi experiments/fig3.fsx [results/table1/fashion-mnist-cpu]
+// from the finished runs of table1.fsx (no training): dotnet fsi experiments/fig3.fsx [results/table1/resnet34-fashion-mnist-cpu]
 #load "Load.fsx"
 
 open EarlyExit.Experiments.Experiments

@@ -31,7 +31,7 @@ done
 if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
   smoke=$(mktemp -d)
   if dotnet fsi experiments/table1.fsx --scale smoke --out "$smoke" > "$smoke/log" 2>&1 \
-     && [ "$(grep -c '^| ' "$smoke"/*/table1.md)" -eq 8 ] && [ -s "$smoke"/*/fig2.png ]; then
+     && [ "$(grep -c "^| " "$smoke"/*/table1.md)" -eq 8 ] && [ -s "$smoke"/*/fig2.png ]; then
     echo "table1 smoke: 1 passed, 0 failed"
     passed=$((passed + 1))
   else

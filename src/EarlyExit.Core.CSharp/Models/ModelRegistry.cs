@@ -38,7 +38,28 @@ namespace EarlyExit.Models
                 CreateResNet34,
                 o => ResNet34Config(o).ExitAfterBlocks.Length,
                 o => ResNet34Config(o).Problems()));
+            Register(new ModelFamily(
+                "msdnet",
+                "MSDNet (Huang et al. 2018), CIFAR variant: 7 blocks / 7 exits, 3 scales, dense multi-scale layers, classifiers on the coarsest scale",
+                "blocks 7 (layers 4,2,2,2,2,2,2); 16 channels; growth 6; grFactor 1-2-4; bnFactor 1-2-4; reduction 0.5; 100 classes; input 3x32x32",
+                o => new MsdNet(MsdNetConfigOf(o)),
+                o => MsdNetConfigOf(o).Blocks,
+                o =>
+                {
+                    var p = MsdNetConfigOf(o).Problems().ToList();
+                    if (o.ExitPositions is not null) p.Add("exits: MSDNet has one exit per block; set the number of blocks instead");
+                    if (o.Blocks is { Length: not 1 }) p.Add("blocks: MSDNet takes one value, the number of blocks");
+                    return p;
+                }));
         }
+
+        public static MsdNetConfig MsdNetConfigOf(ModelOptions o) => new()
+        {
+            Blocks = o.Blocks is { Length: 1 } b ? b[0] : 7,
+            Channels = o.BaseWidth ?? 16,
+            NumClasses = o.NumClasses ?? 100,
+            InputShape = o.InputShape ?? new long[] { 3, 32, 32 },
+        };
 
         public static void Register(ModelFamily family) => families[family.Name] = family;
 

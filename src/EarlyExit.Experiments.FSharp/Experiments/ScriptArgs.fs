@@ -67,7 +67,7 @@ let runScript (experiment: string) (scriptDir: string) (argv: string[]) (body: T
 let resultsDir (scriptDir: string) (argv: string[]) =
     match argv |> Array.tail with
     | [| d |] -> d
-    | _ -> Path.Combine(scriptDir, "..", "results", "table1", "fashion-mnist-cpu")
+    | _ -> Path.Combine(scriptDir, "..", "results", "table1", "resnet34-fashion-mnist-cpu")
 
 /// The title line of a figure drawn from finished runs.
 let figureTitle (dir: string) (rows: Table1.Row list) =

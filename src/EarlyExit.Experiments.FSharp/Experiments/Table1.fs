@@ -103,9 +103,12 @@ let runAll (o: Options) (data: string) (dir: string) (recipes: (string * Recipe)
         Interpreter.run options recipe |> ignore
         loadRow name runDir ]
 
+/// Results folder of an experiment: OUT/MODEL-DATA-SCALE.
+let resultsFolder (o: Options) (data: string) = Path.Combine(o.OutRoot, $"{o.Model}-{data}-{Scales.name o.Scale}")
+
 let run (o: Options) =
     let data, dataNote = chooseData o
-    let dir = Path.Combine(o.OutRoot, $"{data}-{Scales.name o.Scale}")
+    let dir = resultsFolder o data
     o.Log $"table 1 on {dataNote}, scale {Scales.name o.Scale}: {(Scales.settings o.Scale o.Model data).Description}"
     o.Log $"results in {dir}"
     let preset = Presets.forModel o.Model

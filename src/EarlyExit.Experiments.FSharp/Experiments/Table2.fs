@@ -22,7 +22,7 @@ let grid () =
 
 let run (o: Table1.Options) =
     let data, dataNote = Table1.chooseData o
-    let dir = Path.Combine(o.OutRoot, $"{data}-{Scales.name o.Scale}")
+    let dir = Table1.resultsFolder o data
     o.Log $"table 2 (ablation) on {dataNote}, scale {Scales.name o.Scale}; results in {dir}"
     let rows = Table1.runAll o data dir [ for (s, name) in grid () -> name, Scales.recipe o.Scale s o.Model data o.Seed ]
     let first = rows.Head.Info

@@ -37,13 +37,26 @@ let private inputOf (data: string) =
     | "cifar10" -> [ 3L; 32L; 32L ], 10
     | _ -> [ 3L; 32L; 32L ], 100
 
+/// The model at a scale: the family's own shape knobs (MSDNet: channels and number of blocks; ResNet: width, blocks, exits).
+let private modelAt (scale: Scale) (model: string) (input: int64 list) (classes: int) : ModelSpec =
+    let spec = { Defaults.model model with Classes = Some classes; Input = Some input }
+    match scale, model.StartsWith "msdnet" with
+    | Smoke, true -> { spec with Width = Some 4; Blocks = Some [ 3 ] }
+    | Cpu, true -> { spec with Width = Some 8; Blocks = Some [ 5 ] }
+    | Smoke, false -> { spec with Width = Some 4; Blocks = Some [ 1; 1; 1; 1 ]; Exits = Some [ 1; 2; 3; 4 ] }
+    // Exits after blocks 1, 2, 4, 6, 8: the first exit costs about 13% of the backbone, as exit 1 of the paper's
+    // ResNet-34 does, so the 25% budget has an exit to use.
+    | Cpu, false -> { spec with Width = Some 16; Blocks = Some [ 2; 2; 2; 2 ]; Exits = Some [ 1; 2; 4; 6; 8 ] }
+    | Paper, _ -> spec
+
 let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
     let input, classes = inputOf data
     let preset = Presets.forModel model
     let isFashion = EarlyExit.Data.DataCatalog.Normalise data = "fashion-mnist"
+    let isMsd = model.StartsWith "msdnet"
     match scale with
     | Smoke ->
-        { Model = { Defaults.model model with Classes = Some classes; Input = Some input; Width = Some 4; Blocks = Some [ 1; 1; 1; 1 ]; Exits = Some [ 1; 2; 3; 4 ] }
+        { Model = modelAt scale model input classes
           Data = { Defaults.data data with TrainLimit = 512; TestLimit = 256 }
           Augment = { Defaults.augment with CropPadding = (if isFashion then 2 else 4) }
           Fisher = { Defaults.fisher with Samples = 128 }
@@ -54,11 +67,11 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
               Patience = 0
               MaxStepsPerEpoch = 3
               WarmupEpochs = 1 }
-          Description = "smoke: width-4 ResNet [1,1,1,1] with 4 exits, 512 training images, 3 steps per stage; checks the plumbing, not accuracy" }
+          Description =
+            (if isMsd then "smoke: MSDNet with 4 channels and 3 blocks" else "smoke: width-4 ResNet [1,1,1,1] with 4 exits")
+            + ", 512 training images, 3 steps per stage; checks the plumbing, not accuracy" }
     | Cpu ->
-        // Exits after blocks 1, 2, 4, 6, 8: the first exit costs about 13% of the backbone, as exit 1 of the paper's
-        // ResNet-34 does, so the 25% budget has an exit to use.
-        { Model = { Defaults.model model with Classes = Some classes; Input = Some input; Width = Some 16; Blocks = Some [ 2; 2; 2; 2 ]; Exits = Some [ 1; 2; 4; 6; 8 ] }
+        { Model = modelAt scale model input classes
           Data = { Defaults.data data with TrainLimit = 20000; TestLimit = 0 }
           // Short schedules learn little from Mixup/CutMix; the cpu scale keeps crop and flip only.
           Augment = { CropPadding = (if isFashion then 2 else 4); Flip = true; Mix = None }
@@ -70,9 +83,11 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
               Patience = 0
               MaxStepsPerEpoch = 0
               WarmupEpochs = 6 }
-          Description = "cpu: width-16 ResNet [2,2,2,2] (resnet34 family) with 5 exits after blocks 1,2,4,6,8, 20,000 training images, 6 epochs for stages that train a backbone from scratch (warm-up, joint) and 2 for the others, crop+flip, AdamW lr 2e-3 cosine, no weight decay" }
+          Description =
+            (if isMsd then "cpu: MSDNet with 8 channels and 5 blocks (5 exits)" else "cpu: width-16 ResNet [2,2,2,2] (resnet34 family) with 5 exits after blocks 1,2,4,6,8")
+            + ", 20,000 training images, 6 epochs for stages that train a backbone from scratch (warm-up, joint) and 2 for the others, crop+flip, AdamW lr 2e-3 cosine, no weight decay" }
     | Paper ->
-        { Model = { Defaults.model model with Classes = Some classes; Input = Some input }
+        { Model = modelAt scale model input classes
           Data = Defaults.data data
           Augment = Defaults.augment
           Fisher = Defaults.fisher
