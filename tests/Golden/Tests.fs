@@ -51,6 +51,36 @@ let resnet34Paper =
         }
     ]
 
+let msdnetPaper =
+    testList "msdnet (SPEC reference figures, CIFAR-100 at 32x32)" [
+        let cost = lazy (
+            TorchSharp.torch.manual_seed 0L |> ignore
+            use net = ModelRegistry.Create("msdnet", ModelOptions.Default)
+            MacCounter.Count(net, MacConvention.MsdnetReference))
+        let within (expected: float) (actual: float) = abs (actual - expected) <= 0.005 * expected
+        test "seven exits" { Expect.equal cost.Value.Exits.Count 7 "exits" }
+        test "cumulative MACs per exit within 0.5% of 15.14, 25.51, 37.10, 46.33, 57.34, 66.96, 75.94 million (reference convention)" {
+            let expected = [ 15.14; 25.51; 37.10; 46.33; 57.34; 66.96; 75.94 ]
+            let actual = cost.Value.Exits |> Seq.map (fun e -> float e.CumulativeMacs / 1e6) |> Seq.toList
+            for (e, a) in List.zip expected actual do
+                Expect.isTrue (within e a) $"{a:F3}M against {e}M"
+        }
+        test "cumulative parameters per exit within 0.5% of 0.434, 0.877, 1.275, 1.696, 2.178, 2.603, 3.068 million" {
+            let expected = [ 0.434; 0.877; 1.275; 1.696; 2.178; 2.603; 3.068 ]
+            let actual = cost.Value.Exits |> Seq.map (fun e -> float e.CumulativeParameters / 1e6) |> Seq.toList
+            for (e, a) in List.zip expected actual do
+                Expect.isTrue (within e a) $"{a:F4}M against {e}M"
+        }
+        test "our conv-linear convention counts less (no ReLU, pooling or biases) on the same modules" {
+            TorchSharp.torch.manual_seed 0L |> ignore
+            use net = ModelRegistry.Create("msdnet", ModelOptions.Default)
+            let ours = MacCounter.Count(net, MacConvention.ConvLinear)
+            for (a, b) in Seq.zip ours.Exits cost.Value.Exits do
+                Expect.isLessThan a.CumulativeMacs b.CumulativeMacs $"exit {a.Exit}"
+            Expect.equal ours.Exits[6].CumulativeMacs 75_487_744L "conv-linear MACs of the last exit, pinned"
+        }
+    ]
+
 let describeJson =
     testList "earlyexit describe --json" [
         test "has parameters, macs and the exits in order with cumulative macs and parameters" {
@@ -288,4 +318,4 @@ let budgets =
         }
     ]
 
-let all = testList "golden" [ budgets; resnet34Paper; describeJson; elfPatch; runtimeLoader; registry ]
+let all = testList "golden" [ budgets; msdnetPaper; resnet34Paper; describeJson; elfPatch; runtimeLoader; registry ]

@@ -246,4 +246,45 @@ let resume =
         }
     ]
 
-let all = testList "training engine" [ fisher; ewc; lwf; freezing; memory; resume ]
+let private smallMsdNet () =
+    torch.manual_seed 11L |> ignore
+    ModelRegistry.Create("msdnet", ModelOptions(NumClasses = 3, InputShape = [| 1L; 20L; 20L |], BaseWidth = 4, Blocks = [| 3 |]))
+
+let msdnet =
+    testList "MSDNet in the training engine" [
+        test "fast per-sample Fisher equals one backward pass per sample on every exit" {
+            use net = smallMsdNet ()
+            let data = synthetic 4 3 [| 1L; 20L; 20L |] 10
+            for exit in 1 .. net.ExitCount do
+                let fast = FisherInformation.Compute(net, exit, data.Train, FisherEstimator.PerSampleEmpirical, 10, 4, 0)
+                let slow = FisherInformation.Compute(net, exit, data.Train, FisherEstimator.PerSampleEmpiricalNaive, 10, 4, 0)
+                Expect.equal (set fast.Keys) (set slow.Keys) $"exit {exit}: same parameters"
+                for k in fast.Keys do
+                    Expect.isTrue (close fast[k] slow[k]) $"exit {exit}: {k}"
+                for t in Seq.append fast.Values slow.Values do t.Dispose()
+        }
+        test "sequential EWC and LwF stages leave frozen segments and heads bit-for-bit unchanged" {
+            for strategy in [ Sequential(Ewc 100.0); Sequential(Lwf 0.5) ] do
+                use net = smallMsdNet ()
+                use regs = new RegularizerState()
+                let data = synthetic 5 3 [| 1L; 20L; 20L |] 24
+                let recipe =
+                    { Name = "msd"
+                      Model = { Defaults.model "msdnet" with Classes = Some 3; Input = Some [ 1L; 20L; 20L ]; Width = Some 4; Blocks = Some [ 3 ] }
+                      Data = Defaults.data "fashion-mnist"
+                      Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
+                      Fisher = { Estimator = PerSample; Samples = 8 }
+                      Seed = 0
+                      Stages = stagesOf strategy net.ExitCount settings }
+                Expect.equal (Validation.problems recipe) [] "valid recipe"
+                for i, s in List.indexed recipe.Stages do
+                    let frozen = net.Groups() |> Seq.filter (fun g -> not (List.contains g s.Trainable)) |> Seq.toList
+                    let before = stateOf net frozen
+                    StageTrainer.Run(net, Interpreter.plan recipe i None, data, regs, torch.CPU) |> ignore
+                    let after = stateOf net frozen |> Map.ofList
+                    for (n, t) in before do
+                        Expect.isTrue (same t after[n]) $"{strategyName strategy} stage {s.Name}: {n}"
+        }
+    ]
+
+let all = testList "training engine" [ msdnet; fisher; ewc; lwf; freezing; memory; resume ]

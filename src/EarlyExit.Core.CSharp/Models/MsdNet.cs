@@ -45,7 +45,13 @@ namespace EarlyExit.Models
             if (Reduction < 0 || Reduction > 1) p.Add("reduction must lie in [0, 1]");
             if (NumClasses < 2) p.Add($"classes: {NumClasses} is fewer than 2");
             if (InputShape.Length != 3 || InputShape.Any(s => s < 1)) p.Add("input: must be C×H×W with positive sizes");
-            else if (InputShape[1] < 4 << Math.Max(0, Scales - 1)) p.Add($"input: {InputShape[1]}×{InputShape[2]} is too small for {Scales} scales and the classifiers");
+            else
+            {
+                // The classifiers halve the coarsest scale twice and pool 2×2: it must keep at least 5 pixels.
+                long coarsest = Math.Min(InputShape[1], InputShape[2]);
+                for (int s = 1; s < Scales; s++) coarsest = (coarsest - 1) / 2 + 1;
+                if (coarsest < 5) p.Add($"input: {InputShape[1]}×{InputShape[2]} is too small: its coarsest scale ({coarsest} pixels) must keep at least 5 for the classifiers");
+            }
             return p;
         }
     }
