@@ -2,11 +2,12 @@
 // (accuracy against MACs) and Fig. 3 (exit ratios per threshold), on the data and scale this machine allows.
 //
 //   dotnet build -c Release && dotnet fsi experiments/table1.fsx [--scale smoke|cpu|paper] [--data cifar100|fashion-mnist]
-//        [--data-root DIR] [--model resnet34] [--seed N] [--out results/table1] [--device auto|cpu|cuda]
+//        [--data-root DIR] [--model resnet34|msdnet] [--seed N] [--out results/table1] [--device auto|cpu|cuda]
+//        [--strategies joint,disjoint,...]   (default: all seven)
 //
 // Default scale: paper on a GPU, cpu otherwise. Default data: CIFAR-100 when its binary files are present, else
 // Fashion-MNIST (apt-get install -y dataset-fashion-mnist). Finished runs are reused, interrupted ones resumed, and
-// the warm-up is trained once for all the strategies that start with it. Writes results/table1/<data>-<scale>/.
+// the warm-up is trained once for all the strategies that start with it. Writes results/table1/<model>-<data>-<scale>/.
 #load "Load.fsx"
 
 open EarlyExit.Experiments.Experiments

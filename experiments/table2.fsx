@@ -3,7 +3,7 @@
 //
 //   dotnet build -c Release && dotnet fsi experiments/table2.fsx [--scale smoke|cpu|paper] [--data ...] [--model ...]
 //
-// Same options and behaviour as table1.fsx (resumable, warm-up shared); writes results/table2/<data>-<scale>/.
+// Same options and behaviour as table1.fsx (resumable, warm-up shared); writes results/table2/<model>-<data>-<scale>/.
 #load "Load.fsx"
 
 open EarlyExit.Experiments.Experiments

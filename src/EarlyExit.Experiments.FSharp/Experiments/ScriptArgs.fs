@@ -8,7 +8,7 @@ open EarlyExit.Experiments.Runner
 
 exception ScriptArgError of string
 
-let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "out"; "device" ]
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "out"; "device"; "strategies" ]
 
 let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.Options =
     let rec go (acc: Map<string, string>) =
@@ -41,7 +41,15 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
       Seed = seed
       OutRoot = defaultArg (opts.TryFind "out") (Path.Combine(repoRoot, "results", experiment))
       Device = opts.TryFind "device"
-      Strategies = None
+      Strategies =
+        opts.TryFind "strategies"
+        |> Option.map (fun list ->
+            let model = defaultArg (opts.TryFind "model") "resnet34"
+            let preset = EarlyExit.Experiments.Recipes.Builders.Presets.forModel model
+            [ for name in list.Split(',', StringSplitOptions.RemoveEmptyEntries) ->
+                match EarlyExit.Experiments.Recipes.Builders.parseStrategy preset name None None with
+                | Ok s -> s
+                | Error e -> raise (ScriptArgError $"--strategies: {e}") ])
       Log = fun line -> Console.Out.WriteLine line }
 
 /// Runs an experiment body with the clear errors every script shares; returns the exit code.
