@@ -53,8 +53,8 @@ namespace EarlyExit.Inference
                     }
                     else stay.Add(i);
                 }
-                if (stay.Count == alive.Length || mu == m) { if (mu == m) break; continue; }
-                if (stay.Count == 0) break;
+                if (mu == m || stay.Count == 0) break;
+                if (stay.Count == alive.Length) continue;
                 var keep = tensor(stay.ToArray(), device: x.device);
                 state = state.Select(s => s.index_select(0, keep)).ToArray();
                 alive = stay.Select(i => alive[i]).ToArray();
