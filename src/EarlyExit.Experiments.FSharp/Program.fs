@@ -24,7 +24,13 @@ let modelOptions (r: ParseResults<DescribeArgs>) =
         InputShape = (r.TryGetResult DescribeArgs.Input |> Option.map (Parse.shape >> orFail) |> Option.toObj),
         BaseWidth = (r.TryGetResult DescribeArgs.Width |> Option.toNullable),
         Blocks = (r.TryGetResult DescribeArgs.Blocks |> Option.map (Parse.intList "blocks" >> orFail) |> Option.toObj),
-        ExitPositions = (r.TryGetResult DescribeArgs.Exits |> Option.map (Parse.intList "exits" >> orFail) |> Option.toObj))
+        ExitPositions = (r.TryGetResult DescribeArgs.Exits |> Option.map (Parse.intList "exits" >> orFail) |> Option.toObj),
+        GrowthRate = (r.TryGetResult DescribeArgs.Growth |> Option.toNullable),
+        StepMode = (r.TryGetResult DescribeArgs.Step_Mode |> Option.toObj),
+        Base = (r.TryGetResult DescribeArgs.Base |> Option.toNullable),
+        Step = (r.TryGetResult DescribeArgs.Step |> Option.toNullable),
+        GrowthFactors = (r.TryGetResult DescribeArgs.Gr_Factor |> Option.map (Parse.intList "gr-factor" >> orFail) |> Option.toObj),
+        BottleneckFactors = (r.TryGetResult DescribeArgs.Bn_Factor |> Option.map (Parse.intList "bn-factor" >> orFail) |> Option.toObj))
 
 let describe (r: ParseResults<DescribeArgs>) =
     TorchNativeLoader.EnsureLoaded() |> ignore

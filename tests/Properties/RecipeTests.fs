@@ -65,6 +65,38 @@ let builders =
             RecipeJson.parse (RecipeJson.toJson r) = Ok r))
     ]
 
+let msdnetOptions =
+    testList "MSDNet options" [
+        test "configurable like the reference: step mode, base, step, growth, scales; recipes keep them through JSON" {
+            let r = recipeWith 3 (Sequential(Lwf 0.2))
+            let m =
+                { Defaults.model "msdnet" with
+                    Classes = Some 10
+                    Input = Some [ 1L; 28L; 28L ]
+                    Width = Some 4
+                    Blocks = Some [ 4 ]
+                    Growth = Some 4
+                    StepMode = Some "lin_grow"
+                    Base = Some 2
+                    Step = Some 1
+                    GrowthFactors = Some [ 1; 2 ]
+                    BottleneckFactors = Some [ 1; 2 ] }
+            let msd = { r with Model = m; Stages = stagesOf (Sequential(Lwf 0.2)) 4 settings }
+            Expect.equal (Validation.problems msd) [] "valid"
+            Expect.equal (RecipeJson.parse (RecipeJson.toJson msd)) (Ok msd) "JSON round trip"
+            let config = EarlyExit.Models.ModelRegistry.MsdNetConfigOf(Validation.modelOptions m)
+            Expect.equal (config.LayersPerBlock()) [| 2; 2; 3; 4 |] "lin_grow: base, then step*i+1"
+            Expect.equal config.Scales 2 "two scales from grFactor 1-2"
+        }
+        test "a ResNet refuses MSDNet options, and MSDNet refuses exit positions" {
+            let r = recipeWith 3 Joint
+            let bad = { r with Model = { r.Model with Growth = Some 4 } }
+            Expect.exists (Validation.problems bad) (fun e -> e.Contains "growth: an MSDNet option") "resnet + growth"
+            let msd = { r with Model = { Defaults.model "msdnet" with Exits = Some [ 1; 2 ] } }
+            Expect.exists (Validation.problems msd) (fun e -> e.Contains "MSDNet has one exit per block") "msdnet + exits"
+        }
+    ]
+
 let private errorsOf (json: string) =
     match RecipeJson.parse json with
     | Ok _ -> []
@@ -165,4 +197,4 @@ let interpreter =
         }
     ]
 
-let all = testList "recipes" [ builders; validation; interpreter ]
+let all = testList "recipes" [ builders; msdnetOptions; validation; interpreter ]

@@ -16,6 +16,29 @@ namespace EarlyExit.Models
         public int[]? Blocks { get; init; }
         /// <summary>1-based positions of the exits (ResNet: after which block).</summary>
         public int[]? ExitPositions { get; init; }
+        /// <summary>MSDNet: growth rate (channels each layer adds at the finest scale).</summary>
+        public int? GrowthRate { get; init; }
+        /// <summary>MSDNet: "even" or "lin_grow".</summary>
+        public string? StepMode { get; init; }
+        /// <summary>MSDNet: layers of the first block.</summary>
+        public int? Base { get; init; }
+        /// <summary>MSDNet: layers of later blocks (even) or the slope (lin_grow).</summary>
+        public int? Step { get; init; }
+        /// <summary>MSDNet: growth factor per scale (its length is the number of scales).</summary>
+        public int[]? GrowthFactors { get; init; }
+        /// <summary>MSDNet: bottleneck width factor per scale.</summary>
+        public int[]? BottleneckFactors { get; init; }
+
+        /// <summary>Names of the MSDNet-only options that are set (a ResNet refuses them).</summary>
+        public IEnumerable<string> MsdNetOnlyOptionsSet()
+        {
+            if (GrowthRate is not null) yield return "growth";
+            if (StepMode is not null) yield return "stepMode";
+            if (Base is not null) yield return "base";
+            if (Step is not null) yield return "step";
+            if (GrowthFactors is not null) yield return "grFactor";
+            if (BottleneckFactors is not null) yield return "bnFactor";
+        }
 
         public static readonly ModelOptions Default = new();
     }
@@ -37,7 +60,7 @@ namespace EarlyExit.Models
                 "blocks 3,4,6,3; width 64 (64-128-256-512); exits 2,4,6,8,10,12,14,16; 100 classes; input 3x32x32",
                 CreateResNet34,
                 o => ResNet34Config(o).ExitAfterBlocks.Length,
-                o => ResNet34Config(o).Problems()));
+                o => ResNet34Config(o).Problems().Concat(o.MsdNetOnlyOptionsSet().Select(n => $"{n}: an MSDNet option, not a ResNet one")).ToList()));
             Register(new ModelFamily(
                 "msdnet",
                 "MSDNet (Huang et al. 2018), CIFAR variant: 7 blocks / 7 exits, 3 scales, dense multi-scale layers, classifiers on the coarsest scale",
@@ -53,13 +76,23 @@ namespace EarlyExit.Models
                 }));
         }
 
-        public static MsdNetConfig MsdNetConfigOf(ModelOptions o) => new()
+        public static MsdNetConfig MsdNetConfigOf(ModelOptions o)
         {
-            Blocks = o.Blocks is { Length: 1 } b ? b[0] : 7,
-            Channels = o.BaseWidth ?? 16,
-            NumClasses = o.NumClasses ?? 100,
-            InputShape = o.InputShape ?? new long[] { 3, 32, 32 },
-        };
+            var d = new MsdNetConfig();
+            return d with
+            {
+                Blocks = o.Blocks is { Length: 1 } b ? b[0] : d.Blocks,
+                Channels = o.BaseWidth ?? d.Channels,
+                NumClasses = o.NumClasses ?? d.NumClasses,
+                InputShape = o.InputShape ?? d.InputShape,
+                GrowthRate = o.GrowthRate ?? d.GrowthRate,
+                StepMode = o.StepMode ?? d.StepMode,
+                Base = o.Base ?? d.Base,
+                Step = o.Step ?? d.Step,
+                GrowthFactor = o.GrowthFactors ?? d.GrowthFactor,
+                BottleneckFactor = o.BottleneckFactors ?? d.BottleneckFactor,
+            };
+        }
 
         public static void Register(ModelFamily family) => families[family.Name] = family;
 
@@ -70,7 +103,15 @@ namespace EarlyExit.Models
                 ? f
                 : throw new ArgumentException($"unknown model '{name}'; known models: {string.Join(", ", families.Keys.OrderBy(k => k))}");
 
-        public static MultiExitNetwork Create(string name, ModelOptions? options = null) => Get(name).Create(options ?? ModelOptions.Default);
+        /// <summary>Builds a registered model; options that do not fit the family are refused with every reason.</summary>
+        public static MultiExitNetwork Create(string name, ModelOptions? options = null)
+        {
+            var family = Get(name);
+            options ??= ModelOptions.Default;
+            var problems = family.Problems(options);
+            if (problems.Count > 0) throw new ArgumentException($"{family.Name}: " + string.Join("; ", problems));
+            return family.Create(options);
+        }
 
         /// <summary>Default exits of a ResNet with <paramref name="totalBlocks"/> blocks: after every second block and after the last.</summary>
         public static int[] EverySecondBlock(int totalBlocks) =>

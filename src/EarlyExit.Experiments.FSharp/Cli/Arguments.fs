@@ -14,6 +14,12 @@ type DescribeArgs =
     | Width of channels: int
     | Blocks of list: string
     | Exits of list: string
+    | Growth of rate: int
+    | Step_Mode of mode: string
+    | Base of layers: int
+    | Step of layers: int
+    | Gr_Factor of list: string
+    | Bn_Factor of list: string
     | Convention of ConventionArg
     | Json
 
@@ -26,6 +32,12 @@ type DescribeArgs =
             | Width _ -> "width of the first stage (resnet34: 64; later stages double it)"
             | Blocks _ -> "blocks per stage, e.g. 3,4,6,3"
             | Exits _ -> "1-based blocks after which the exits sit, e.g. 2,4,6,8,10,12,14,16"
+            | Growth _ -> "MSDNet: growth rate (default 6)"
+            | Step_Mode _ -> "MSDNet: even or lin_grow (default even)"
+            | Base _ -> "MSDNet: layers of the first block (default 4)"
+            | Step _ -> "MSDNet: layers of each later block (default 2)"
+            | Gr_Factor _ -> "MSDNet: growth factor per scale, e.g. 1,2,4 (its length is the number of scales)"
+            | Bn_Factor _ -> "MSDNet: bottleneck factor per scale, e.g. 1,2,4"
             | Convention _ -> "MAC counting convention (default conv-linear, the one the budgets use)"
             | Json -> "print one JSON object instead of the table"
 

@@ -44,7 +44,14 @@ type ModelSpec =
       Input: int64 list option
       Width: int option
       Blocks: int list option
-      Exits: int list option }
+      Exits: int list option
+      /// MSDNet only: growth rate, step mode ("even", "lin_grow"), base, step, grFactor and bnFactor per scale.
+      Growth: int option
+      StepMode: string option
+      Base: int option
+      Step: int option
+      GrowthFactors: int list option
+      BottleneckFactors: int list option }
 
 type DataSpec =
     { Name: string
@@ -122,4 +129,10 @@ module Defaults =
           Input = None
           Width = None
           Blocks = None
-          Exits = None }
+          Exits = None
+          Growth = None
+          StepMode = None
+          Base = None
+          Step = None
+          GrowthFactors = None
+          BottleneckFactors = None }

@@ -130,7 +130,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
     let rd = Reader errors
     rd.Known(root, "", [ "name"; "seed"; "model"; "data"; "augment"; "fisher"; "stages" ])
     let m = root.GetSection "model"
-    rd.Known(m, "model", [ "name"; "classes"; "input"; "width"; "blocks"; "exits" ])
+    rd.Known(m, "model", [ "name"; "classes"; "input"; "width"; "blocks"; "exits"; "growth"; "stepMode"; "base"; "step"; "grFactor"; "bnFactor" ])
     let input =
         rd.Value(m, "model.", "input")
         |> Option.bind (fun v ->
@@ -144,7 +144,13 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
           Input = input
           Width = optInt m "model." "width"
           Blocks = rd.IntList(m, "model.", "blocks")
-          Exits = rd.IntList(m, "model.", "exits") }
+          Exits = rd.IntList(m, "model.", "exits")
+          Growth = optInt m "model." "growth"
+          StepMode = rd.Value(m, "model.", "stepMode")
+          Base = optInt m "model." "base"
+          Step = optInt m "model." "step"
+          GrowthFactors = rd.IntList(m, "model.", "grFactor")
+          BottleneckFactors = rd.IntList(m, "model.", "bnFactor") }
     let d = root.GetSection "data"
     rd.Known(d, "data", [ "name"; "root"; "validationFraction"; "trainLimit"; "testLimit" ])
     let data =
@@ -231,6 +237,12 @@ let toJson (r: Recipe) =
      r.Model.Width |> Option.iter (fun v -> w.WriteNumber("width", v))
      r.Model.Blocks |> Option.iter (ints "blocks")
      r.Model.Exits |> Option.iter (ints "exits")
+     r.Model.Growth |> Option.iter (fun v -> w.WriteNumber("growth", v))
+     r.Model.StepMode |> Option.iter (fun v -> w.WriteString("stepMode", v))
+     r.Model.Base |> Option.iter (fun v -> w.WriteNumber("base", v))
+     r.Model.Step |> Option.iter (fun v -> w.WriteNumber("step", v))
+     r.Model.GrowthFactors |> Option.iter (ints "grFactor")
+     r.Model.BottleneckFactors |> Option.iter (ints "bnFactor")
      w.WriteEndObject()
      w.WriteStartObject "data"
      w.WriteString("name", r.Data.Name)

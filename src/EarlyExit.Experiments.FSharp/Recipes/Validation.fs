@@ -11,7 +11,13 @@ let modelOptions (m: ModelSpec) =
         InputShape = (m.Input |> Option.map List.toArray |> Option.toObj),
         BaseWidth = Option.toNullable m.Width,
         Blocks = (m.Blocks |> Option.map List.toArray |> Option.toObj),
-        ExitPositions = (m.Exits |> Option.map List.toArray |> Option.toObj))
+        ExitPositions = (m.Exits |> Option.map List.toArray |> Option.toObj),
+        GrowthRate = Option.toNullable m.Growth,
+        StepMode = Option.toObj m.StepMode,
+        Base = Option.toNullable m.Base,
+        Step = Option.toNullable m.Step,
+        GrowthFactors = (m.GrowthFactors |> Option.map List.toArray |> Option.toObj),
+        BottleneckFactors = (m.BottleneckFactors |> Option.map List.toArray |> Option.toObj))
 
 /// Number of exits of the model a recipe names (no network is built).
 let exitCount (m: ModelSpec) =
