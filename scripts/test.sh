@@ -27,19 +27,22 @@ for suite in Golden Properties; do
   fi
   rm -f "$log"
 done
-# End to end: the Table 1 experiment at smoke scale on real data (Fashion-MNIST), seconds long.
+# End to end: the Table 1 experiment (all seven strategies) at smoke scale on real data (Fashion-MNIST), for every
+# model family; seconds each.
 if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
-  smoke=$(mktemp -d)
-  if dotnet fsi experiments/table1.fsx --scale smoke --out "$smoke" > "$smoke/log" 2>&1 \
-     && [ "$(grep -c "^| " "$smoke"/*/table1.md)" -eq 8 ] && [ -s "$smoke"/*/fig2.png ]; then
-    echo "table1 smoke: 1 passed, 0 failed"
-    passed=$((passed + 1))
-  else
-    echo "table1 smoke: FAILED; its log:"
-    tail -n 30 "$smoke/log"
-    failed=$((failed + 1)); status=1
-  fi
-  rm -rf "$smoke"
+  for model in resnet34 msdnet; do
+    smoke=$(mktemp -d)
+    if dotnet fsi experiments/table1.fsx --scale smoke --model "$model" --out "$smoke" > "$smoke/log" 2>&1 \
+       && [ "$(grep -c "^| " "$smoke"/*/table1.md)" -eq 8 ] && [ -s "$smoke"/*/fig2.png ]; then
+      echo "table1 smoke ($model): 1 passed, 0 failed"
+      passed=$((passed + 1))
+    else
+      echo "table1 smoke ($model): FAILED; its log:"
+      tail -n 30 "$smoke/log"
+      failed=$((failed + 1)); status=1
+    fi
+    rm -rf "$smoke"
+  done
 fi
 
 echo "$passed passed, $failed failed"
