@@ -61,40 +61,5 @@ namespace EarlyExit.Inference
             }
             return new EarlyExitResult(predictions, exits, confidences);
         }
-
-        /// <summary>
-        /// The same rule applied afterwards to the logits of every exit (what evaluation from cached logits does):
-        /// returns predictions and exits. <paramref name="probabilities"/> is [exit][sample][class] softmax output.
-        /// </summary>
-        public static (long[] predictions, int[] exits) ChooseAfterwards(float[][][] probabilities, double threshold)
-        {
-            int m = probabilities.Length, n = probabilities[0].Length;
-            var predictions = new long[n];
-            var exits = new int[n];
-            for (int i = 0; i < n; i++)
-            {
-                for (int mu = 0; mu < m; mu++)
-                {
-                    var p = probabilities[mu][i];
-                    int arg = 0;
-                    for (int c = 1; c < p.Length; c++) if (p[c] > p[arg]) arg = c;
-                    if (mu == m - 1 || p[arg] > threshold) { predictions[i] = arg; exits[i] = mu + 1; break; }
-                }
-            }
-            return (predictions, exits);
-        }
-
-        /// <summary>Softmax of every exit's logits as nested arrays [exit][sample][class].</summary>
-        public static float[][][] Probabilities(Tensor[] logits)
-        {
-            using var scope = NewDisposeScope();
-            return logits.Select(l =>
-            {
-                var p = nn.functional.softmax(l.detach().to_type(ScalarType.Float32), 1).cpu();
-                long n = p.shape[0], c = p.shape[1];
-                var flat = p.data<float>().ToArray();
-                return Enumerable.Range(0, (int)n).Select(i => flat.AsSpan((int)(i * c), (int)c).ToArray()).ToArray();
-            }).ToArray();
-        }
     }
 }
