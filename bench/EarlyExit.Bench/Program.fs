@@ -173,13 +173,9 @@ let main argv =
     // 5. Early-exit inference at the threshold where about half the test samples leave early (timing needs no training).
     net.eval() |> ignore
     let outputs =
-        let logits = Evaluator.CollectLogits(net, data.Test, 256, torch.CPU)
-        let mm, nn, cc = int logits.shape[0], int logits.shape[1], int logits.shape[2]
-        let flat = logits.data<float32>().ToArray()
-        logits.Dispose()
-        let nested = Array.init mm (fun e -> Array.init nn (fun i -> Array.sub flat ((e * nn + i) * cc) cc))
+        use logits = Evaluator.CollectLogits(net, data.Test, 256, torch.CPU)
         let cost = EarlyExit.Flops.MacCounter.Count net
-        EarlyExit.Experiments.Evaluation.Budget.fromLogits nested data.Test.Labels (cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray) cost.BackboneMacs
+        EarlyExit.Experiments.Evaluation.RunFolder.outputsOfLogits logits data.Test.Labels (cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray) cost.BackboneMacs
     let sweep = EarlyExit.Experiments.Evaluation.Budget.sweep outputs (EarlyExit.Experiments.Evaluation.Budget.thresholds 100)
     let half = sweep |> Array.minBy (fun p -> abs (1.0 - p.ExitRatios[m - 1] - 0.5))
     let predicted = float outputs.ExitMacs[m - 1] / half.AverageMacs

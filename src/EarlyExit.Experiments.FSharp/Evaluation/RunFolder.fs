@@ -37,15 +37,18 @@ let readInfo (dir: string) =
       BackboneMacs = r.GetProperty("backboneMacs").GetInt64()
       WallSeconds = r.GetProperty("wallSeconds").GetDouble() }
 
+/// Exit outputs from a logits tensor of shape exits × samples × classes (as Evaluator.CollectLogits returns).
+let outputsOfLogits (logits: TorchSharp.torch.Tensor) (labels: int[]) (exitMacs: int64[]) (backboneMacs: int64) : ExitOutputs =
+    let m, n, c = int logits.shape[0], int logits.shape[1], int logits.shape[2]
+    let flat = logits.data<float32>().ToArray()
+    let nested = Array.init m (fun e -> Array.init n (fun i -> Array.sub flat ((e * n + i) * c) c))
+    fromLogits nested labels exitMacs backboneMacs
+
 /// The cached test outputs of a finished run (exit confidences and predictions).
 let readOutputs (dir: string) (info: RunInfo) : ExitOutputs =
     let tensors = TensorStore.Load(Path.Combine(dir, "test-logits.tensors"))
     try
-        let logits = tensors["logits"]
-        let m, n, c = int logits.shape[0], int logits.shape[1], int logits.shape[2]
-        let flat = logits.data<float32>().ToArray()
         let labels = tensors["labels"].data<int64>().ToArray() |> Array.map int
-        let nested = Array.init m (fun e -> Array.init n (fun i -> Array.sub flat ((e * n + i) * c) c))
-        fromLogits nested labels info.ExitMacs info.BackboneMacs
+        outputsOfLogits tensors["logits"] labels info.ExitMacs info.BackboneMacs
     finally
         for t in tensors.Values do t.Dispose()
