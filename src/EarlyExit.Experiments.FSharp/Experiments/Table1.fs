@@ -76,6 +76,12 @@ let fig3Thresholds = [ 0.5; 0.6; 0.7; 0.8; 0.9; 0.95; 0.99 ]
 let provenanceOf (r: Row) =
     $"{r.Info.Data}, scale {r.Info.Scale}, {r.Info.Device}, seed {r.Info.Seed}, code {r.Info.CodeVersion}"
 
+/// Writes a table as CSV with the provenance of each row in its own columns (data, scale, device, seed, code version).
+let writeCsv (path: string) (header: string list) (body: string list list) (rows: Row list) =
+    let csvHeader = header @ [ "data"; "scale"; "device"; "seed"; "code version" ]
+    let csvBody = List.map2 (fun (row: string list) (r: Row) -> row @ [ r.Info.Data; r.Info.Scale; r.Info.Device; string r.Info.Seed; r.Info.CodeVersion ]) body rows
+    Markdown.writeAtomic path (Markdown.csv csvHeader csvBody)
+
 /// Fig. 2: accuracy against average MACs, one curve per method.
 let writeFig2 (dir: string) (title: string) (rows: Row list) =
     Plots.accuracyVsMacs (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" (provenanceOf rows.Head) [ for r in rows -> r.Strategy, r.Sweep ]
@@ -144,10 +150,7 @@ let run (o: Options) =
         "stay within 25/50/75/100% of the backbone; \"–\" where no threshold fits.\n\n" +
         Markdown.table header body + "\n" + provenance + "\n"
     Markdown.writeAtomic (Path.Combine(dir, "table1.md")) md
-    // The CSV carries the provenance in columns, so that every row says what produced it.
-    let csvHeader = header @ [ "data"; "scale"; "device"; "seed"; "code version" ]
-    let csvBody = List.map2 (fun (row: string list) (r: Row) -> row @ [ r.Info.Data; r.Info.Scale; r.Info.Device; string r.Info.Seed; r.Info.CodeVersion ]) body rows
-    Markdown.writeAtomic (Path.Combine(dir, "table1.csv")) (Markdown.csv csvHeader csvBody)
+    writeCsv (Path.Combine(dir, "table1.csv")) header body rows
     let json =
         {| data = data
            dataNote = dataNote

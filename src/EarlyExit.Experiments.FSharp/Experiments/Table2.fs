@@ -47,8 +47,6 @@ let run (o: Table1.Options) =
         "Top-1 accuracy (%) within 25/50/75/100% of the backbone's MACs (W.U.: warm-up of the backbone with its final exit).\n\n" +
         Markdown.table header body + "\n" + provenance + "\n"
     Markdown.writeAtomic (Path.Combine(dir, "table2.md")) md
-    let csvHeader = header @ [ "data"; "scale"; "device"; "seed"; "code version" ]
-    let csvBody = List.map2 (fun (row: string list) (r: Table1.Row) -> row @ [ r.Info.Data; r.Info.Scale; r.Info.Device; string r.Info.Seed; r.Info.CodeVersion ]) body rows
-    Markdown.writeAtomic (Path.Combine(dir, "table2.csv")) (Markdown.csv csvHeader csvBody)
+    Table1.writeCsv (Path.Combine(dir, "table2.csv")) header body rows
     Table1.writeFig2 dir $"ablation, {o.Model} on {data}, {Scales.name o.Scale} scale" rows
     md
