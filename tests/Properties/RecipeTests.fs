@@ -27,6 +27,7 @@ let private recipeWith (m: int) (strategy: Strategy) =
       Data = Defaults.data "fashion-mnist"
       Augment = Defaults.augment
       Fisher = Defaults.fisher
+      LwfTeachers = PerExitTeachers
       Seed = 0
       Stages = stagesOf strategy m settings }
 
@@ -60,9 +61,16 @@ let builders =
             Expect.equal mx[1].Trainable [ "segment1"; "segment2"; "segment3"; "head1"; "head2"; "head3" ] "mixed joint stage"
         }
 
-        testProperty "JSON round trip gives the same recipe" (Prop.forAll (Arb.fromGen (Gen.zip strategyGen (Gen.choose (2, 6)))) (fun (strategy, m) ->
-            let r = recipeWith m strategy
+        testProperty "JSON round trip gives the same recipe" (Prop.forAll (Arb.fromGen (Gen.zip3 strategyGen (Gen.choose (2, 6)) (Gen.elements [ PerExitTeachers; PreviousStageTeacher ]))) (fun (strategy, m, teachers) ->
+            let r = { recipeWith m strategy with LwfTeachers = teachers }
             RecipeJson.parse (RecipeJson.toJson r) = Ok r))
+
+        test "the default LwF teacher policy is not written, so recipes from before the option keep their JSON and cache keys" {
+            let r = recipeWith 3 (Sequential(Lwf 0.7))
+            Expect.isFalse ((RecipeJson.toJson r).Contains "\"teachers\"") "per-exit is the default"
+            Expect.stringContains (RecipeJson.toJson { r with LwfTeachers = PreviousStageTeacher }) "\"teachers\": \"previous-stage\"" "previous-stage is written"
+            Expect.notEqual (Interpreter.prefixKey r 3) (Interpreter.prefixKey { r with LwfTeachers = PreviousStageTeacher } 3) "different policies, different cache keys"
+        }
     ]
 
 let msdnetOptions =
@@ -109,6 +117,10 @@ let validation =
         test "an unknown key is reported with its path" {
             let json = baseJson().Replace("\"batchSize\": 32,", "\"batchSize\": 32, \"lr\": 0.1,")
             Expect.contains (errorsOf json |> List.map (fun e -> e.Split(':')[0])) "stages[0].lr" "path of the unknown key"
+        }
+        test "an unknown LwF teacher policy is reported with its path" {
+            let json = baseJson().Replace("\"stages\":", "\"lwf\": { \"teachers\": \"oldest\" }, \"stages\":")
+            Expect.exists (errorsOf json) (fun e -> e.StartsWith "lwf.teachers: unknown teacher policy 'oldest'") "unknown policy"
         }
         test "a wrong type is reported with its path" {
             let json = baseJson().Replace("\"maxEpochs\": 2,", "\"maxEpochs\": \"two\",")

@@ -40,7 +40,12 @@ let fisher =
             use net = build c
             let data = synthetic c.Seed c.Classes c.Input 12
             let exit = 1 + (c.Seed % net.ExitCount)
-            let fast = FisherInformation.Compute(net, exit, data.Train, FisherEstimator.PerSampleEmpirical, 12, 5, c.Seed)
+            // Per-sample conv gradients are formed a few samples at a time: one at a time, a few, or the whole batch.
+            let saved = FisherInformation.PerSampleChunkFloats
+            FisherInformation.PerSampleChunkFloats <- [| 1L; 2000L; 1L <<< 19 |][c.Seed % 3]
+            let fast =
+                try FisherInformation.Compute(net, exit, data.Train, FisherEstimator.PerSampleEmpirical, 12, 5, c.Seed)
+                finally FisherInformation.PerSampleChunkFloats <- saved
             let slow = FisherInformation.Compute(net, exit, data.Train, FisherEstimator.PerSampleEmpiricalNaive, 12, 5, c.Seed)
             let ok =
                 fast.Count = slow.Count && fast.Count > 0
@@ -148,8 +153,45 @@ let private recipeFor (c: SmallResNet) (strategy: Strategy) =
       Data = Defaults.data "fashion-mnist"
       Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
       Fisher = { Estimator = PerSample; Samples = 8 }
+      LwfTeachers = PerExitTeachers
       Seed = c.Seed
       Stages = stagesOf strategy c.Exits.Length settings }
+
+let lwfTeachers =
+    testList "LwF teacher policies" [
+        test "with one protected exit, the previous-stage teacher and per-exit teachers train the same network bit-for-bit" {
+            let c = { Blocks = [| 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = 9 }
+            let data = synthetic 3 3 c.Input 24
+            let final teachers =
+                let recipe = { recipeFor c (Sequential(Lwf 0.5)) with LwfTeachers = teachers }
+                use net = build c
+                use regs = new RegularizerState()
+                for i in 0 .. recipe.Stages.Length - 1 do
+                    StageTrainer.Run(net, Interpreter.plan recipe i None, data, regs, torch.CPU) |> ignore
+                net.state_dict() |> Seq.map (fun kv -> kv.Key, kv.Value.clone()) |> Map.ofSeq
+            let a = final PerExitTeachers
+            let b = final PreviousStageTeacher
+            for KeyValue (k, t) in a do
+                Expect.isTrue (same t b[k]) $"{k} equal"
+        }
+        test "the previous-stage policy needs only the deepest protected exit's teacher; per-exit needs all" {
+            let c = { Blocks = [| 1; 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2; 3 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = 4 }
+            use net = build c
+            use regs = new RegularizerState()
+            regs.Teachers[2] <- net.FrozenCopy()
+            let recipe = recipeFor c (Sequential(Lwf 0.5))
+            let last = recipe.Stages.Length - 1
+            let plan teachers = Interpreter.plan { recipe with LwfTeachers = teachers } last None
+            Expect.sequenceEqual (plan PreviousStageTeacher).ProtectedExits [| 1; 2 |] "the last stage protects exits 1 and 2"
+            StageTrainer.Validate(net, plan PreviousStageTeacher, regs)
+            let e = Expect.throwsC (fun () -> StageTrainer.Validate(net, plan PerExitTeachers, regs)) id
+            Expect.stringContains e.Message "LwF has no teacher for exit 1" "names the missing teacher"
+            // What the interpreter keeps: a teacher after a stage only where a later stage's deepest protected exit is its exit.
+            let kept teachers = [ for i in 0 .. last -> snd (Interpreter.consolidation teachers recipe.Stages i) ]
+            Expect.equal (kept PerExitTeachers |> List.filter id |> List.length) 2 "per-exit: exits 1 and 2 keep teachers"
+            Expect.equal (kept PreviousStageTeacher |> List.filter id |> List.length) 2 "previous-stage: stage 2 uses teacher 1, stage 3 teacher 2"
+        }
+    ]
 
 let private stateOf (net: MultiExitNetwork) (groups: string list) =
     groups
@@ -192,8 +234,9 @@ let memory =
                     GC.Collect()
                     GC.WaitForPendingFinalizers()
                 torch.Tensor.TotalCount
-            for strategy in [ Joint; Disjoint; Sequential(Ewc 10.0); Sequential(Lwf 0.5) ] do
-                let recipe = recipeFor c strategy
+            for strategy, teachers in [ Joint, PerExitTeachers; Disjoint, PerExitTeachers; Sequential(Ewc 10.0), PerExitTeachers
+                                        Sequential(Lwf 0.5), PerExitTeachers; Sequential(Lwf 0.5), PreviousStageTeacher ] do
+                let recipe = { recipeFor c strategy with LwfTeachers = teachers }
                 use net = build c
                 // What one teacher (a frozen copy of the network) holds.
                 let teacherTensors =
@@ -205,7 +248,7 @@ let memory =
                 use regs = new RegularizerState()
                 let data = synthetic 1 3 c.Input 24
                 for i, s in List.indexed recipe.Stages do
-                    let (_, lwf) = Interpreter.consolidation recipe.Stages i
+                    let (_, lwf) = Interpreter.consolidation recipe.LwfTeachers recipe.Stages i
                     let fisherBefore, anchorBefore = regs.Ewc.Fisher.Count, regs.Ewc.Anchor.Count
                     let before = settle ()
                     StageTrainer.Run(net, Interpreter.plan recipe i None, data, regs, torch.CPU) |> ignore
@@ -274,6 +317,7 @@ let msdnet =
                       Data = Defaults.data "fashion-mnist"
                       Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
                       Fisher = { Estimator = PerSample; Samples = 8 }
+                      LwfTeachers = PerExitTeachers
                       Seed = 0
                       Stages = stagesOf strategy net.ExitCount settings }
                 Expect.equal (Validation.problems recipe) [] "valid recipe"
@@ -287,4 +331,4 @@ let msdnet =
         }
     ]
 
-let all = testList "training engine" [ msdnet; fisher; ewc; lwf; freezing; memory; resume ]
+let all = testList "training engine" [ msdnet; fisher; ewc; lwf; lwfTeachers; freezing; memory; resume ]

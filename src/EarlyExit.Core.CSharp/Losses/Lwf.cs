@@ -12,6 +12,23 @@ namespace EarlyExit.Losses
     /// <para>Direction: KL(current ‖ teacher) = Σ_c ŷ_c (log ŷ_c − log ŷ*_c), the order the paper writes (the "reverse"
     /// KL of distillation, mode-seeking). Averaged over the batch ("batchmean"), no temperature.</para>
     /// </summary>
+    /// <summary>Which frozen network gives the LwF targets ŷ*_ν of a stage.</summary>
+    public enum LwfTeacherPolicy
+    {
+        /// <summary>
+        /// The paper's definition: ŷ*_ν comes from the network as it was when exit ν finished training, one frozen copy
+        /// per protected exit. A stage protecting exits 1..μ−1 runs μ−1 teacher forwards (Σ_ν of the cost up to exit ν).
+        /// </summary>
+        PerExit,
+        /// <summary>
+        /// Classic LwF (Li and Hoiem: the "old model" is the model before the current task): every ŷ*_ν comes from one
+        /// frozen copy, the network as it was when the deepest protected exit finished (the previous stage of a
+        /// sequential recipe). One teacher forward per step and one copy in memory; for ν below the deepest protected
+        /// exit the target is the distribution after the later stages' (regularised) drift, not the one exit ν ended with.
+        /// </summary>
+        PreviousStage,
+    }
+
     public static class Lwf
     {
         /// <summary>Mean over the batch of KL(softmax(current) ‖ softmax(teacher)). Never negative; zero when they agree.</summary>

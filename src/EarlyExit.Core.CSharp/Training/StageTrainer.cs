@@ -32,6 +32,8 @@ namespace EarlyExit.Training
         public int StageExit { get; init; }
         /// <summary>Exits ν whose knowledge the regularisers protect (ν &lt; μ).</summary>
         public int[] ProtectedExits { get; init; } = Array.Empty<int>();
+        /// <summary>Where the LwF targets come from: one teacher per protected exit (the paper) or the previous stage's network.</summary>
+        public LwfTeacherPolicy LwfTeachers { get; init; } = LwfTeacherPolicy.PerExit;
         public double LearningRate { get; init; } = 1e-3;
         public double WeightDecay { get; init; }
         public LrSchedule Schedule { get; init; } = LrSchedule.Cosine;
@@ -223,9 +225,8 @@ namespace EarlyExit.Training
                     if (plan.LwfRho > 0)
                     {
                         var current = new List<Tensor>();
-                        var teacher = new List<Tensor>();
-                        using (no_grad())
-                            foreach (var nu in plan.ProtectedExits) teacher.Add(regs.Teachers[nu].ForwardExit(x, nu));
+                        List<Tensor> teacher;
+                        using (no_grad()) teacher = TeacherLogits(regs, plan, x);
                         foreach (var nu in plan.ProtectedExits) current.Add(logits[nu - 1]!);
                         loss = loss + plan.LwfRho * Lwf.Penalty(current, teacher);
                     }
@@ -294,6 +295,18 @@ namespace EarlyExit.Training
             }
         }
 
+        /// <summary>The LwF targets' logits of the protected exits, in the order of <see cref="StagePlan.ProtectedExits"/>.</summary>
+        static List<Tensor> TeacherLogits(RegularizerState regs, StagePlan plan, Tensor x)
+        {
+            if (plan.LwfTeachers == LwfTeacherPolicy.PerExit)
+                return plan.ProtectedExits.Select(nu => regs.Teachers[nu].ForwardExit(x, nu)).ToList();
+            int deepest = plan.ProtectedExits.Max();
+            var needed = new bool[deepest];
+            foreach (var nu in plan.ProtectedExits) needed[nu - 1] = true;
+            var all = regs.Teachers[deepest].ForwardSelected(x, needed);
+            return plan.ProtectedExits.Select(nu => all[nu - 1]!).ToList();
+        }
+
         static Tensor WeightedLoss(Tensor?[] logits, StagePlan plan, Tensor targets)
         {
             Tensor? total = null;
@@ -342,9 +355,12 @@ namespace EarlyExit.Training
                 if (plan.StageExit < 2) problems.Add("EWC needs a sequential stage μ ≥ 2");
                 else if (regs.Ewc.Fisher.Count == 0) problems.Add("EWC has no Fisher yet (no earlier exit finished)");
             }
-            if (plan.LwfRho > 0)
-                foreach (var nu in plan.ProtectedExits)
+            if (plan.LwfRho > 0 && plan.ProtectedExits.Length > 0)
+            {
+                var teachersNeeded = plan.LwfTeachers == LwfTeacherPolicy.PerExit ? plan.ProtectedExits : new[] { plan.ProtectedExits.Max() };
+                foreach (var nu in teachersNeeded)
                     if (!regs.Teachers.ContainsKey(nu)) problems.Add($"LwF has no teacher for exit {nu}");
+            }
             if (problems.Count > 0) throw new ArgumentException($"stage '{plan.Name}': " + string.Join("; ", problems));
         }
     }

@@ -70,6 +70,7 @@ type TrainArgs =
     | Seed of seed: int
     | Lambda of lambda: float
     | Rho of rho: float
+    | Lwf_Teachers of policy: string
     | Data_Root of dir: string
     | [<Mandatory>] Out of dir: string
     | Resume
@@ -88,6 +89,7 @@ type TrainArgs =
             | Seed _ -> "random seed (default 0)"
             | Lambda _ -> "EWC strength (default: the paper's preset for the model)"
             | Rho _ -> "LwF strength (default: the paper's preset for the model)"
+            | Lwf_Teachers _ -> "per-exit (the paper: one frozen copy per earlier exit, default) or previous-stage (classic LwF: one copy, one teacher forward per step)"
             | Data_Root _ -> "folder of the data sets"
             | Out _ -> "run folder (checkpoints, log, metrics.json)"
             | Resume -> "continue an unfinished run in --out from its last checkpoint"

@@ -13,8 +13,17 @@ open EarlyExit.Experiments.Cli.Arguments
 let defaultScale () =
     if Devices.CudaAvailable() then Scales.Paper else Scales.Cpu
 
+/// Parses `--lwf-teachers`.
+let parseTeachers (s: string) =
+    match s.ToLowerInvariant() with
+    | "per-exit" -> Ok PerExitTeachers
+    | "previous-stage" -> Ok PreviousStageTeacher
+    | other -> Error $"unknown LwF teacher policy '{other}' (per-exit, previous-stage)"
+
 let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string list> =
     match r.TryGetResult TrainArgs.Recipe with
+    | Some _ when r.Contains TrainArgs.Lwf_Teachers ->
+        Error [ "--lwf-teachers goes with --strategy; in a recipe file, set \"lwf\": { \"teachers\": ... }" ]
     | Some file ->
         RecipeJson.load file |> Result.map (fun recipe -> recipe, "recipe")
     | None ->
@@ -29,11 +38,18 @@ let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string 
         | _, None -> Error [ "give --recipe FILE, or --strategy NAME (with --model, --data, --scale)" ]
         | Ok scale, Some name ->
             let preset = Builders.Presets.forModel model
-            match Builders.parseStrategy preset name (r.TryGetResult TrainArgs.Lambda) (r.TryGetResult TrainArgs.Rho) with
-            | Error e -> Error [ e ]
-            | Ok strategy ->
+            let teachers =
+                match r.TryGetResult TrainArgs.Lwf_Teachers with
+                | Some s -> parseTeachers s
+                | None -> Ok PerExitTeachers
+            match Builders.parseStrategy preset name (r.TryGetResult TrainArgs.Lambda) (r.TryGetResult TrainArgs.Rho), teachers with
+            | Error e, _ | _, Error e -> Error [ e ]
+            | Ok strategy, Ok teachers ->
                 try
                     let recipe = Scales.recipe scale strategy model data (r.GetResult(TrainArgs.Seed, 0))
+                    let recipe =
+                        if teachers = PerExitTeachers then recipe
+                        else { recipe with LwfTeachers = teachers; Name = recipe.Name + "-" + Names.lwfTeachers teachers + "-teacher" }
                     let recipe =
                         match r.TryGetResult TrainArgs.Data_Root with
                         | Some root -> { recipe with Data = { recipe.Data with Root = Some root } }

@@ -80,6 +80,14 @@ type FisherEstimatorSpec =
     | PerSampleNaive
     | SquaredMinibatch
 
+/// Where the LwF targets ŷ*_ν come from (EarlyExit.Losses.LwfTeacherPolicy).
+type LwfTeachers =
+    /// The paper's definition: one frozen copy per protected exit, as the network was when that exit finished.
+    | PerExitTeachers
+    /// Classic LwF: one frozen copy, the network as it was when the deepest protected exit finished (the previous
+    /// stage of a sequential recipe); one teacher forward per step instead of one per protected exit.
+    | PreviousStageTeacher
+
 type FisherSpec =
     { Estimator: FisherEstimatorSpec
       /// Cap on the training samples of each Fisher (0: all).
@@ -91,12 +99,19 @@ type Recipe =
       Data: DataSpec
       Augment: AugmentSpec
       Fisher: FisherSpec
+      /// Where LwF stages take their targets from (ignored by recipes without LwF).
+      LwfTeachers: LwfTeachers
       Seed: int
       Stages: Stage list }
 
 module Names =
     let segment (k: int) = $"segment{k}"
     let head (k: int) = $"head{k}"
+
+    let lwfTeachers =
+        function
+        | PerExitTeachers -> "per-exit"
+        | PreviousStageTeacher -> "previous-stage"
 
     let regulariser =
         function

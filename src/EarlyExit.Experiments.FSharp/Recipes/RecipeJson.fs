@@ -128,7 +128,7 @@ let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
 let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
     let errors = ResizeArray<string>()
     let rd = Reader errors
-    rd.Known(root, "", [ "name"; "seed"; "model"; "data"; "augment"; "fisher"; "stages" ])
+    rd.Known(root, "", [ "name"; "seed"; "model"; "data"; "augment"; "fisher"; "lwf"; "stages" ])
     let m = root.GetSection "model"
     rd.Known(m, "model", [ "name"; "classes"; "input"; "width"; "blocks"; "exits"; "growth"; "stepMode"; "base"; "step"; "grFactor"; "bnFactor" ])
     let input =
@@ -186,6 +186,13 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
         | "per-sample-naive" -> PerSampleNaive
         | "squared-minibatch" -> SquaredMinibatch
         | other -> rd.Fail("fisher.estimator", $"unknown estimator '{other}' (per-sample, per-sample-naive, squared-minibatch)"); PerSample
+    let l = root.GetSection "lwf"
+    rd.Known(l, "lwf", [ "teachers" ])
+    let teachers =
+        match rd.String(l, "lwf.", "teachers", "per-exit").ToLowerInvariant() with
+        | "per-exit" -> PerExitTeachers
+        | "previous-stage" -> PreviousStageTeacher
+        | other -> rd.Fail("lwf.teachers", $"unknown teacher policy '{other}' (per-exit, previous-stage)"); PerExitTeachers
     let stages =
         match rd.Array(root, "", "stages") with
         | None -> []
@@ -197,6 +204,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
           Data = data
           Augment = augment
           Fisher = { Estimator = estimator; Samples = rd.Int(f, "fisher.", "samples", 0) }
+          LwfTeachers = teachers
           Stages = stages }
     if errors.Count > 0 then Error(List.ofSeq errors)
     else Validation.validate recipe
@@ -272,6 +280,12 @@ let toJson (r: Recipe) =
                                  | SquaredMinibatch -> "squared-minibatch"))
      w.WriteNumber("samples", r.Fisher.Samples)
      w.WriteEndObject()
+     // Written only when it differs from the default, so that recipes (and the cache keys of their stages) from
+     // before the option existed stay the same.
+     if r.LwfTeachers <> PerExitTeachers then
+         w.WriteStartObject "lwf"
+         w.WriteString("teachers", Names.lwfTeachers r.LwfTeachers)
+         w.WriteEndObject()
      w.WriteStartArray "stages"
      for s in r.Stages do
          w.WriteStartObject()

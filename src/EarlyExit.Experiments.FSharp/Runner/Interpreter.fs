@@ -57,8 +57,9 @@ let private fisherEstimator =
     | SquaredMinibatch -> FisherEstimator.SquaredMinibatchGradient
 
 /// Exits each stage must consolidate after it ends: EWC (Fisher + anchor) and/or LwF (teacher), derived from
-/// which later stages protect that exit with which regulariser.
-let consolidation (stages: Stage list) (i: int) =
+/// which later stages protect that exit with which regulariser. With one previous-stage teacher, a stage keeps a
+/// teacher only where a later stage's deepest protected exit is its exit.
+let consolidation (teachers: LwfTeachers) (stages: Stage list) (i: int) =
     let s = stages[i]
     if s.Exit = 0 then false, false
     else
@@ -66,15 +67,19 @@ let consolidation (stages: Stage list) (i: int) =
         let ewc = later |> List.exists (fun l -> match l.Regulariser with
                                                  | Ewc _ | EwcAndLwf _ -> true
                                                  | _ -> false)
+        let usesTeacher (l: Stage) =
+            match teachers with
+            | PerExitTeachers -> true
+            | PreviousStageTeacher -> List.max l.Protects = s.Exit
         let lwf = later |> List.exists (fun l -> match l.Regulariser with
-                                                 | Lwf _ | EwcAndLwf _ -> true
+                                                 | Lwf _ | EwcAndLwf _ -> usesTeacher l
                                                  | _ -> false)
         ewc, lwf
 
 /// The resolved plan of one stage for the C# loop.
 let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
     let s = recipe.Stages[i]
-    let ewc, lwf = consolidation recipe.Stages i
+    let ewc, lwf = consolidation recipe.LwfTeachers recipe.Stages i
     let lambda, rho =
         match s.Regulariser with
         | NoRegulariser -> 0.0, 0.0
@@ -95,6 +100,9 @@ let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
         LwfRho = rho,
         StageExit = s.Exit,
         ProtectedExits = List.toArray s.Protects,
+        LwfTeachers = (match recipe.LwfTeachers with
+                       | PerExitTeachers -> LwfTeacherPolicy.PerExit
+                       | PreviousStageTeacher -> LwfTeacherPolicy.PreviousStage),
         LearningRate = s.Optimiser.LearningRate,
         WeightDecay = s.Optimiser.WeightDecay,
         Schedule = (match s.Optimiser.Schedule with
@@ -120,7 +128,7 @@ let prefixKey (recipe: Recipe) (k: int) =
     let prefix = { recipe with Name = ""; Stages = List.take (k + 1) recipe.Stages }
     let kept =
         [ for i in 0..k do
-            match consolidation recipe.Stages i with
+            match consolidation recipe.LwfTeachers recipe.Stages i with
             | false, false -> ()
             | ewc, lwf -> $"|{i}:ewc={ewc},lwf={lwf}" ]
     let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix + String.concat "" kept))

@@ -109,5 +109,6 @@ let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (s
       Data = s.Data
       Augment = s.Augment
       Fisher = s.Fisher
+      LwfTeachers = PerExitTeachers
       Seed = seed
       Stages = stagesOf strategy m s.Stages }
