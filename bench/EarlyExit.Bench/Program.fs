@@ -27,7 +27,10 @@ type Figure =
 
 let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
 
-/// Times the steps of a stage (first batch excluded as warm-up) through the loop's observer.
+/// Batches of every timed loop left out as warm-up (allocator and oneDNN caches fill on the first ones).
+let warmupSteps = 2
+
+/// Times the steps of a stage (the first `warmupSteps` excluded) through the loop's observer.
 type StepClock() =
     let times = ResizeArray<float>()
     let clock = Stopwatch()
@@ -35,7 +38,7 @@ type StepClock() =
     interface ITrainingObserver with
         member _.OnStageStart(_, _, _) = clock.Restart()
         member _.OnBatch(_, _, batch, _, _) =
-            if batch > 0 then times.Add clock.Elapsed.TotalSeconds
+            if batch >= warmupSteps then times.Add clock.Elapsed.TotalSeconds
             clock.Restart()
 
 let model () =
@@ -68,7 +71,7 @@ let bareLoop (net: MultiExitNetwork) (data: ImageDataset) (steps: int) (batch: i
         opt.zero_grad()
         loss.backward()
         opt.step() |> ignore
-        if s > 0 then times.Add clock.Elapsed.TotalSeconds
+        if s >= warmupSteps then times.Add clock.Elapsed.TotalSeconds
         clock.Restart()
     median (List.ofSeq times)
 
@@ -77,17 +80,26 @@ let rssMiB () =
     p.Refresh()
     float p.WorkingSet64 / float (1 <<< 20)
 
+let sections = [ "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory" ]
+
 [<EntryPoint>]
 let main argv =
     let quick = Array.contains "--quick" argv
-    let outDir =
-        match Array.tryFindIndex ((=) "--out") argv with
-        | Some i when i + 1 < argv.Length -> argv[i + 1]
-        | _ -> Path.Combine("results", "bench")
+    let argAfter name = Array.tryFindIndex ((=) name) argv |> Option.filter (fun i -> i + 1 < argv.Length) |> Option.map (fun i -> argv[i + 1])
+    let outDir = argAfter "--out" |> Option.defaultValue (Path.Combine("results", "bench"))
+    let only = argAfter "--only" |> Option.map (fun s -> s.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) |> Set.ofArray)
+    match only |> Option.map (fun o -> Set.difference o (set sections)) with
+    | Some unknown when not unknown.IsEmpty ->
+        eprintfn "error: unknown section(s) %s; known: %s" (String.Join(", ", unknown)) (String.Join(", ", sections))
+        exit 2
+    | _ -> ()
+    let runs name = match only with
+                    | None -> true
+                    | Some o -> o.Contains name
     let loader = TorchNativeLoader.EnsureLoaded()
     let device = Devices.Choose()
     let repeats = if quick then 3 else 5
-    let steps = if quick then 8 else 20
+    let steps = warmupSteps + (if quick then 10 else 30)
     let batch = 128
     let log (s: string) = Console.Out.WriteLine s
     let kind = if quick then "quick" else "full"
@@ -103,36 +115,48 @@ let main argv =
         figures.Add { Name = name; Value = value; Target = "–"; Met = None; Detail = detail }
         log $"  {name}: {value:F3} {detail}"
 
-    // 1. Trainer step vs a bare loop.
-    let trainerVsBare =
-        [ for _ in 1..repeats ->
-            use netA = model ()
-            let bare = bareLoop netA data.Train steps batch
-            use netB = model ()
-            use regs = new RegularizerState()
-            let clock = StepClock()
-            StageTrainer.Run(netB, basePlan "joint" netB.ExitCount steps batch, data, regs, torch.CPU, clock) |> ignore
-            bare / clock.PerStepSeconds ]
-    let r1 = median trainerVsBare
-    add "trainer step throughput / bare TorchSharp loop" r1 ">= 0.95" (r1 >= 0.95) $"(joint, batch {batch}, AdamW)"
+    // 1. Trainer step vs a bare loop, in alternating order (so that drift in machine load favours neither).
+    if runs "trainer" then
+        let trainerVsBare =
+            [ for r in 1..repeats ->
+                let bare () =
+                    use netA = model ()
+                    bareLoop netA data.Train steps batch
+                let trainer () =
+                    use netB = model ()
+                    use regs = new RegularizerState()
+                    let clock = StepClock()
+                    StageTrainer.Run(netB, basePlan "joint" netB.ExitCount steps batch, data, regs, torch.CPU, clock) |> ignore
+                    clock.PerStepSeconds
+                if r % 2 = 1 then
+                    let b = bare ()
+                    b / trainer ()
+                else
+                    let t = trainer ()
+                    bare () / t ]
+        let r1 = median trainerVsBare
+        let each = trainerVsBare |> List.map (fun v -> v.ToString "F2") |> String.concat " "
+        add "trainer step throughput / bare TorchSharp loop" r1 ">= 0.95" (r1 >= 0.95) $"(joint, batch {batch}, AdamW; runs {each})"
 
     // 2-4. Sequential stage μ = M with EWC, with LwF, and plain; the Fisher against a training pass.
     use net = model ()
     let m = net.ExitCount
     use regs = new RegularizerState()
-    for nu in 1 .. m - 1 do
-        let f = FisherInformation.Compute(net, nu, data.Train, FisherEstimator.PerSampleEmpirical, 512, 128, 0)
-        regs.Ewc.Accumulate(nu, f)
-        for t in f.Values do t.Dispose()
-        regs.Teachers[nu] <- net.FrozenCopy()
-    regs.Ewc.SetAnchor net
-    let stagePlan (lambda: float) (rho: float) =
+    let needsStage = runs "regularisers" || runs "fisher" || runs "pipeline"
+    if needsStage then
+        for nu in 1 .. m - 1 do
+            let f = FisherInformation.Compute(net, nu, data.Train, FisherEstimator.PerSampleEmpirical, 512, 128, 0)
+            regs.Ewc.Accumulate(nu, f)
+            for t in f.Values do t.Dispose()
+            regs.Teachers[nu] <- net.FrozenCopy()
+        regs.Ewc.SetAnchor net
+    let stagePlan (lambda: float) (rho: float) (teachers: LwfTeacherPolicy) =
         let heads = if rho > 0.0 then [| for k in 1..m -> $"head{k}" |] else [| $"head{m}" |]
         let groups = Array.append [| for k in 1..m -> $"segment{k}" |] heads
         StagePlan(
             Name = "seq", LossExits = [| m |], LossWeights = [| 1.0 |],
             TrainableGroups = groups,
-            EwcLambda = lambda, LwfRho = rho, StageExit = m, ProtectedExits = [| 1 .. m - 1 |],
+            EwcLambda = lambda, LwfRho = rho, LwfTeachers = teachers, StageExit = m, ProtectedExits = [| 1 .. m - 1 |],
             BatchSize = batch, MaxEpochs = 1, MaxStepsPerEpoch = steps, CropPadding = 0, HorizontalFlip = false,
             Schedule = LrSchedule.Constant, LearningRate = 1e-4, EvalBatchSize = 256)
     let stepOf (plan: StagePlan) =
@@ -145,86 +169,143 @@ let main argv =
             sd[k].copy_(v) |> ignore
             v.Dispose()
         clock.PerStepSeconds
-    let trios = [ for _ in 1..repeats -> stepOf (stagePlan 0.0 0.0), stepOf (stagePlan 100.0 0.0), stepOf (stagePlan 0.0 0.7) ]
-    let plain = median (trios |> List.map (fun (a, _, _) -> a))
-    let ewcRatio = median (trios |> List.map (fun (a, b, _) -> b / a))
-    let lwfRatio = median (trios |> List.map (fun (a, _, c) -> c / a))
-    add "sequential + EWC step / plain step" ewcRatio "<= 1.10" (ewcRatio <= 1.10) $"(stage μ={m}, {m - 1} protected exits)"
-    add "sequential + LwF step (with teachers' forward) / plain step" lwfRatio "<= 1.5" (lwfRatio <= 1.5) $"({m - 1} teachers)"
+    let plainRuns = ResizeArray<float>()
+    if runs "regularisers" then
+        let runsOf =
+            [ for _ in 1..repeats ->
+                let plain = stepOf (stagePlan 0.0 0.0 LwfTeacherPolicy.PerExit)
+                plainRuns.Add plain
+                plain,
+                stepOf (stagePlan 100.0 0.0 LwfTeacherPolicy.PerExit),
+                stepOf (stagePlan 0.0 0.7 LwfTeacherPolicy.PerExit),
+                stepOf (stagePlan 0.0 0.7 LwfTeacherPolicy.PreviousStage) ]
+        let ratio pick = median (runsOf |> List.map (fun (a, e, l, p) -> pick (e, l, p) / a))
+        let ewcRatio = ratio (fun (e, _, _) -> e)
+        let lwfRatio = ratio (fun (_, l, _) -> l)
+        let prevRatio = ratio (fun (_, _, p) -> p)
+        add "sequential + EWC step / plain step" ewcRatio "<= 1.10" (ewcRatio <= 1.10) $"(stage μ={m}, {m - 1} protected exits)"
+        // What the per-exit teachers cost by MACs: Σ_ν (cost up to exit ν) against a training step (≈ 3 forward passes).
+        let cost = EarlyExit.Flops.MacCounter.Count net
+        let cum = cost.Exits |> Seq.map (fun e -> float e.CumulativeMacs) |> Seq.toArray
+        let teacherForwards = (Array.sum cum[.. m - 2]) / cum[m - 1]
+        add "sequential + LwF step, per-exit teachers (the paper's definition) / plain step" lwfRatio "<= 1.5" (lwfRatio <= 1.5)
+            $"({m - 1} teacher forwards = {teacherForwards:F2} full forwards by MACs, beside a step of about 3)"
+        add "sequential + LwF step, one previous-stage teacher (--lwf-teachers previous-stage) / plain step" prevRatio "<= 1.5" (prevRatio <= 1.5)
+            $"(one teacher forward up to exit {m - 1})"
 
-    let n = if quick then 512 else 2048
-    let fisherTimes =
-        [ for _ in 1..repeats ->
+    let plainStep () =
+        if plainRuns.Count = 0 then
+            for _ in 1..repeats do plainRuns.Add(stepOf (stagePlan 0.0 0.0 LwfTeacherPolicy.PerExit))
+        median (List.ofSeq plainRuns)
+
+    if runs "fisher" then
+        let n = if quick then 512 else 2048
+        let plain = plainStep ()
+        let fisherTimes =
+            [ for _ in 1..repeats ->
+                let clock = Stopwatch.StartNew()
+                let f = FisherInformation.Compute(net, m, data.Train, FisherEstimator.PerSampleEmpirical, n, 128, 1)
+                let t = clock.Elapsed.TotalSeconds
+                for v in f.Values do v.Dispose()
+                t ]
+        let fisherRatio = median fisherTimes / (plain * float n / float batch)
+        add "per-sample Fisher over N samples / one training pass over N" fisherRatio "<= 3" (fisherRatio <= 3.0) $"(N = {n}; plain step {plain * 1000.0:F1} ms)"
+        let naiveN = 64
+        let naive =
             let clock = Stopwatch.StartNew()
-            let f = FisherInformation.Compute(net, m, data.Train, FisherEstimator.PerSampleEmpirical, n, 128, 1)
-            let t = clock.Elapsed.TotalSeconds
+            let f = FisherInformation.Compute(net, m, data.Train, FisherEstimator.PerSampleEmpiricalNaive, naiveN, 128, 1)
             for v in f.Values do v.Dispose()
-            t ]
-    let fisherRatio = median fisherTimes / (plain * float n / float batch)
-    add "per-sample Fisher over N samples / one training pass over N" fisherRatio "<= 3" (fisherRatio <= 3.0) $"(N = {n}; plain step {plain * 1000.0:F1} ms)"
-    let naiveN = 64
-    let naive =
-        let clock = Stopwatch.StartNew()
-        let f = FisherInformation.Compute(net, m, data.Train, FisherEstimator.PerSampleEmpiricalNaive, naiveN, 128, 1)
-        for v in f.Values do v.Dispose()
-        clock.Elapsed.TotalSeconds / float naiveN * float n
-    info "for scale: one backward pass per sample / one training pass" (naive / (plain * float n / float batch)) "(the naive oracle, extrapolated from 64 samples)"
+            clock.Elapsed.TotalSeconds / float naiveN * float n
+        info "for scale: one backward pass per sample / one training pass" (naive / (plain * float n / float batch)) "(the naive oracle, extrapolated from 64 samples)"
 
     // 5. Early-exit inference at the threshold where about half the test samples leave early (timing needs no training).
-    net.eval() |> ignore
-    let outputs =
-        use logits = Evaluator.CollectLogits(net, data.Test, 256, torch.CPU)
+    if runs "inference" then
+        net.eval() |> ignore
         let cost = EarlyExit.Flops.MacCounter.Count net
-        EarlyExit.Experiments.Evaluation.RunFolder.outputsOfLogits logits data.Test.Labels (cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray) cost.BackboneMacs
-    let sweep = EarlyExit.Experiments.Evaluation.Budget.sweep outputs (EarlyExit.Experiments.Evaluation.Budget.thresholds 100)
-    let half = sweep |> Array.minBy (fun p -> abs (1.0 - p.ExitRatios[m - 1] - 0.5))
-    let predicted = float outputs.ExitMacs[m - 1] / half.AverageMacs
-    let samples = if quick then 128 else 512
-    use images = data.Test.Images(ReadOnlySpan [| 0 .. samples - 1 |])
-    for b in [ 1; 64 ] do
-        let ratios =
-            [ for _ in 1..repeats ->
-                let early, full = EarlyExit.Experiments.Cli.Eval.time net images b half.Threshold 1
-                (full / early) / predicted ]
-        let r = median ratios
-        add $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r ">= 0.9" (r >= 0.9)
-            $"(threshold {half.Threshold:F2}: {100.0 * (1.0 - half.ExitRatios[m - 1]):F0}%% leave early; predicted {predicted:F2}x)"
+        let exitMacs = cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray
+        let outputs =
+            use logits = Evaluator.CollectLogits(net, data.Test, 256, torch.CPU)
+            EarlyExit.Experiments.Evaluation.RunFolder.outputsOfLogits logits data.Test.Labels exitMacs cost.BackboneMacs
+        let sweep = EarlyExit.Experiments.Evaluation.Budget.sweep outputs (EarlyExit.Experiments.Evaluation.Budget.thresholds 100)
+        let half = sweep |> Array.minBy (fun p -> abs (1.0 - p.ExitRatios[m - 1] - 0.5))
+        let samples = if quick then 512 else 1024
+        use images = data.Test.Images(ReadOnlySpan [| 0 .. samples - 1 |])
+        let threads = torch.get_num_threads()
+        for b in [ 1; 64 ] do
+            // One sample at a time runs about twice as fast on one thread as on two here (thread wake-ups per op
+            // outweigh the split work), so batch 1 is timed as it would be deployed: on one thread.
+            torch.set_num_threads(if b = 1 then 1 else threads)
+            // Latency of every exit at this batch size, without early exit (segments and heads 1..μ): what the exits
+            // cost on this machine, where MACs of shallow layers (few channels, large maps) run slower than deep ones.
+            let latency =
+                use _ = torch.no_grad()
+                [| for mu in 1..m ->
+                    let x = images.narrow(0L, 0L, int64 b)
+                    let once () =
+                        use scope = torch.NewDisposeScope()
+                        net.ForwardUpTo(x, mu) |> ignore
+                    for _ in 1..3 do once ()
+                    let ts = [ for _ in 1..(if b = 1 then 41 else 9) -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
+                    median ts |]
+            let runs =
+                [ for _ in 1..repeats ->
+                    let early, full, exits = EarlyExit.Experiments.Cli.Eval.time net images b half.Threshold 3
+                    let byMacs = EarlyExit.Experiments.Cli.Eval.predictedSpeedUp exitMacs exits
+                    let byLatency = latency[m - 1] / (exits |> Array.averageBy (fun e -> latency[e - 1]))
+                    let measured = full / early
+                    measured / byMacs, measured / byLatency, byMacs, byLatency, exits ]
+            let r = median (runs |> List.map (fun (a, _, _, _, _) -> a))
+            let rl = median (runs |> List.map (fun (_, l, _, _, _) -> l))
+            let (_, _, byMacs, byLatency, exits) = runs.Head
+            let early = exits |> Array.filter (fun e -> e < m) |> Array.length
+            add $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r ">= 0.9" (r >= 0.9)
+                $"(threshold {half.Threshold:F2}: {100.0 * float early / float samples:F0}%% of {samples} leave early; predicted {byMacs:F2}x; {torch.get_num_threads()} thread(s))"
+            let latencies = latency |> Array.map (fun t -> t.ToString "F2") |> String.concat " "
+            info $"early-exit inference, batch {b}: measured speed-up / speed-up predicted by each exit's measured latency" rl
+                $"(predicted {byLatency:F2}x; exit latencies at batch {b}: {latencies} ms)"
+
+        torch.set_num_threads threads
 
     // 6. Data pipeline against training throughput.
-    let pipeline =
-        [ for _ in 1..repeats ->
-            let cf = CropFlip(2, true, 1L)
-            let mix = MixupCutmix(MixSettings(), 10, 1)
-            let clock = Stopwatch.StartNew()
-            for s in 0 .. steps - 1 do
-                use scope = torch.NewDisposeScope()
-                let idx = [| for i in 0 .. batch - 1 -> (s * batch + i) % data.Train.Count |]
-                let x = cf.Apply(data.Train.Images(ReadOnlySpan idx))
-                mix.Apply(x, data.Train.LabelTensor(ReadOnlySpan idx)) |> ignore
-            float (steps * batch) / clock.Elapsed.TotalSeconds ]
-    let trainRate = float batch / plain
-    let pipeRatio = median pipeline / trainRate
-    add "data pipeline (read + crop/flip + Mixup/CutMix) images/s / training images/s" pipeRatio ">= 10" (pipeRatio >= 10.0) $"({median pipeline:F0} vs {trainRate:F0} images/s)"
+    if runs "pipeline" then
+        let pipeline =
+            [ for _ in 1..repeats ->
+                let cf = CropFlip(2, true, 1L)
+                let mix = MixupCutmix(MixSettings(), 10, 1)
+                let clock = Stopwatch.StartNew()
+                for s in 0 .. steps - 1 do
+                    use scope = torch.NewDisposeScope()
+                    let idx = [| for i in 0 .. batch - 1 -> (s * batch + i) % data.Train.Count |]
+                    let x = cf.Apply(data.Train.Images(ReadOnlySpan idx))
+                    mix.Apply(x, data.Train.LabelTensor(ReadOnlySpan idx)) |> ignore
+                float (steps * batch) / clock.Elapsed.TotalSeconds ]
+        let trainRate = float batch / plainStep ()
+        let pipeRatio = median pipeline / trainRate
+        add "data pipeline (read + crop/flip + Mixup/CutMix) images/s / training images/s" pipeRatio ">= 10" (pipeRatio >= 10.0) $"({median pipeline:F0} vs {trainRate:F0} images/s)"
 
     // 7. Memory: live tensors and resident memory after epoch 10 against epoch 1.
-    let counts = ResizeArray<int64 * float>()
-    let memoryObserver =
-        { new ITrainingObserver with
-            member _.OnEpochEnd(_, _) =
-                GC.Collect()
-                GC.WaitForPendingFinalizers()
-                counts.Add(torch.Tensor.TotalCount, rssMiB ()) }
-    use netM = model ()
-    use regsM = new RegularizerState()
-    let p = basePlan "memory" netM.ExitCount (if quick then 3 else 10) 64
-    StageTrainer.Run(netM, StagePlan(Name = p.Name, LossExits = p.LossExits, LossWeights = p.LossWeights, TrainableGroups = p.TrainableGroups,
-                                     BatchSize = 64, MaxEpochs = 10, MaxStepsPerEpoch = p.MaxStepsPerEpoch, CropPadding = 2, HorizontalFlip = true,
-                                     Mix = MixSettings(), Schedule = LrSchedule.Cosine, LearningRate = 1e-3, EvalBatchSize = 256),
-                     data, regsM, torch.CPU, memoryObserver) |> ignore
-    let (t1, r1m), (t10, r10m) = counts[0], counts[counts.Count - 1]
-    add "live tensors after epoch 10 / after epoch 1" (float t10 / float t1) "1.0" (t10 = t1) $"({t1} -> {t10})"
-    add "resident memory after epoch 10 / after epoch 1" (r10m / r1m) "1.0 (no growth)" (r10m / r1m <= 1.05) $"({r1m:F0} -> {r10m:F0} MiB)"
+    if runs "memory" then
+        let counts = ResizeArray<int64 * float>()
+        let memoryObserver =
+            { new ITrainingObserver with
+                member _.OnEpochEnd(_, _) =
+                    GC.Collect()
+                    GC.WaitForPendingFinalizers()
+                    counts.Add(torch.Tensor.TotalCount, rssMiB ()) }
+        use netM = model ()
+        use regsM = new RegularizerState()
+        let p = basePlan "memory" netM.ExitCount (if quick then 3 else 10) 64
+        StageTrainer.Run(netM, StagePlan(Name = p.Name, LossExits = p.LossExits, LossWeights = p.LossWeights, TrainableGroups = p.TrainableGroups,
+                                         BatchSize = 64, MaxEpochs = 10, MaxStepsPerEpoch = p.MaxStepsPerEpoch, CropPadding = 2, HorizontalFlip = true,
+                                         Mix = MixSettings(), Schedule = LrSchedule.Cosine, LearningRate = 1e-3, EvalBatchSize = 256),
+                         data, regsM, torch.CPU, memoryObserver) |> ignore
+        let (t1, r1m), (t10, r10m) = counts[0], counts[counts.Count - 1]
+        add "live tensors after epoch 10 / after epoch 1" (float t10 / float t1) "1.0" (t10 = t1) $"({t1} -> {t10})"
+        add "resident memory after epoch 10 / after epoch 1" (r10m / r1m) "1.0 (no growth)" (r10m / r1m <= 1.05) $"({r1m:F0} -> {r10m:F0} MiB)"
 
+    if only.IsSome then
+        log "(a partial run (--only) writes nothing to results/bench)"
+        exit 0
     Directory.CreateDirectory outDir |> ignore
     let code = Provenance.codeVersion ()
     let machine = Provenance.machine ()
