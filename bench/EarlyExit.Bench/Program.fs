@@ -1,5 +1,6 @@
 /// Benchmarks as ratios measured side by side in one process (so they hold on a noisy machine), medians over
-/// repeated runs. `dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick] [--out results/bench]`
+/// repeated runs, on the device that training would use (`EARLYEXIT_DEVICE`, or CUDA when present, else the CPU).
+/// `dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick] [--only SECTIONS] [--out results/bench]`
 module EarlyExit.Bench.Program
 
 open System
@@ -27,23 +28,31 @@ type Figure =
 
 let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
 
+/// Waits for queued GPU work so that a wall clock measures it (no-op on the CPU).
+let sync (device: torch.Device) =
+    if device.``type`` = DeviceType.CUDA then torch.cuda.synchronize device
+
 /// Batches of every timed loop left out as warm-up (allocator and oneDNN caches fill on the first ones).
 let warmupSteps = 2
 
 /// Times the steps of a stage (the first `warmupSteps` excluded) through the loop's observer.
-type StepClock() =
+type StepClock(device: torch.Device) =
     let times = ResizeArray<float>()
     let clock = Stopwatch()
     member _.PerStepSeconds = if times.Count = 0 then nan else median (List.ofSeq times)
     interface ITrainingObserver with
         member _.OnStageStart(_, _, _) = clock.Restart()
         member _.OnBatch(_, _, batch, _, _) =
+            sync device
             if batch >= warmupSteps then times.Add clock.Elapsed.TotalSeconds
             clock.Restart()
 
-let model () =
+/// The cpu-scale ResNet of Table 1 (width 16, [2,2,2,2], exits after blocks 1,2,4,6,8) on Fashion-MNIST's shape.
+let model (device: torch.Device) =
     torch.manual_seed 0L |> ignore
-    ModelRegistry.Create("resnet34", ModelOptions(NumClasses = 10, InputShape = [| 1L; 28L; 28L |], BaseWidth = 16, Blocks = [| 2; 2; 2; 2 |], ExitPositions = [| 1; 2; 4; 6; 8 |]))
+    let net = ModelRegistry.Create("resnet34", ModelOptions(NumClasses = 10, InputShape = [| 1L; 28L; 28L |], BaseWidth = 16, Blocks = [| 2; 2; 2; 2 |], ExitPositions = [| 1; 2; 4; 6; 8 |]))
+    net.``to``(device) |> ignore
+    net
 
 let basePlan (name: string) (m: int) (steps: int) (batch: int) =
     StagePlan(
@@ -52,8 +61,9 @@ let basePlan (name: string) (m: int) (steps: int) (batch: int) =
         BatchSize = batch, MaxEpochs = 1, MaxStepsPerEpoch = steps, CropPadding = 0, HorizontalFlip = false,
         Schedule = LrSchedule.Constant, LearningRate = 1e-3, EvalBatchSize = 256)
 
-/// A bare TorchSharp loop over the same data source, model, batch and optimiser: seconds per step.
-let bareLoop (net: MultiExitNetwork) (data: ImageDataset) (steps: int) (batch: int) =
+/// A bare TorchSharp loop over the same data source, model, batch and optimiser: seconds per step. Like the
+/// trainer, it reads the loss back every step (the trainer checks it for NaN); that is also what synchronises a GPU.
+let bareLoop (net: MultiExitNetwork) (data: ImageDataset) (steps: int) (batch: int) (device: torch.Device) =
     use opt = torch.optim.AdamW(net.parameters(), lr = 1e-3)
     net.train() |> ignore
     let m = net.ExitCount
@@ -62,15 +72,17 @@ let bareLoop (net: MultiExitNetwork) (data: ImageDataset) (steps: int) (batch: i
     for s in 0 .. steps - 1 do
         use scope = torch.NewDisposeScope()
         let idx = [| for i in 0 .. batch - 1 -> (s * batch + i) % data.Count |]
-        let x = data.Images(ReadOnlySpan idx)
-        let y = data.LabelTensor(ReadOnlySpan idx)
+        let x = data.Images(ReadOnlySpan idx, device)
+        let y = data.LabelTensor(ReadOnlySpan idx, device)
         let logits = net.forward x
         let mutable loss = torch.nn.functional.cross_entropy(logits[0], y) * (1.0 / float m)
         for e in 1 .. m - 1 do
             loss <- loss + torch.nn.functional.cross_entropy(logits[e], y) * (1.0 / float m)
+        loss.item<float32>() |> ignore
         opt.zero_grad()
         loss.backward()
         opt.step() |> ignore
+        sync device
         if s >= warmupSteps then times.Add clock.Elapsed.TotalSeconds
         clock.Restart()
     median (List.ofSeq times)
@@ -98,8 +110,8 @@ let main argv =
                     | Some o -> o.Contains name
     let loader = TorchNativeLoader.EnsureLoaded()
     let device = Devices.Choose()
-    let repeats = if quick then 3 else 5
-    let steps = warmupSteps + (if quick then 10 else 30)
+    let repeats = if quick then 5 else 9
+    let steps = warmupSteps + (if quick then 16 else 30)
     let batch = 128
     let log (s: string) = Console.Out.WriteLine s
     let kind = if quick then "quick" else "full"
@@ -120,13 +132,13 @@ let main argv =
         let trainerVsBare =
             [ for r in 1..repeats ->
                 let bare () =
-                    use netA = model ()
-                    bareLoop netA data.Train steps batch
+                    use netA = model device
+                    bareLoop netA data.Train steps batch device
                 let trainer () =
-                    use netB = model ()
+                    use netB = model device
                     use regs = new RegularizerState()
-                    let clock = StepClock()
-                    StageTrainer.Run(netB, basePlan "joint" netB.ExitCount steps batch, data, regs, torch.CPU, clock) |> ignore
+                    let clock = StepClock device
+                    StageTrainer.Run(netB, basePlan "joint" netB.ExitCount steps batch, data, regs, device, clock) |> ignore
                     clock.PerStepSeconds
                 if r % 2 = 1 then
                     let b = bare ()
@@ -139,13 +151,13 @@ let main argv =
         add "trainer step throughput / bare TorchSharp loop" r1 ">= 0.95" (r1 >= 0.95) $"(joint, batch {batch}, AdamW; runs {each})"
 
     // 2-4. Sequential stage μ = M with EWC, with LwF, and plain; the Fisher against a training pass.
-    use net = model ()
+    use net = model device
     let m = net.ExitCount
     use regs = new RegularizerState()
     let needsStage = runs "regularisers" || runs "fisher" || runs "pipeline"
     if needsStage then
         for nu in 1 .. m - 1 do
-            let f = FisherInformation.Compute(net, nu, data.Train, FisherEstimator.PerSampleEmpirical, 512, 128, 0)
+            let f = FisherInformation.Compute(net, nu, data.Train, FisherEstimator.PerSampleEmpirical, 512, 128, 0, device)
             regs.Ewc.Accumulate(nu, f)
             for t in f.Values do t.Dispose()
             regs.Teachers[nu] <- net.FrozenCopy()
@@ -160,9 +172,9 @@ let main argv =
             BatchSize = batch, MaxEpochs = 1, MaxStepsPerEpoch = steps, CropPadding = 0, HorizontalFlip = false,
             Schedule = LrSchedule.Constant, LearningRate = 1e-4, EvalBatchSize = 256)
     let stepOf (plan: StagePlan) =
-        let clock = StepClock()
+        let clock = StepClock device
         let snapshot = net.state_dict() |> Seq.map (fun kv -> kv.Key, kv.Value.clone()) |> Seq.toList
-        StageTrainer.Run(net, plan, data, regs, torch.CPU, clock) |> ignore
+        StageTrainer.Run(net, plan, data, regs, device, clock) |> ignore
         use _ = torch.no_grad()
         let sd = net.state_dict()
         for (k, v) in snapshot do
@@ -204,7 +216,8 @@ let main argv =
         let fisherTimes =
             [ for _ in 1..repeats ->
                 let clock = Stopwatch.StartNew()
-                let f = FisherInformation.Compute(net, m, data.Train, FisherEstimator.PerSampleEmpirical, n, 128, 1)
+                let f = FisherInformation.Compute(net, m, data.Train, FisherEstimator.PerSampleEmpirical, n, 128, 1, device)
+                sync device
                 let t = clock.Elapsed.TotalSeconds
                 for v in f.Values do v.Dispose()
                 t ]
@@ -213,7 +226,8 @@ let main argv =
         let naiveN = 64
         let naive =
             let clock = Stopwatch.StartNew()
-            let f = FisherInformation.Compute(net, m, data.Train, FisherEstimator.PerSampleEmpiricalNaive, naiveN, 128, 1)
+            let f = FisherInformation.Compute(net, m, data.Train, FisherEstimator.PerSampleEmpiricalNaive, naiveN, 128, 1, device)
+            sync device
             for v in f.Values do v.Dispose()
             clock.Elapsed.TotalSeconds / float naiveN * float n
         info "for scale: one backward pass per sample / one training pass" (naive / (plain * float n / float batch)) "(the naive oracle, extrapolated from 64 samples)"
@@ -224,13 +238,14 @@ let main argv =
         let cost = EarlyExit.Flops.MacCounter.Count net
         let exitMacs = cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray
         let outputs =
-            use logits = Evaluator.CollectLogits(net, data.Test, 256, torch.CPU)
+            use logits = Evaluator.CollectLogits(net, data.Test, 256, device)
             EarlyExit.Experiments.Evaluation.RunFolder.outputsOfLogits logits data.Test.Labels exitMacs cost.BackboneMacs
         let sweep = EarlyExit.Experiments.Evaluation.Budget.sweep outputs (EarlyExit.Experiments.Evaluation.Budget.thresholds 100)
         let half = sweep |> Array.minBy (fun p -> abs (1.0 - p.ExitRatios[m - 1] - 0.5))
         let samples = if quick then 512 else 1024
-        use images = data.Test.Images(ReadOnlySpan [| 0 .. samples - 1 |])
+        use images = data.Test.Images(ReadOnlySpan [| 0 .. samples - 1 |], device)
         let threads = torch.get_num_threads()
+        let threadNote () = if device.``type`` = DeviceType.CUDA then "" else $"; {torch.get_num_threads()} CPU thread(s)"
         for b in [ 1; 64 ] do
             // One sample at a time runs about twice as fast on one thread as on two here (thread wake-ups per op
             // outweigh the split work), so batch 1 is timed as it would be deployed: on one thread.
@@ -244,6 +259,7 @@ let main argv =
                     let once () =
                         use scope = torch.NewDisposeScope()
                         net.ForwardUpTo(x, mu) |> ignore
+                        sync device
                     for _ in 1..3 do once ()
                     let ts = [ for _ in 1..(if b = 1 then 41 else 9) -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
                     median ts |]
@@ -259,7 +275,7 @@ let main argv =
             let (_, _, byMacs, byLatency, exits) = runs.Head
             let early = exits |> Array.filter (fun e -> e < m) |> Array.length
             add $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r ">= 0.9" (r >= 0.9)
-                $"(threshold {half.Threshold:F2}: {100.0 * float early / float samples:F0}%% of {samples} leave early; predicted {byMacs:F2}x; {torch.get_num_threads()} thread(s))"
+                $"(threshold {half.Threshold:F2}: {100.0 * float early / float samples:F0}%% of {samples} leave early; predicted {byMacs:F2}x{threadNote ()})"
             let latencies = latency |> Array.map (fun t -> t.ToString "F2") |> String.concat " "
             info $"early-exit inference, batch {b}: measured speed-up / speed-up predicted by each exit's measured latency" rl
                 $"(predicted {byLatency:F2}x; exit latencies at batch {b}: {latencies} ms)"
@@ -276,8 +292,9 @@ let main argv =
                 for s in 0 .. steps - 1 do
                     use scope = torch.NewDisposeScope()
                     let idx = [| for i in 0 .. batch - 1 -> (s * batch + i) % data.Train.Count |]
-                    let x = cf.Apply(data.Train.Images(ReadOnlySpan idx))
-                    mix.Apply(x, data.Train.LabelTensor(ReadOnlySpan idx)) |> ignore
+                    let x = cf.Apply(data.Train.Images(ReadOnlySpan idx, device))
+                    mix.Apply(x, data.Train.LabelTensor(ReadOnlySpan idx, device)) |> ignore
+                sync device
                 float (steps * batch) / clock.Elapsed.TotalSeconds ]
         let trainRate = float batch / plainStep ()
         let pipeRatio = median pipeline / trainRate
@@ -292,13 +309,13 @@ let main argv =
                     GC.Collect()
                     GC.WaitForPendingFinalizers()
                     counts.Add(torch.Tensor.TotalCount, rssMiB ()) }
-        use netM = model ()
+        use netM = model device
         use regsM = new RegularizerState()
         let p = basePlan "memory" netM.ExitCount (if quick then 3 else 10) 64
         StageTrainer.Run(netM, StagePlan(Name = p.Name, LossExits = p.LossExits, LossWeights = p.LossWeights, TrainableGroups = p.TrainableGroups,
                                          BatchSize = 64, MaxEpochs = 10, MaxStepsPerEpoch = p.MaxStepsPerEpoch, CropPadding = 2, HorizontalFlip = true,
                                          Mix = MixSettings(), Schedule = LrSchedule.Cosine, LearningRate = 1e-3, EvalBatchSize = 256),
-                         data, regsM, torch.CPU, memoryObserver) |> ignore
+                         data, regsM, device, memoryObserver) |> ignore
         let (t1, r1m), (t10, r10m) = counts[0], counts[counts.Count - 1]
         add "live tensors after epoch 10 / after epoch 1" (float t10 / float t1) "1.0" (t10 = t1) $"({t1} -> {t10})"
         add "resident memory after epoch 10 / after epoch 1" (r10m / r1m) "1.0 (no growth)" (r10m / r1m <= 1.05) $"({r1m:F0} -> {r10m:F0} MiB)"
