@@ -4,6 +4,7 @@
 //   dotnet build -c Release && dotnet fsi experiments/table1.fsx [--scale smoke|cpu|paper] [--data cifar100|fashion-mnist]
 //        [--data-root DIR] [--model resnet34|msdnet] [--seed N] [--out results/table1] [--device auto|cpu|cuda]
 //        [--strategies joint,disjoint,...]   (default: all seven)
+//        [--lwf-teachers per-exit,previous-stage]   (LwF strategies once per teacher policy; default: per-exit, the paper's)
 //
 // Default scale: paper on a GPU, cpu otherwise. Default data: CIFAR-100 when its binary files are present, else
 // Fashion-MNIST (apt-get install -y dataset-fashion-mnist). Finished runs are reused, interrupted ones resumed, and

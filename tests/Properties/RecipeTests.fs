@@ -120,7 +120,7 @@ let validation =
         }
         test "an unknown LwF teacher policy is reported with its path" {
             let json = baseJson().Replace("\"stages\":", "\"lwf\": { \"teachers\": \"oldest\" }, \"stages\":")
-            Expect.exists (errorsOf json) (fun e -> e.StartsWith "lwf.teachers: unknown teacher policy 'oldest'") "unknown policy"
+            Expect.exists (errorsOf json) (fun e -> e.StartsWith "lwf.teachers: unknown LwF teacher policy 'oldest'") "unknown policy"
         }
         test "a wrong type is reported with its path" {
             let json = baseJson().Replace("\"maxEpochs\": 2,", "\"maxEpochs\": \"two\",")
@@ -206,6 +206,18 @@ let interpreter =
             let lwf = smokeRecipe (Sequential(Lwf 0.7))
             Expect.equal (Interpreter.prefixKey ewc 0) (Interpreter.prefixKey lwf 0) "the warm-up is shared"
             Expect.notEqual (Interpreter.prefixKey ewc 1) (Interpreter.prefixKey lwf 1) "exit 1 is not: EWC keeps a Fisher, LwF a teacher"
+            let prev = { lwf with LwfTeachers = PreviousStageTeacher }
+            Expect.equal (Interpreter.prefixKey lwf 1) (Interpreter.prefixKey { prev with LwfTeachers = PerExitTeachers } 1) "the key is a function of the recipe"
+            Expect.equal (Interpreter.prefixKey lwf 0) (Interpreter.prefixKey prev 0) "both teacher policies share the warm-up"
+        }
+        test "experiment scripts run every LwF strategy once per teacher policy asked for, under distinct names" {
+            let options: EarlyExit.Experiments.Experiments.Table1.Options =
+                { Scale = Scales.Smoke; Data = None; DataRoot = None; Model = "resnet34"; Seed = 0; OutRoot = ""; Device = None
+                  Strategies = None; LwfTeachers = [ PerExitTeachers; PreviousStageTeacher ]; Log = ignore }
+            let rows = EarlyExit.Experiments.Experiments.Table1.recipesOf options "fashion-mnist" [ Joint; Sequential(Ewc 100.0); Sequential(Lwf 0.7) ]
+            Expect.equal (rows |> List.map fst) [ "joint"; "sequential-ewc"; "sequential-lwf"; "sequential-lwf-previous-stage-teacher" ] "row names"
+            Expect.equal (rows |> List.map (fun (_, r) -> r.LwfTeachers)) [ PerExitTeachers; PerExitTeachers; PerExitTeachers; PreviousStageTeacher ] "policies"
+            Expect.equal (rows |> List.map (fun (_, r) -> r.Name) |> List.distinct |> List.length) 4 "distinct recipe names (run folders)"
         }
     ]
 

@@ -13,13 +13,6 @@ open EarlyExit.Experiments.Cli.Arguments
 let defaultScale () =
     if Devices.CudaAvailable() then Scales.Paper else Scales.Cpu
 
-/// Parses `--lwf-teachers`.
-let parseTeachers (s: string) =
-    match s.ToLowerInvariant() with
-    | "per-exit" -> Ok PerExitTeachers
-    | "previous-stage" -> Ok PreviousStageTeacher
-    | other -> Error $"unknown LwF teacher policy '{other}' (per-exit, previous-stage)"
-
 let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string list> =
     match r.TryGetResult TrainArgs.Recipe with
     | Some _ when r.Contains TrainArgs.Lwf_Teachers ->
@@ -40,7 +33,7 @@ let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string 
             let preset = Builders.Presets.forModel model
             let teachers =
                 match r.TryGetResult TrainArgs.Lwf_Teachers with
-                | Some s -> parseTeachers s
+                | Some s -> Names.parseLwfTeachers s
                 | None -> Ok PerExitTeachers
             match Builders.parseStrategy preset name (r.TryGetResult TrainArgs.Lambda) (r.TryGetResult TrainArgs.Rho), teachers with
             | Error e, _ | _, Error e -> Error [ e ]

@@ -8,7 +8,7 @@ open EarlyExit.Experiments.Runner
 
 exception ScriptArgError of string
 
-let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "out"; "device"; "strategies" ]
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "out"; "device"; "strategies"; "lwf-teachers" ]
 
 let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.Options =
     let rec go (acc: Map<string, string>) =
@@ -50,6 +50,15 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
                 match EarlyExit.Experiments.Recipes.Builders.parseStrategy preset name None None with
                 | Ok s -> s
                 | Error e -> raise (ScriptArgError $"--strategies: {e}") ])
+      LwfTeachers =
+        match opts.TryFind "lwf-teachers" with
+        | None -> [ EarlyExit.Experiments.Recipes.PerExitTeachers ]
+        | Some list ->
+            [ for name in list.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) ->
+                match EarlyExit.Experiments.Recipes.Names.parseLwfTeachers name with
+                | Ok t -> t
+                | Error e -> raise (ScriptArgError $"--lwf-teachers: {e}") ]
+            |> List.distinct
       Log = fun line -> Console.Out.WriteLine line }
 
 /// Runs an experiment body with the clear errors every script shares; returns the exit code.

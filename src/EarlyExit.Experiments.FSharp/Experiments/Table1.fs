@@ -24,7 +24,26 @@ type Options =
       OutRoot: string
       Device: string option
       Strategies: Strategy list option
+      /// LwF teacher policies to run every LwF strategy with (one row each); the first is the plain name's.
+      LwfTeachers: LwfTeachers list
       Log: string -> unit }
+
+/// The (row name, recipe) pairs of strategies: one per LwF teacher policy for strategies with LwF, the paper's
+/// per-exit policy under the strategy's own name and any other as "NAME (POLICY teacher)".
+let recipesOf (o: Options) (data: string) (strategies: Strategy list) =
+    [ for strategy in strategies do
+        let recipe = Scales.recipe o.Scale strategy o.Model data o.Seed
+        let usesLwf =
+            recipe.Stages |> List.exists (fun s -> match s.Regulariser with
+                                                   | Lwf _ | EwcAndLwf _ -> true
+                                                   | _ -> false)
+        if not usesLwf then yield strategyName strategy, recipe
+        else
+            for t in o.LwfTeachers do
+                if t = PerExitTeachers then yield strategyName strategy, recipe
+                else
+                    let label = $"{strategyName strategy}-{Names.lwfTeachers t}-teacher"
+                    yield label, { recipe with Name = recipe.Name + $"-{Names.lwfTeachers t}-teacher"; LwfTeachers = t } ]
 
 /// The paper's published differences at the 25% budget (2026 paper, section 3.2, CIFAR-100), beside ours.
 let publishedDeltaVsSeparateAt25 = [ "sequential-ewc", 4.25; "sequential-lwf", 4.46 ]
@@ -120,7 +139,7 @@ let run (o: Options) =
     let preset = Presets.forModel o.Model
     let strategies = defaultArg o.Strategies (allStrategies preset)
     let rows =
-        runAll o data dir [ for strategy in strategies -> strategyName strategy, Scales.recipe o.Scale strategy o.Model data o.Seed ]
+        runAll o data dir (recipesOf o data strategies)
     let first = rows.Head.Info
     let provenance =
         $"Data: {dataNote}. Scale: {Scales.name o.Scale} ({(Scales.settings o.Scale o.Model data).Description}). " +

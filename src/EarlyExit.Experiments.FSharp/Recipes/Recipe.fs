@@ -113,6 +113,12 @@ module Names =
         | PerExitTeachers -> "per-exit"
         | PreviousStageTeacher -> "previous-stage"
 
+    let parseLwfTeachers (s: string) =
+        match s.Trim().ToLowerInvariant() with
+        | "per-exit" -> Ok PerExitTeachers
+        | "previous-stage" -> Ok PreviousStageTeacher
+        | other -> Error $"unknown LwF teacher policy '{other}' (per-exit, previous-stage)"
+
     let regulariser =
         function
         | NoRegulariser -> "none"

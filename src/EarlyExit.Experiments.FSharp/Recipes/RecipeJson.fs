@@ -189,10 +189,9 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
     let l = root.GetSection "lwf"
     rd.Known(l, "lwf", [ "teachers" ])
     let teachers =
-        match rd.String(l, "lwf.", "teachers", "per-exit").ToLowerInvariant() with
-        | "per-exit" -> PerExitTeachers
-        | "previous-stage" -> PreviousStageTeacher
-        | other -> rd.Fail("lwf.teachers", $"unknown teacher policy '{other}' (per-exit, previous-stage)"); PerExitTeachers
+        match Names.parseLwfTeachers (rd.String(l, "lwf.", "teachers", "per-exit")) with
+        | Ok t -> t
+        | Error e -> rd.Fail("lwf.teachers", e); PerExitTeachers
     let stages =
         match rd.Array(root, "", "stages") with
         | None -> []

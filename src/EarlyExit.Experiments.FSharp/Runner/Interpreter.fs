@@ -125,7 +125,14 @@ let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
 /// Cache key of the state after stages 0..k: everything that determines it (not the recipe's name).
 /// What a stage keeps for later ones (Fisher and anchor, teacher) depends on the stages after it, so it is part of the key.
 let prefixKey (recipe: Recipe) (k: int) =
-    let prefix = { recipe with Name = ""; Stages = List.take (k + 1) recipe.Stages }
+    let stages = List.take (k + 1) recipe.Stages
+    let trainsWithLwf =
+        stages |> List.exists (fun s -> match s.Regulariser with
+                                        | Lwf _ | EwcAndLwf _ -> true
+                                        | _ -> false)
+    // The teacher policy changes the state only through stages that train with LwF (what a stage keeps for later
+    // ones is in `kept`), so prefixes without one (the warm-up) are shared by both policies.
+    let prefix = { recipe with Name = ""; Stages = stages; LwfTeachers = (if trainsWithLwf then recipe.LwfTeachers else PerExitTeachers) }
     let kept =
         [ for i in 0..k do
             match consolidation recipe.LwfTeachers recipe.Stages i with
