@@ -44,6 +44,20 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
     rm -rf "$smoke"
   done
 fi
+# The benchmark harness, at smoke size (seconds): every figure is produced and written; its numbers mean nothing.
+if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
+  bench=$(mktemp -d)
+  if dotnet bench/EarlyExit.Bench/bin/Release/net10.0/linux-x64/EarlyExit.Bench.dll --smoke --out "$bench" > "$bench/log" 2>&1 \
+     && [ "$(grep -c '"Name"' "$bench/bench.json")" -eq 13 ] && grep -q "^| trainer step" "$bench/bench.md"; then
+    echo "bench smoke: 1 passed, 0 failed"
+    passed=$((passed + 1))
+  else
+    echo "bench smoke: FAILED; its log:"
+    tail -n 30 "$bench/log"
+    failed=$((failed + 1)); status=1
+  fi
+  rm -rf "$bench"
+fi
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ] || status=1

@@ -1,6 +1,7 @@
 /// Benchmarks as ratios measured side by side in one process (so they hold on a noisy machine), medians over
 /// repeated runs, on the device that training would use (`EARLYEXIT_DEVICE`, or CUDA when present, else the CPU).
-/// `dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick] [--only SECTIONS] [--out results/bench]`
+/// `dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smoke] [--only SECTIONS] [--out results/bench]`
+/// (`--smoke`: one repeat of a few steps, seconds; checks that every figure is produced, its numbers mean nothing.)
 module EarlyExit.Bench.Program
 
 open System
@@ -96,7 +97,8 @@ let sections = [ "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "
 
 [<EntryPoint>]
 let main argv =
-    let quick = Array.contains "--quick" argv
+    let smoke = Array.contains "--smoke" argv
+    let quick = smoke || Array.contains "--quick" argv
     let argAfter name = Array.tryFindIndex ((=) name) argv |> Option.filter (fun i -> i + 1 < argv.Length) |> Option.map (fun i -> argv[i + 1])
     let outDir = argAfter "--out" |> Option.defaultValue (Path.Combine("results", "bench"))
     let only = argAfter "--only" |> Option.map (fun s -> s.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) |> Set.ofArray)
@@ -110,11 +112,11 @@ let main argv =
                     | Some o -> o.Contains name
     let loader = TorchNativeLoader.EnsureLoaded()
     let device = Devices.Choose()
-    let repeats = if quick then 5 else 9
-    let steps = warmupSteps + (if quick then 16 else 30)
+    let repeats = if smoke then 1 elif quick then 5 else 9
+    let steps = warmupSteps + (if smoke then 2 elif quick then 16 else 30)
     let batch = 128
     let log (s: string) = Console.Out.WriteLine s
-    let kind = if quick then "quick" else "full"
+    let kind = if smoke then "smoke" elif quick then "quick" else "full"
     log $"EarlyExit benchmarks ({kind}): {Devices.Describe device}; natives {TorchNativeLoader.Describe loader}"
     let splits = DataCatalog.Load("fashion-mnist")
     let train = splits.Train.Take(6000, 0)
@@ -211,7 +213,7 @@ let main argv =
         median (List.ofSeq plainRuns)
 
     if runs "fisher" then
-        let n = if quick then 512 else 2048
+        let n = if smoke then 128 elif quick then 512 else 2048
         // Side by side: a training pass over N samples (the plain sequential step, N / batch steps), then the Fisher
         // of the same network over N samples; one ratio per repeat.
         let trainingPass () =
@@ -231,9 +233,9 @@ let main argv =
         let fisherRatio = median (pairs |> List.map (fun (pass, f) -> f / pass))
         let pass = median (pairs |> List.map fst)
         add "per-sample Fisher over N samples / one training pass over N" fisherRatio "<= 3" (fisherRatio <= 3.0) $"(N = {n}; training pass {pass:F2} s)"
-        let naiveN = 64
+        let naiveN = if smoke then 8 else 64
         let naive = fisher FisherEstimator.PerSampleEmpiricalNaive naiveN / float naiveN * float n
-        info "for scale: one backward pass per sample / one training pass" (naive / trainingPass ()) "(the naive oracle, extrapolated from 64 samples)"
+        info "for scale: one backward pass per sample / one training pass" (naive / trainingPass ()) $"(the naive oracle, extrapolated from {naiveN} samples)"
 
     // 5. Early-exit inference at the threshold where about half the test samples leave early (timing needs no training).
     if runs "inference" then
@@ -245,7 +247,7 @@ let main argv =
             EarlyExit.Experiments.Evaluation.RunFolder.outputsOfLogits logits data.Test.Labels exitMacs cost.BackboneMacs
         let sweep = EarlyExit.Experiments.Evaluation.Budget.sweep outputs (EarlyExit.Experiments.Evaluation.Budget.thresholds 100)
         let half = sweep |> Array.minBy (fun p -> abs (1.0 - p.ExitRatios[m - 1] - 0.5))
-        let samples = if quick then 512 else 1024
+        let samples = if smoke then 64 elif quick then 512 else 1024
         use images = data.Test.Images(ReadOnlySpan [| 0 .. samples - 1 |], device)
         let threads = torch.get_num_threads()
         let threadNote () = if device.``type`` = DeviceType.CUDA then "" else $"; {torch.get_num_threads()} CPU thread(s)"
@@ -314,7 +316,7 @@ let main argv =
                     counts.Add(torch.Tensor.TotalCount, rssMiB ()) }
         use netM = model device
         use regsM = new RegularizerState()
-        let p = basePlan "memory" netM.ExitCount (if quick then 3 else 10) 64
+        let p = basePlan "memory" netM.ExitCount (if smoke then 1 elif quick then 3 else 10) 64
         StageTrainer.Run(netM, StagePlan(Name = p.Name, LossExits = p.LossExits, LossWeights = p.LossWeights, TrainableGroups = p.TrainableGroups,
                                          BatchSize = 64, MaxEpochs = 10, MaxStepsPerEpoch = p.MaxStepsPerEpoch, CropPadding = 2, HorizontalFlip = true,
                                          Mix = MixSettings(), Schedule = LrSchedule.Cosine, LearningRate = 1e-3, EvalBatchSize = 256),
@@ -330,7 +332,7 @@ let main argv =
     let code = Provenance.codeVersion ()
     let machine = Provenance.machine ()
     let doc =
-        {| kind = (if quick then "quick" else "full")
+        {| kind = kind
            device = Devices.Describe device
            machine = machine
            codeVersion = code
@@ -350,7 +352,7 @@ let main argv =
                     | Some false -> "**no**"
                     | None -> "–"
                 [ f.Name; f.Value.ToString("F3"); f.Target; met; f.Detail ] ] +
-        "\nCommand: `dotnet run -c Release --project bench/EarlyExit.Bench -- " + (if quick then "--quick" else "") + "`\n"
+        "\nCommand: `dotnet run -c Release --project bench/EarlyExit.Bench -- " + (if smoke then "--smoke" elif quick then "--quick" else "") + "`\n"
     Markdown.writeAtomic (Path.Combine(outDir, "bench.md")) md
     let mdPath = Path.Combine(outDir, "bench.md")
     log $"wrote {mdPath} and bench.json"
