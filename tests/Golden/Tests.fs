@@ -312,6 +312,11 @@ let budgets =
             Expect.equal (EarlyExit.Experiments.Evaluation.Budget.speedUp o sweep 1.0) (Some(40.0 / 31.25)) "1.28x"
             Expect.equal (EarlyExit.Experiments.Evaluation.Budget.speedUp o sweep 0.5) (Some(40.0 / 13.75)) "from t = 0.5"
         }
+        test "the MACs-predicted speed-up of timed samples: last exit's cost over the mean cost of the exits they took" {
+            // Exits cost 10, 20, 40 MACs; four samples left at exits 1, 3, 3, 1: mean 25 MACs, 40 / 25 = 1.6x.
+            Expect.equal (EarlyExit.Experiments.Cli.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 1; 3; 3; 1 |]) 1.6 "1.6x"
+            Expect.equal (EarlyExit.Experiments.Cli.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 3; 3 |]) 1.0 "nobody leaves early"
+        }
         test "the reference sweep is 100 evenly spaced thresholds from 0 to 1" {
             let ts = EarlyExit.Experiments.Evaluation.Budget.thresholds 100
             Expect.equal (ts.Length, ts[0], ts[99]) (100, 0.0, 1.0) "ends"
