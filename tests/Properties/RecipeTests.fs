@@ -210,6 +210,36 @@ let interpreter =
             Expect.equal (Interpreter.prefixKey lwf 1) (Interpreter.prefixKey { prev with LwfTeachers = PerExitTeachers } 1) "the key is a function of the recipe"
             Expect.equal (Interpreter.prefixKey lwf 0) (Interpreter.prefixKey prev 0) "both teacher policies share the warm-up"
         }
+        test "teachers no later stage reads are released after each stage: the saved states hold exactly the ones still needed" {
+            for teachers in [ PerExitTeachers; PreviousStageTeacher ] do
+                use dir = new TempDir()
+                let recipe = { smokeRecipe (Sequential(Lwf 0.7)) with LwfTeachers = teachers }
+                let out = dir.File "run"
+                Interpreter.run { quiet with OutDir = out } recipe |> ignore
+                let last = recipe.Stages.Length - 1
+                for i, s in List.indexed recipe.Stages do
+                    let d = EarlyExit.Training.TensorStore.Load(Path.Combine(out, "stages", $"%02d{i}-{s.Name}.done.regs"))
+                    let held = d["meta/teachers"].data<int64>().ToArray() |> Array.map int |> List.ofArray
+                    for t in d.Values do t.Dispose()
+                    let expected =
+                        match teachers with
+                        | _ when s.Exit = 0 || i = last -> []
+                        | PerExitTeachers -> [ 1 .. s.Exit ]
+                        | PreviousStageTeacher -> [ s.Exit ]
+                    Expect.equal held expected $"{Names.lwfTeachers teachers}: teachers held after stage {s.Name}"
+                    Expect.equal (Set.ofList held) (Set.intersect (Set.ofList [ 1 .. max 0 s.Exit ]) (Interpreter.teachersReadAfter recipe i)) "as teachersReadAfter says"
+        }
+        test "the cache key of a prefix says which teachers it still holds" {
+            let r = smokeRecipe (Sequential(Lwf 0.7))
+            Expect.equal (r.Stages |> List.map (fun s -> s.Exit)) [ 0; 1; 2; 3; 4 ] "warm-up, then exits 1..4"
+            // Same stages 0..2 and the same teachers kept by them (exits 1 and 2), but later stages that no longer
+            // read teacher 1: after stage 2 one recipe still holds it, the other has released it.
+            let other = { r with Stages = r.Stages |> List.mapi (fun i s -> if i = 3 then { s with Protects = [ 2 ] } elif i = 4 then { s with Protects = [ 3 ] } else s) }
+            for i in 0..2 do
+                Expect.equal (Interpreter.consolidation other.LwfTeachers other.Stages i) (Interpreter.consolidation r.LwfTeachers r.Stages i) $"stage {i} keeps the same"
+            Expect.notEqual (Interpreter.prefixKey r 2) (Interpreter.prefixKey other 2) "teachers 1 and 2 held vs teacher 2 only"
+            Expect.equal (Interpreter.prefixKey r 1) (Interpreter.prefixKey other 1) "after stage 1 both hold teacher 1"
+        }
         test "experiment scripts run every LwF strategy once per teacher policy asked for, under distinct names" {
             let options: EarlyExit.Experiments.Experiments.Table1.Options =
                 { Scale = Scales.Smoke; Data = None; DataRoot = None; Model = "resnet34"; Seed = 0; OutRoot = ""; Device = None

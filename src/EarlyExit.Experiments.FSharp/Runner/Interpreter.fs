@@ -76,6 +76,19 @@ let consolidation (teachers: LwfTeachers) (stages: Stage list) (i: int) =
                                                  | _ -> false)
         ewc, lwf
 
+/// The exits whose LwF teachers the stages after stage i read: every protected exit (per-exit teachers) or the
+/// deepest one (one previous-stage teacher). Teachers outside this set are released after stage i.
+let teachersReadAfter (recipe: Recipe) (i: int) =
+    recipe.Stages
+    |> List.skip (i + 1)
+    |> List.filter (fun l -> match l.Regulariser with
+                             | Lwf _ | EwcAndLwf _ -> not l.Protects.IsEmpty
+                             | _ -> false)
+    |> List.collect (fun l -> match recipe.LwfTeachers with
+                              | PerExitTeachers -> l.Protects
+                              | PreviousStageTeacher -> [ List.max l.Protects ])
+    |> Set.ofList
+
 /// The resolved plan of one stage for the C# loop.
 let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
     let s = recipe.Stages[i]
@@ -138,6 +151,12 @@ let prefixKey (recipe: Recipe) (k: int) =
             match consolidation recipe.LwfTeachers recipe.Stages i with
             | false, false -> ()
             | ewc, lwf -> $"|{i}:ewc={ewc},lwf={lwf}" ]
+    // Teachers kept by stages 0..k that later stages no longer read are released after stage k.
+    let held =
+        [ for i in 0..k do
+            if snd (consolidation recipe.LwfTeachers recipe.Stages i) then yield recipe.Stages[i].Exit ]
+        |> List.filter (fun e -> (teachersReadAfter recipe k).Contains e)
+    let kept = if held.IsEmpty then kept else kept @ [ "|teachers=" + String.Join(",", held) ]
     let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix + String.concat "" kept))
     Convert.ToHexString(bytes).Substring(0, 20).ToLowerInvariant()
 
@@ -296,6 +315,13 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
             let result =
                 try StageTrainer.Run(net, p, data, regs, device, observer)
                 with :? NonFiniteLossException as e -> raise (RunError e.Message)
+            // Release the teachers no later stage reads (all of them after the last LwF stage; with one
+            // previous-stage teacher, every one but the newest).
+            let read = teachersReadAfter recipe i
+            for nu in List.ofSeq regs.Teachers.Keys do
+                if not (read.Contains nu) then
+                    regs.Teachers[nu].Dispose()
+                    regs.Teachers.Remove nu |> ignore
             let stateInfo =
                 {| stage = s.Name
                    bestEpoch = result.BestEpoch + 1
