@@ -27,35 +27,34 @@ for suite in Golden Properties; do
   fi
   rm -f "$log"
 done
+# One end-to-end check: NAME, then whether it passed (0) or not, then its log (printed when it failed).
+report() {
+  if [ "$2" -eq 0 ]; then
+    echo "$1: 1 passed, 0 failed"
+    passed=$((passed + 1))
+  else
+    echo "$1: FAILED; its log:"
+    tail -n 30 "$3"
+    failed=$((failed + 1)); status=1
+  fi
+}
 # End to end: the Table 1 experiment (all seven strategies) at smoke scale on real data (Fashion-MNIST), for every
 # model family; seconds each.
 if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
   for model in resnet34 msdnet; do
     smoke=$(mktemp -d)
-    if dotnet fsi experiments/table1.fsx --scale smoke --model "$model" --out "$smoke" > "$smoke/log" 2>&1 \
-       && [ "$(grep -c "^| " "$smoke"/*/table1.md)" -eq 8 ] && [ -s "$smoke"/*/fig2.png ]; then
-      echo "table1 smoke ($model): 1 passed, 0 failed"
-      passed=$((passed + 1))
-    else
-      echo "table1 smoke ($model): FAILED; its log:"
-      tail -n 30 "$smoke/log"
-      failed=$((failed + 1)); status=1
-    fi
+    dotnet fsi experiments/table1.fsx --scale smoke --model "$model" --out "$smoke" > "$smoke/log" 2>&1 \
+      && [ "$(grep -c "^| " "$smoke"/*/table1.md)" -eq 8 ] && [ -s "$smoke"/*/fig2.png ]
+    report "table1 smoke ($model)" $? "$smoke/log"
     rm -rf "$smoke"
   done
 fi
 # The benchmark harness, at smoke size (seconds): every figure is produced and written; its numbers mean nothing.
 if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
   bench=$(mktemp -d)
-  if dotnet bench/EarlyExit.Bench/bin/Release/net10.0/linux-x64/EarlyExit.Bench.dll --smoke --out "$bench" > "$bench/log" 2>&1 \
-     && [ "$(grep -c '"Name"' "$bench/bench.json")" -eq 13 ] && grep -q "^| trainer step" "$bench/bench.md"; then
-    echo "bench smoke: 1 passed, 0 failed"
-    passed=$((passed + 1))
-  else
-    echo "bench smoke: FAILED; its log:"
-    tail -n 30 "$bench/log"
-    failed=$((failed + 1)); status=1
-  fi
+  dotnet bench/EarlyExit.Bench/bin/Release/net10.0/linux-x64/EarlyExit.Bench.dll --smoke --out "$bench" > "$bench/log" 2>&1 \
+    && [ "$(grep -c '"Name"' "$bench/bench.json")" -eq 13 ] && grep -q "^| trainer step" "$bench/bench.md"
+  report "bench smoke" $? "$bench/log"
   rm -rf "$bench"
 fi
 

@@ -55,12 +55,15 @@ let model (device: torch.Device) =
     net.``to``(device) |> ignore
     net
 
-let basePlan (name: string) (m: int) (steps: int) (batch: int) =
+/// Joint training of every exit (equal weights) for `epochs` epochs of `steps` steps; `augment`: crop, flip and
+/// Mixup/CutMix, with a cosine schedule (plain tensors and a constant rate otherwise).
+let basePlan (name: string) (m: int) (steps: int) (batch: int) (epochs: int) (augment: bool) =
     StagePlan(
         Name = name, LossExits = [| 1..m |], LossWeights = Array.create m (1.0 / float m),
         TrainableGroups = [| for k in 1..m do yield $"segment{k}"; yield $"head{k}" |],
-        BatchSize = batch, MaxEpochs = 1, MaxStepsPerEpoch = steps, CropPadding = 0, HorizontalFlip = false,
-        Schedule = LrSchedule.Constant, LearningRate = 1e-3, EvalBatchSize = 256)
+        BatchSize = batch, MaxEpochs = epochs, MaxStepsPerEpoch = steps, CropPadding = (if augment then 2 else 0), HorizontalFlip = augment,
+        Mix = (if augment then MixSettings() else null), Schedule = (if augment then LrSchedule.Cosine else LrSchedule.Constant),
+        LearningRate = 1e-3, EvalBatchSize = 256)
 
 /// A bare TorchSharp loop over the same data source, model, batch and optimiser: seconds per step. Like the
 /// trainer, it reads the loss back every step (the trainer checks it for NaN); that is also what synchronises a GPU.
@@ -140,7 +143,7 @@ let main argv =
                     use netB = model device
                     use regs = new RegularizerState()
                     let clock = StepClock device
-                    StageTrainer.Run(netB, basePlan "joint" netB.ExitCount steps batch, data, regs, device, clock) |> ignore
+                    StageTrainer.Run(netB, basePlan "joint" netB.ExitCount steps batch 1 false, data, regs, device, clock) |> ignore
                     clock.PerStepSeconds
                 if r % 2 = 1 then
                     let b = bare ()
@@ -164,15 +167,17 @@ let main argv =
             for t in f.Values do t.Dispose()
             regs.Teachers[nu] <- net.FrozenCopy()
         regs.Ewc.SetAnchor net
-    let stagePlan (lambda: float) (rho: float) (teachers: LwfTeacherPolicy) =
+    /// Stage μ = M of a sequential recipe, `stepsPerEpoch` steps, with or without EWC and LwF.
+    let stagePlanOf (stepsPerEpoch: int) (lambda: float) (rho: float) (teachers: LwfTeacherPolicy) =
         let heads = if rho > 0.0 then [| for k in 1..m -> $"head{k}" |] else [| $"head{m}" |]
         let groups = Array.append [| for k in 1..m -> $"segment{k}" |] heads
         StagePlan(
             Name = "seq", LossExits = [| m |], LossWeights = [| 1.0 |],
             TrainableGroups = groups,
             EwcLambda = lambda, LwfRho = rho, LwfTeachers = teachers, StageExit = m, ProtectedExits = [| 1 .. m - 1 |],
-            BatchSize = batch, MaxEpochs = 1, MaxStepsPerEpoch = steps, CropPadding = 0, HorizontalFlip = false,
+            BatchSize = batch, MaxEpochs = 1, MaxStepsPerEpoch = stepsPerEpoch, CropPadding = 0, HorizontalFlip = false,
             Schedule = LrSchedule.Constant, LearningRate = 1e-4, EvalBatchSize = 256)
+    let stagePlan = stagePlanOf steps
     let stepOf (plan: StagePlan) =
         let clock = StepClock device
         let snapshot = net.state_dict() |> Seq.map (fun kv -> kv.Key, kv.Value.clone()) |> Seq.toList
@@ -217,11 +222,7 @@ let main argv =
         // Side by side: a training pass over N samples (the plain sequential step, N / batch steps), then the Fisher
         // of the same network over N samples; one ratio per repeat.
         let trainingPass () =
-            let p = stagePlan 0.0 0.0 LwfTeacherPolicy.PerExit
-            stepOf (StagePlan(Name = p.Name, LossExits = p.LossExits, LossWeights = p.LossWeights, TrainableGroups = p.TrainableGroups,
-                              StageExit = p.StageExit, BatchSize = batch, MaxEpochs = 1, MaxStepsPerEpoch = warmupSteps + n / batch,
-                              CropPadding = 0, HorizontalFlip = false, Schedule = LrSchedule.Constant, LearningRate = 1e-4, EvalBatchSize = 256))
-            * float n / float batch
+            stepOf (stagePlanOf (warmupSteps + n / batch) 0.0 0.0 LwfTeacherPolicy.PerExit) * float n / float batch
         let fisher (estimator: FisherEstimator) (samples: int) =
             let clock = Stopwatch.StartNew()
             let f = FisherInformation.Compute(net, m, data.Train, estimator, samples, 128, 1, device)
@@ -316,11 +317,8 @@ let main argv =
                     counts.Add(torch.Tensor.TotalCount, rssMiB ()) }
         use netM = model device
         use regsM = new RegularizerState()
-        let p = basePlan "memory" netM.ExitCount (if smoke then 1 elif quick then 3 else 10) 64
-        StageTrainer.Run(netM, StagePlan(Name = p.Name, LossExits = p.LossExits, LossWeights = p.LossWeights, TrainableGroups = p.TrainableGroups,
-                                         BatchSize = 64, MaxEpochs = 10, MaxStepsPerEpoch = p.MaxStepsPerEpoch, CropPadding = 2, HorizontalFlip = true,
-                                         Mix = MixSettings(), Schedule = LrSchedule.Cosine, LearningRate = 1e-3, EvalBatchSize = 256),
-                         data, regsM, device, memoryObserver) |> ignore
+        let p = basePlan "memory" netM.ExitCount (if smoke then 1 elif quick then 3 else 10) 64 10 true
+        StageTrainer.Run(netM, p, data, regsM, device, memoryObserver) |> ignore
         let (t1, r1m), (t10, r10m) = counts[0], counts[counts.Count - 1]
         add "live tensors after epoch 10 / after epoch 1" (float t10 / float t1) "1.0" (t10 = t1) $"({t1} -> {t10})"
         add "resident memory after epoch 10 / after epoch 1" (r10m / r1m) "1.0 (no growth)" (r10m / r1m <= 1.05) $"({r1m:F0} -> {r10m:F0} MiB)"

@@ -40,9 +40,7 @@ let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string 
             | Ok strategy, Ok teachers ->
                 try
                     let recipe = Scales.recipe scale strategy model data (r.GetResult(TrainArgs.Seed, 0))
-                    let recipe =
-                        if teachers = PerExitTeachers then recipe
-                        else { recipe with LwfTeachers = teachers; Name = recipe.Name + "-" + Names.lwfTeachers teachers + "-teacher" }
+                    let recipe = Scales.withLwfTeachers teachers recipe
                     let recipe =
                         match r.TryGetResult TrainArgs.Data_Root with
                         | Some root -> { recipe with Data = { recipe.Data with Root = Some root } }

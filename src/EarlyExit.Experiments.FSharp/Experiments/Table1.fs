@@ -33,17 +33,11 @@ type Options =
 let recipesOf (o: Options) (data: string) (strategies: Strategy list) =
     [ for strategy in strategies do
         let recipe = Scales.recipe o.Scale strategy o.Model data o.Seed
-        let usesLwf =
-            recipe.Stages |> List.exists (fun s -> match s.Regulariser with
-                                                   | Lwf _ | EwcAndLwf _ -> true
-                                                   | _ -> false)
-        if not usesLwf then yield strategyName strategy, recipe
+        if not (recipe.Stages |> List.exists (fun s -> Regularisers.usesLwf s.Regulariser)) then yield strategyName strategy, recipe
         else
             for t in o.LwfTeachers do
-                if t = PerExitTeachers then yield strategyName strategy, recipe
-                else
-                    let label = $"{strategyName strategy}-{Names.lwfTeachers t}-teacher"
-                    yield label, { recipe with Name = recipe.Name + $"-{Names.lwfTeachers t}-teacher"; LwfTeachers = t } ]
+                let label = if t = PerExitTeachers then strategyName strategy else $"{strategyName strategy}-{Names.lwfTeachers t}-teacher"
+                yield label, Scales.withLwfTeachers t recipe ]
 
 /// The paper's published differences at the 25% budget (2026 paper, section 3.2, CIFAR-100), beside ours.
 let publishedDeltaVsSeparateAt25 = [ "sequential-ewc", 4.25; "sequential-lwf", 4.46 ]

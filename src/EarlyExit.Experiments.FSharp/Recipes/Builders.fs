@@ -86,10 +86,7 @@ let separate (m: int) (s: StageSettings) =
 /// protecting exits 1..μ−1; deeper segments and the final classifier frozen. With LwF the earlier heads train too
 /// (its gradients reach them); with EWC they stay frozen.
 let sequentialWith (withWarmup: bool) (reg: Regulariser) (m: int) (s: StageSettings) =
-    let earlierHeadsTrain =
-        match reg with
-        | Lwf _ | EwcAndLwf _ -> true
-        | _ -> false
+    let earlierHeadsTrain = Regularisers.usesLwf reg
     let stageOf mu =
         let trainable = segments [ 1..mu ] @ (if earlierHeadsTrain then heads [ 1..mu ] else heads [ mu ])
         { stage s $"exit{mu}" [ mu, 1.0 ] trainable with

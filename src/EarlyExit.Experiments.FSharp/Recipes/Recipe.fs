@@ -104,6 +104,18 @@ type Recipe =
       Seed: int
       Stages: Stage list }
 
+/// What a regulariser involves: EWC (Fisher and anchor), LwF (teachers), or both.
+module Regularisers =
+    let usesEwc =
+        function
+        | Ewc _ | EwcAndLwf _ -> true
+        | NoRegulariser | Lwf _ -> false
+
+    let usesLwf =
+        function
+        | Lwf _ | EwcAndLwf _ -> true
+        | NoRegulariser | Ewc _ -> false
+
 module Names =
     let segment (k: int) = $"segment{k}"
     let head (k: int) = $"head{k}"

@@ -122,9 +122,7 @@ let problems (r: Recipe) : string list =
                   if e >= 1 && e <= m && pathOf e |> List.forall (trainable.Contains >> not) then
                       $"{at}.lossExits: the loss of exit {e} reaches no trainable parameter"
               let reached =
-                  let lwfExits = match s.Regulariser with
-                                 | Lwf _ | EwcAndLwf _ -> s.Protects
-                                 | _ -> []
+                  let lwfExits = if Regularisers.usesLwf s.Regulariser then s.Protects else []
                   (List.map fst s.LossExits @ lwfExits) |> List.filter (fun e -> e >= 1 && e <= m) |> List.collect pathOf |> set
               for g in s.Trainable do
                   if groups.Contains g && not (reached.Contains g) then

@@ -64,16 +64,12 @@ let consolidation (teachers: LwfTeachers) (stages: Stage list) (i: int) =
     if s.Exit = 0 then false, false
     else
         let later = stages |> List.skip (i + 1) |> List.filter (fun l -> List.contains s.Exit l.Protects)
-        let ewc = later |> List.exists (fun l -> match l.Regulariser with
-                                                 | Ewc _ | EwcAndLwf _ -> true
-                                                 | _ -> false)
+        let ewc = later |> List.exists (fun l -> Regularisers.usesEwc l.Regulariser)
         let usesTeacher (l: Stage) =
             match teachers with
             | PerExitTeachers -> true
             | PreviousStageTeacher -> List.max l.Protects = s.Exit
-        let lwf = later |> List.exists (fun l -> match l.Regulariser with
-                                                 | Lwf _ | EwcAndLwf _ -> usesTeacher l
-                                                 | _ -> false)
+        let lwf = later |> List.exists (fun l -> Regularisers.usesLwf l.Regulariser && usesTeacher l)
         ewc, lwf
 
 /// The exits whose LwF teachers the stages after stage i read: every protected exit (per-exit teachers) or the
@@ -81,9 +77,7 @@ let consolidation (teachers: LwfTeachers) (stages: Stage list) (i: int) =
 let teachersReadAfter (recipe: Recipe) (i: int) =
     recipe.Stages
     |> List.skip (i + 1)
-    |> List.filter (fun l -> match l.Regulariser with
-                             | Lwf _ | EwcAndLwf _ -> not l.Protects.IsEmpty
-                             | _ -> false)
+    |> List.filter (fun l -> Regularisers.usesLwf l.Regulariser && not l.Protects.IsEmpty)
     |> List.collect (fun l -> match recipe.LwfTeachers with
                               | PerExitTeachers -> l.Protects
                               | PreviousStageTeacher -> [ List.max l.Protects ])
@@ -139,23 +133,19 @@ let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
 /// What a stage keeps for later ones (Fisher and anchor, teacher) depends on the stages after it, so it is part of the key.
 let prefixKey (recipe: Recipe) (k: int) =
     let stages = List.take (k + 1) recipe.Stages
-    let trainsWithLwf =
-        stages |> List.exists (fun s -> match s.Regulariser with
-                                        | Lwf _ | EwcAndLwf _ -> true
-                                        | _ -> false)
+    let trainsWithLwf = stages |> List.exists (fun s -> Regularisers.usesLwf s.Regulariser)
     // The teacher policy changes the state only through stages that train with LwF (what a stage keeps for later
     // ones is in `kept`), so prefixes without one (the warm-up) are shared by both policies.
     let prefix = { recipe with Name = ""; Stages = stages; LwfTeachers = (if trainsWithLwf then recipe.LwfTeachers else PerExitTeachers) }
+    let flags = [ for i in 0..k -> i, consolidation recipe.LwfTeachers recipe.Stages i ]
     let kept =
-        [ for i in 0..k do
-            match consolidation recipe.LwfTeachers recipe.Stages i with
+        [ for i, f in flags do
+            match f with
             | false, false -> ()
             | ewc, lwf -> $"|{i}:ewc={ewc},lwf={lwf}" ]
     // Teachers kept by stages 0..k that later stages no longer read are released after stage k.
-    let held =
-        [ for i in 0..k do
-            if snd (consolidation recipe.LwfTeachers recipe.Stages i) then yield recipe.Stages[i].Exit ]
-        |> List.filter (fun e -> (teachersReadAfter recipe k).Contains e)
+    let read = teachersReadAfter recipe k
+    let held = [ for i, (_, lwf) in flags do if lwf && read.Contains recipe.Stages[i].Exit then yield recipe.Stages[i].Exit ]
     let kept = if held.IsEmpty then kept else kept @ [ "|teachers=" + String.Join(",", held) ]
     let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix + String.concat "" kept))
     Convert.ToHexString(bytes).Substring(0, 20).ToLowerInvariant()

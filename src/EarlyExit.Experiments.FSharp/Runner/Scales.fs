@@ -100,6 +100,12 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
               WarmupEpochs = 500 }
           Description = $"paper: full {model}, batch {preset.BatchSize}, AdamW lr {preset.LearningRate} without weight decay, Mixup+CutMix, early stopping with patience {preset.Patience} (epoch cap 500)" }
 
+/// A recipe with another LwF teacher policy; a policy other than the paper's per-exit one is named in the recipe's
+/// name (and so in its run folder).
+let withLwfTeachers (teachers: LwfTeachers) (recipe: Recipe) =
+    if teachers = PerExitTeachers then recipe
+    else { recipe with LwfTeachers = teachers; Name = recipe.Name + $"-{Names.lwfTeachers teachers}-teacher" }
+
 /// The recipe of a strategy at a scale.
 let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (seed: int) : Recipe =
     let s = settings scale model data
