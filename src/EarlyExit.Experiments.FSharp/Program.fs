@@ -72,11 +72,30 @@ let data (r: ParseResults<DataArgs>) =
         printfn "%s extracted to %s" name folder
         0
 
-let doctor () =
+let doctor (r: ParseResults<DoctorArgs>) =
     let report = TorchNativeLoader.EnsureLoaded()
     printfn "TorchSharp natives: %s" (TorchNativeLoader.Describe report)
+    let verdict = NumericsGuard.Current
+    printfn "CPU: %s" (verdict.Cpu.Describe())
+    printfn "libtorch: %s" (verdict.LibTorch.Describe())
+    printfn "convolution kernels in use: %s" verdict.Kernels
+    let shown =
+        if r.Contains Recheck then
+            let fresh = NumericsGuard.Recheck(r.Contains All)
+            if fresh.Backend <> verdict.Backend then
+                printfn "the recheck chose %s (this process keeps %s; the next process uses the new verdict)" fresh.Backend verdict.Backend
+            fresh
+        else verdict
+    printfn "numerics check (%d cases, float32 against float64, tolerance %g, on %d threads; %s):"
+        ConvolutionCheck.Cases.Count ConvolutionCheck.Tolerance shown.Threads shown.Decision
+    for c in shown.Checked do
+        printfn "  %-20s %s (%.1f s)" c.Backend c.Detail c.Seconds
     let device = Devices.Choose()
     printfn "device: %s" (Devices.Describe device)
+    let load = try (IO.File.ReadAllText "/proc/loadavg").Split(' ') |> Array.take 3 |> String.concat " " with _ -> "unknown"
+    printfn "cores: %d; torch threads: %d (OMP_NUM_THREADS=%s); load average: %s"
+        Environment.ProcessorCount (TorchSharp.torch.get_num_threads ())
+        (match Environment.GetEnvironmentVariable "OMP_NUM_THREADS" with null -> "unset" | v -> v) load
     printfn "CUDA available: %b" (Devices.CudaAvailable())
     0
 
@@ -87,15 +106,17 @@ let main argv =
     let parser = ArgumentParser.Create<CliArgs>(programName = "earlyexit", errorHandler = ProcessExiter())
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
-        match results.GetAllResults() with
-        | [ Models ] ->
+        // Before the first use of torch: the guard applies the kernels once per process.
+        results.TryGetResult Numerics |> Option.iter (fun b -> NumericsGuard.Requested <- b)
+        match results.TryGetSubCommand() with
+        | Some Models ->
             Describe.listModels AnsiConsole.Console
             0
-        | [ Describe r ] -> describe r
-        | [ Data r ] -> data r
-        | [ Doctor ] -> doctor ()
-        | [ Eval r ] -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256))
-        | [ Train r ] ->
+        | Some (Describe r) -> describe r
+        | Some (Data r) -> data r
+        | Some (Doctor r) -> doctor r
+        | Some (Eval r) -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256))
+        | Some (Train r) ->
             TorchNativeLoader.EnsureLoaded() |> ignore
             Train.run r
         | _ ->
@@ -112,5 +133,8 @@ let main argv =
         eprintfn "error: %s" e.Message
         1
     | :? TorchUnavailableException as e ->
+        eprintfn "error: %s" e.Message
+        1
+    | :? NumericsException as e ->
         eprintfn "error: %s" e.Message
         1

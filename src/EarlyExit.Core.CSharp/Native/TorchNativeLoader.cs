@@ -16,8 +16,9 @@ namespace EarlyExit.Native
     }
 
     /// <summary>
-    /// Runtime layer of the libstdc++ workaround. Call <see cref="EnsureLoaded"/> first thing in every entry
-    /// point, before any other use of TorchSharp: TorchSharp caches a failed load for the life of the process.
+    /// Runtime layer of the libstdc++ workaround, and the numerics guard. Call <see cref="EnsureLoaded"/> first thing
+    /// in every entry point, before any other use of TorchSharp: TorchSharp caches a failed load for the life of the
+    /// process, and oneDNN fixes its instruction set when it first runs (see <see cref="NumericsGuard"/>).
     /// <para>
     /// It preloads libtorch by absolute path, then tries libLibTorchSharp.so as shipped. Only if that fails
     /// (typically: GLIBCXX_3.4.32 not found) does it write a copy with that version-needs entry marked weak
@@ -37,8 +38,21 @@ namespace EarlyExit.Native
         /// <summary>Environment variable naming a directory that holds libtorch and libLibTorchSharp.so.</summary>
         public const string NativeDirVariable = "EARLYEXIT_TORCH_NATIVE_DIR";
 
-        /// <summary>Makes TorchSharp usable in this process or throws <see cref="TorchUnavailableException"/>.</summary>
+        /// <summary>libtorch_cpu as loaded by absolute path (zero before loading, or where it was left to TorchSharp).</summary>
+        public static IntPtr LibTorchCpuHandle { get; private set; }
+
+        /// <summary>Makes TorchSharp usable in this process and runs the numerics guard (which chooses convolution
+        /// kernels that pass its check, before any of them runs), or throws <see cref="TorchUnavailableException"/>
+        /// or <see cref="NumericsException"/>.</summary>
         public static LoadReport EnsureLoaded()
+        {
+            var report = LoadNatives();
+            NumericsGuard.Ensure();
+            return report;
+        }
+
+        /// <summary>Loads the natives only, without the numerics guard: for the guard's own probe process.</summary>
+        public static LoadReport LoadNatives()
         {
             lock (Gate)
             {
@@ -49,6 +63,9 @@ namespace EarlyExit.Native
                 return report;
             }
         }
+
+        /// <summary>The libraries that must sit beside libLibTorchSharp.so (a CUDA build adds its own).</summary>
+        static readonly string[] RequiredBeside = { "libc10.so", "libtorch_cpu.so", "libtorch.so" };
 
         static IEnumerable<string> CandidateDirectories()
         {
@@ -72,12 +89,20 @@ namespace EarlyExit.Native
             if (dir is null)
                 return new LoadReport("", "", false, "libLibTorchSharp.so not found beside TorchSharp.dll; leaving the load to TorchSharp");
 
+            // A missing bundled library would otherwise be resolved by the dynamic loader elsewhere (Debian's
+            // python3-torch puts a libtorch_cpu.so 1.13 in /usr/lib) and fail later with a misleading message.
+            var missing = RequiredBeside.Where(lib => !File.Exists(Path.Combine(dir, lib))).ToArray();
+            if (missing.Length > 0)
+                throw new TorchUnavailableException(
+                    $"TorchSharp's native libraries are incomplete: {string.Join(", ", missing)} missing from {dir}\n" +
+                    "Rebuild the project (dotnet build) so that the natives are restored, or point " + NativeDirVariable + " at a folder holding libtorch and libLibTorchSharp.so.");
+
             // Preload libtorch by absolute path: a copy of libLibTorchSharp.so in another directory then finds
             // its DT_NEEDED libraries already loaded under their sonames.
             foreach (var lib in new[] { "libgomp-98b21ff3.so.1", "libc10.so", "libtorch_cpu.so", "libc10_cuda.so", "libtorch_cuda.so", "libtorch.so" })
             {
                 var path = Path.Combine(dir, lib);
-                if (File.Exists(path)) NativeLibrary.TryLoad(path, out _);
+                if (File.Exists(path) && NativeLibrary.TryLoad(path, out var handle) && lib == "libtorch_cpu.so") LibTorchCpuHandle = handle;
             }
 
             var shipped = Path.Combine(dir, "libLibTorchSharp.so");
@@ -116,13 +141,10 @@ namespace EarlyExit.Native
         /// <summary>Per-user cache path of the patched copy, keyed by a hash of the shipped file.</summary>
         public static string PatchedCopyPath(string shipped)
         {
-            var cacheRoot = Environment.GetEnvironmentVariable("XDG_CACHE_HOME");
-            if (string.IsNullOrWhiteSpace(cacheRoot))
-                cacheRoot = Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".cache");
             string key;
             using (var stream = File.OpenRead(shipped))
                 key = Convert.ToHexString(SHA256.HashData(stream))[..16].ToLowerInvariant();
-            return Path.Combine(cacheRoot, "earlyexit", "native", key, "libLibTorchSharp.so");
+            return Path.Combine(UserCache.Root(), "native", key, "libLibTorchSharp.so");
         }
 
         static void Verify(LoadReport report)

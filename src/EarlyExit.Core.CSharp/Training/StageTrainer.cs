@@ -233,7 +233,7 @@ namespace EarlyExit.Training
 
                     double value = loss.item<float>();
                     if (!double.IsFinite(value))
-                        throw new NonFiniteLossException($"stage {plan.Name}, epoch {epoch + 1}, batch {b + 1}: the loss is {value}; stopping (the last good checkpoint is kept)");
+                        throw new NonFiniteLossException(NonFiniteMessage(plan.Name, epoch, b, value));
                     optimizer.zero_grad();
                     loss.backward();
                     optimizer.step();
@@ -280,6 +280,17 @@ namespace EarlyExit.Training
                 regs.Teachers[plan.StageExit] = net.FrozenCopy();
             }
             return new StageResult(plan.Name, bestEpoch, best, history.Count, stoppedEarly, history);
+        }
+
+        /// <summary>The NaN stop: what happened, and the two usual causes (settings, or kernels that compute wrong
+        /// gradients on this CPU, which the numerics check looks for).</summary>
+        public static string NonFiniteMessage(string stage, int epoch, int batch, double value)
+        {
+            var kernels = EarlyExit.Native.NumericsGuard.Current?.Kernels ?? "not checked in this process";
+            return $"stage {stage}, epoch {epoch + 1}, batch {batch + 1}: the loss is {value}; stopping (the last good checkpoint is kept). " +
+                   "A learning rate too high or bad input data can cause this; so can convolution kernels that compute wrong gradients on " +
+                   $"this CPU. The numerics check chose: {kernels}. Run `earlyexit doctor --recheck --all` to check every backend again, " +
+                   "and --numerics NAME (or EARLYEXIT_NUMERICS) to force one.";
         }
 
         /// <summary>A seed from (seed, stage, epoch) that is the same in every process (string.GetHashCode is not).</summary>

@@ -109,20 +109,32 @@ type EvalArgs =
             | Json -> "print one JSON object"
             | Timing_Samples _ -> "test images used to time real early-exit inference (default 256; 0 skips timing)"
 
+type DoctorArgs =
+    | Recheck
+    | All
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Recheck -> "check the convolution kernels again (each backend in a fresh process), ignoring the cached verdict"
+            | All -> "with --recheck: check every backend, not only up to the first that passes"
+
 type CliArgs =
+    | [<Inherit>] Numerics of backend: string
     | [<CliPrefix(CliPrefix.None)>] Models
     | [<CliPrefix(CliPrefix.None)>] Describe of ParseResults<DescribeArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
-    | [<CliPrefix(CliPrefix.None)>] Doctor
+    | [<CliPrefix(CliPrefix.None)>] Doctor of ParseResults<DoctorArgs>
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
 
     interface IArgParserTemplate with
         member a.Usage =
             match a with
+            | Numerics _ -> "force the convolution kernels: auto (default: the first that passes the numerics check), default, onednn-avx512_core, onednn-avx2, onednn-avx, onednn-sse41 or no-onednn (also EARLYEXIT_NUMERICS)"
             | Models -> "list the model families"
             | Describe _ -> "parameters and cumulative MACs of every exit of a model"
             | Data _ -> "check or download data sets"
-            | Doctor -> "show how TorchSharp was loaded and which device would be used"
+            | Doctor _ -> "show how TorchSharp was loaded, the CPU and the convolution kernels the numerics check chose, threads, load and device"
             | Train _ -> "train a model with a strategy or a recipe; writes a resumable run folder"
             | Eval _ -> "per-exit accuracy, budget table, accuracy-MACs curve and timing of a finished run"

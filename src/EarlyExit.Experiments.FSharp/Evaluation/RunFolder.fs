@@ -14,6 +14,10 @@ type RunInfo =
       Data: string
       Seed: int
       CodeVersion: string
+      /// CPU, libtorch and oneDNN, and the convolution kernels the numerics check chose ("not recorded" for older runs).
+      Numerics: string
+      /// The CPU model and the kernels, short enough for a figure's subtitle.
+      NumericsShort: string
       TestAccuracy: float[]
       ExitMacs: int64[]
       BackboneMacs: int64
@@ -32,6 +36,14 @@ let readInfo (dir: string) =
       Data = str "data"
       Seed = r.GetProperty("seed").GetInt32()
       CodeVersion = str "codeVersion"
+      Numerics =
+        match r.TryGetProperty "numerics" with
+        | true, n -> n.GetProperty("summary").GetString()
+        | _ -> "not recorded (the run predates the numerics check; its CPU and kernels are unknown)"
+      NumericsShort =
+        match r.TryGetProperty "numerics" with
+        | true, n -> n.GetProperty("short").GetString()
+        | _ -> "CPU and kernels not recorded"
       TestAccuracy = r.GetProperty("testAccuracy").EnumerateArray() |> Seq.map (fun e -> e.GetDouble()) |> Seq.toArray
       ExitMacs = r.GetProperty("exitMacs").EnumerateArray() |> Seq.map (fun e -> e.GetInt64()) |> Seq.toArray
       BackboneMacs = r.GetProperty("backboneMacs").GetInt64()

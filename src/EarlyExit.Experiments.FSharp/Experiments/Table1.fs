@@ -87,12 +87,12 @@ let fig3Thresholds = [ 0.5; 0.6; 0.7; 0.8; 0.9; 0.95; 0.99 ]
 
 /// One line naming what produced a figure or a table row.
 let provenanceOf (r: Row) =
-    $"{r.Info.Data}, scale {r.Info.Scale}, {r.Info.Device}, seed {r.Info.Seed}, code {r.Info.CodeVersion}"
+    $"{r.Info.Data}, scale {r.Info.Scale}, {r.Info.Device}, {r.Info.NumericsShort}, seed {r.Info.Seed}, code {r.Info.CodeVersion}"
 
 /// Writes a table as CSV with the provenance of each row in its own columns (data, scale, device, seed, code version).
 let writeCsv (path: string) (header: string list) (body: string list list) (rows: Row list) =
-    let csvHeader = header @ [ "data"; "scale"; "device"; "seed"; "code version" ]
-    let csvBody = List.map2 (fun (row: string list) (r: Row) -> row @ [ r.Info.Data; r.Info.Scale; r.Info.Device; string r.Info.Seed; r.Info.CodeVersion ]) body rows
+    let csvHeader = header @ [ "data"; "scale"; "device"; "seed"; "code version"; "cpu and kernels" ]
+    let csvBody = List.map2 (fun (row: string list) (r: Row) -> row @ [ r.Info.Data; r.Info.Scale; r.Info.Device; string r.Info.Seed; r.Info.CodeVersion; r.Info.Numerics ]) body rows
     Markdown.writeAtomic path (Markdown.csv csvHeader csvBody)
 
 /// Fig. 2: accuracy against average MACs, one curve per method.
@@ -104,6 +104,12 @@ let writeFig3 (dir: string) (title: string) (rows: Row list) =
     for r in rows do
         Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios: {r.Strategy}, {title}" (provenanceOf r) r.Outputs.Exits
             [ for t in fig3Thresholds -> t.ToString(Globalization.CultureInfo.InvariantCulture), (Budget.pointAt r.Outputs t).ExitRatios ]
+
+/// The CPUs and kernels that produced the rows (one line each; several when runs were made on different machines).
+let numericsOf (rows: Row list) =
+    match rows |> List.map (fun r -> r.Info.Numerics) |> List.distinct with
+    | [ one ] -> one
+    | several -> String.Join(" | ", several |> List.map (fun n -> $"{n} (runs: {String.Join(',', rows |> List.filter (fun r -> r.Info.Numerics = n) |> List.map (fun r -> r.Strategy))})"))
 
 /// Runs (or reuses) one recipe per (name, strategy) in DIR/runs/NAME, sharing stage prefixes through DIR/prefix-cache.
 let runAll (o: Options) (data: string) (dir: string) (recipes: (string * Recipe) list) =
@@ -137,7 +143,7 @@ let run (o: Options) =
     let first = rows.Head.Info
     let provenance =
         $"Data: {dataNote}. Scale: {Scales.name o.Scale} ({(Scales.settings o.Scale o.Model data).Description}). " +
-        $"Model: {o.Model}. Device: {first.Device}. Seed: {o.Seed}. Code: {first.CodeVersion}. " +
+        $"Model: {o.Model}. Device: {first.Device}. Seed: {o.Seed}. Code: {first.CodeVersion}. Numerics: {numericsOf rows}. " +
         $"MACs: conv+linear, one multiply-add = 1; the 100%% budget is the backbone without internal classifiers ({first.BackboneMacs:N0} MACs). " +
         "Generated " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC by experiments/table1.fsx."
     let separate25 = rows |> List.tryFind (fun r -> r.Strategy = "separate") |> Option.bind (fun r -> r.Budgets[0])
@@ -172,6 +178,7 @@ let run (o: Options) =
            device = first.Device
            seed = o.Seed
            codeVersion = first.CodeVersion
+           numerics = numericsOf rows
            backboneMacs = first.BackboneMacs
            exitMacs = first.ExitMacs
            budgets = Budget.standardBudgets

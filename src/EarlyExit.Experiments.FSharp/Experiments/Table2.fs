@@ -40,7 +40,7 @@ let run (o: Table1.Options) =
               yield! r.Budgets |> Array.map Budget.percent
               r.ExitAccuracy |> Array.map (fun a -> Markdown.f2 (100.0 * a)) |> String.concat " / " ] ]
     let provenance =
-        $"Data: {dataNote}. Scale: {Scales.name o.Scale}. Model: {o.Model}. Device: {first.Device}. Seed: {o.Seed}. Code: {first.CodeVersion}. " +
+        $"Data: {dataNote}. Scale: {Scales.name o.Scale}. Model: {o.Model}. Device: {first.Device}. Seed: {o.Seed}. Code: {first.CodeVersion}. Numerics: {Table1.numericsOf rows}. " +
         "Generated " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC by experiments/table2.fsx."
     let md =
         "# Table 2: ablation over the regulariser, its strength and the warm-up\n\n" +

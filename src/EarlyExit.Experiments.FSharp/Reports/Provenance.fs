@@ -23,4 +23,29 @@ let codeVersion () =
     with _ -> "unknown"
 
 let machine () =
-    $"{Environment.MachineName}, {Environment.ProcessorCount} cores, {Runtime.InteropServices.RuntimeInformation.OSDescription}, .NET {Environment.Version}"
+    let cpu = EarlyExit.Native.CpuInfo.Read()
+    $"{Environment.MachineName}, {cpu.ModelName} ({cpu.Summary}), {Environment.ProcessorCount} cores, {Runtime.InteropServices.RuntimeInformation.OSDescription}, .NET {Environment.Version}"
+
+/// The numerics guard's verdict for this process: CPU, libtorch and oneDNN, and the convolution kernels in use.
+let private verdict () =
+    EarlyExit.Native.TorchNativeLoader.EnsureLoaded() |> ignore
+    EarlyExit.Native.NumericsGuard.Current
+
+/// One line: "CPU ...; libtorch ... (oneDNN ...); convolution kernels ..." (every run, table and benchmark carries it).
+let numerics () = (verdict ()).Describe()
+
+/// The same as a JSON-ready record, for run.json, metrics.json and bench.json.
+let numericsRecord () =
+    let v = verdict ()
+    {| summary = v.Describe()
+       short = $"{v.Cpu.ModelName} ({v.Cpu.Summary}), kernels {v.Backend}"
+       cpu = v.Cpu.Describe()
+       cpuFlags = v.Cpu.Flags
+       libtorch = v.LibTorch.TorchVersion
+       onednn = v.LibTorch.OneDnnVersion
+       atenCpuCapability = v.LibTorch.CpuCapability
+       torchSharp = v.LibTorch.TorchSharpVersion
+       kernels = v.Backend
+       decision = v.Decision
+       threads = v.Threads
+       checkedBackends = [| for c in v.Checked -> {| backend = c.Backend; outcome = c.Outcome; detail = c.Detail |} |] |}

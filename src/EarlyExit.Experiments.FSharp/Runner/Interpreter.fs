@@ -247,6 +247,8 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
     let code = Provenance.codeVersion ()
     log $"run {recipe.Name} in {out}"
     log $"device {Devices.Describe device}; TorchSharp natives {TorchNativeLoader.Describe loader}; code {code}"
+    let numerics = Provenance.numericsRecord ()
+    log $"numerics: {numerics.summary}"
     let data = loadData recipe
     log $"data {data.Train.Name}: {data.Train.Count} train, {data.Validation.Count} validation, {data.Test.Count} test images from {data.Source}"
     let runInfo =
@@ -256,6 +258,7 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            device = Devices.Describe device
            codeVersion = code
            machine = Provenance.machine ()
+           numerics = numerics
            data = data.Source
            trainImages = data.Train.Count
            validationImages = data.Validation.Count
@@ -354,6 +357,7 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            device = Devices.Describe device
            seed = recipe.Seed
            codeVersion = code
+           numerics = numerics
            testImages = data.Test.Count
            testAccuracy = acc
            exitMacs = cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray
