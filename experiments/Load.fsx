@@ -16,6 +16,17 @@
 #r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Primitives.dll"
 #r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll"
 
-let torchLoad = EarlyExit.Native.TorchNativeLoader.EnsureLoaded()
+// --numerics NAME (every script takes it) must reach the numerics guard before the first use of torch.
+match fsi.CommandLineArgs |> Array.tryFindIndex ((=) "--numerics") with
+| Some i when i + 1 < fsi.CommandLineArgs.Length -> EarlyExit.Native.NumericsGuard.Requested <- fsi.CommandLineArgs[i + 1]
+| _ -> ()
+let torchLoad =
+    try EarlyExit.Native.TorchNativeLoader.EnsureLoaded()
+    with
+    | :? EarlyExit.Native.TorchUnavailableException
+    | :? EarlyExit.Native.NumericsException
+    | :? System.ArgumentException as e ->
+        eprintfn "error: %s" e.Message
+        exit 1
 // Spectre assumes 80 columns when output is redirected; tables of numbers need more.
 if System.Console.IsOutputRedirected then Spectre.Console.AnsiConsole.Profile.Width <- 140

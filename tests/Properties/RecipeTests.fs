@@ -181,6 +181,18 @@ let interpreter =
             Expect.isFalse first.AlreadyFinished "first run trains"
             for f in [ "recipe.json"; "run.json"; "log.txt"; "metrics.json"; "test-logits.tensors" ] do
                 Expect.isTrue (File.Exists(Path.Combine(out, f))) $"{f} written"
+            // Provenance: the CPU, libtorch and oneDNN, and the kernels the numerics guard chose for this process.
+            let verdict = EarlyExit.Native.NumericsGuard.Current
+            for f in [ "run.json"; "metrics.json" ] do
+                use doc = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(out, f)))
+                let n = doc.RootElement.GetProperty "numerics"
+                Expect.equal (n.GetProperty("kernels").GetString()) verdict.Backend $"{f}: kernels in use"
+                Expect.equal (n.GetProperty("cpu").GetString()) (verdict.Cpu.Describe()) $"{f}: CPU"
+                Expect.equal (n.GetProperty("libtorch").GetString()) "2.10.0" $"{f}: libtorch version"
+                Expect.stringStarts (n.GetProperty("onednn").GetString()) "v3." $"{f}: oneDNN version"
+            let info = EarlyExit.Experiments.Evaluation.RunFolder.readInfo out
+            Expect.stringContains info.Numerics (verdict.Cpu.ModelName) "the table row carries the CPU"
+            Expect.stringContains info.Numerics $"convolution kernels {verdict.Backend}" "and the kernels"
             let second = Interpreter.run { quiet with OutDir = out } (smokeRecipe Joint)
             Expect.isTrue second.AlreadyFinished "second run recognises the finished run"
             Expect.equal second.TestAccuracy first.TestAccuracy "same metrics"
@@ -191,6 +203,20 @@ let interpreter =
             Expect.throws (fun () -> Interpreter.run { quiet with OutDir = out } (smokeRecipe Joint) |> ignore) "unfinished run needs --resume"
             let resumed = Interpreter.run { quiet with OutDir = out; Resume = true } (smokeRecipe Joint)
             Expect.equal resumed.TestAccuracy first.TestAccuracy "resuming after the last stage gives the same model"
+        }
+        test "a NaN loss stops the run with a message that names the numerics check and the kernels in use" {
+            use dir = new TempDir()
+            let r = smokeRecipe Joint
+            let exploding = { r with Stages = r.Stages |> List.map (fun s -> { s with Optimiser = { s.Optimiser with LearningRate = 1e30 } }) }
+            let msg =
+                try
+                    Interpreter.run { quiet with OutDir = dir.File "run" } exploding |> ignore
+                    ""
+                with Interpreter.RunError m -> m
+            Expect.stringContains msg "the loss is" "says the loss is not finite"
+            Expect.stringContains msg "numerics check" "names the numerics check"
+            Expect.stringContains msg EarlyExit.Native.NumericsGuard.Current.Backend "and the kernels in use"
+            Expect.stringContains msg "earlyexit doctor --recheck" "and how to check again"
         }
         test "the warm-up is reused from the prefix cache by the next strategy that starts with it" {
             use dir = new TempDir()

@@ -1,4 +1,4 @@
-/// The options every experiment script takes: --scale --data --data-root --model --seed --out --device.
+/// The options every experiment script takes: --scale --data --data-root --model --seed --out --device --numerics.
 module EarlyExit.Experiments.Experiments.ScriptArgs
 
 open System
@@ -8,7 +8,8 @@ open EarlyExit.Experiments.Runner
 
 exception ScriptArgError of string
 
-let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "out"; "device"; "strategies"; "lwf-teachers" ]
+/// `numerics` is applied by experiments/Load.fsx before torch first runs; it is accepted here so that it parses.
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics" ]
 
 let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.Options =
     let rec go (acc: Map<string, string>) =

@@ -1,0 +1,180 @@
+/// The numerics guard: the convolution check, the order of backends per CPU, and the guard's switch seen from the
+/// command line (with simulated faults, so that it is exercised on machines whose kernels are correct too).
+module EarlyExit.Tests.Golden.NumericsTests
+
+open System
+open System.Diagnostics
+open System.IO
+open Expecto
+open TorchSharp
+open EarlyExit.Native
+open EarlyExit.Tests.Support
+
+/// /proc/cpuinfo blocks of the two EPYCs this project has met (flags abridged to what matters and a few others).
+let zen3 =
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n" +
+    "flags\t\t: fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni vaes\n\nprocessor\t: 1\nflags\t\t: nothing\n"
+let zen5 =
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC 9B45\nstepping\t: 1\n" +
+    "flags\t\t: fpu sse sse2 fma sse4_1 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 avx_vnni\n"
+let skylake =
+    "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Intel(R) Xeon(R) Gold 6148\nstepping\t: 4\n" +
+    "flags\t\t: sse4_1 avx avx2 fma avx512f avx512dq avx512bw avx512vl\n"
+
+let private names (ladder: NumericsBackend seq) = ladder |> Seq.map (fun b -> b.Name) |> List.ofSeq
+
+let ladder =
+    testList "backends in the order the guard tries them" [
+        test "/proc/cpuinfo: the first processor's model and only the flags that choose kernels" {
+            let c = CpuInfo.Parse zen3
+            Expect.equal (c.Vendor, c.ModelName, c.Family, c.Model, c.Stepping) ("AuthenticAMD", "AMD EPYC", 25, 1, 1) "identity"
+            Expect.equal (List.ofSeq c.Flags) [ "sse4_1"; "avx"; "avx2"; "fma" ] "kernel flags, in KernelFlags order"
+            Expect.equal c.Summary "AVX2, no AVX-512, no AMX" "summary"
+            Expect.equal (CpuInfo.Parse zen5).Summary "AVX-512 (VNNI, BF16), no AMX" "AVX-512 with extensions"
+        }
+        test "an AVX2 EPYC (family 25): default, then AVX and SSE4.1 (AVX2 is the default), then oneDNN off" {
+            Expect.equal (names (NumericsBackend.Ladder(CpuInfo.Parse zen3))) [ "default"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
+        }
+        test "an AVX-512 EPYC with VNNI and BF16 (family 26): every plain ISA below its default" {
+            Expect.equal (names (NumericsBackend.Ladder(CpuInfo.Parse zen5)))
+                [ "default"; "onednn-avx512_core"; "onednn-avx2"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
+        }
+        test "a plain AVX-512 Xeon: AVX-512 core is its default and is not tried twice" {
+            Expect.equal (names (NumericsBackend.Ladder(CpuInfo.Parse skylake))) [ "default"; "onednn-avx2"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
+        }
+        test "an unknown backend name is refused with the list of known ones" {
+            let msg = try NumericsBackend.Parse "avx9" |> ignore; "" with :? ArgumentException as e -> e.Message
+            Expect.stringContains msg "unknown numerics backend 'avx9'" "names it"
+            Expect.stringContains msg "onednn-sse41, no-onednn" "lists the others"
+        }
+    ]
+
+let libtorchInfo =
+    testList "libtorch's own description" [
+        test "at::show_config of the bundled libtorch: version 2.10.0 with oneDNN v3.7.1" {
+            let info = LibTorchControls.Info()
+            Expect.equal info.TorchVersion "2.10.0" "libtorch"
+            Expect.stringStarts info.OneDnnVersion "v3.7.1" "oneDNN"
+            Expect.equal info.TorchSharpVersion "0.107.0" "TorchSharp"
+            Expect.isTrue (info.CpuCapability <> "unknown") "ATen's CPU capability"
+        }
+        test "parsing: versions, oneDNN's commit, and 'unknown' for what is absent" {
+            let text = "PyTorch built with:\n  - Intel(R) MKL-DNN v3.7.1 (Git Hash 8d263e693366ef8db40acc569cc7d8edf644556d)\n  - CPU capability usage: AVX512\n  - Build settings: BLAS_INFO=mkl, TORCH_VERSION=2.10.0, USE_CUDA=0,\n"
+            Expect.equal (LibTorchInfo.Parse(text, "x")) (LibTorchInfo("2.10.0", "v3.7.1 (8d263e6)", "AVX512", "x")) "parsed"
+            Expect.equal (LibTorchInfo.Parse("", "x")).TorchVersion "unknown" "absent"
+        }
+    ]
+
+let check =
+    testList "convolution check (float32 against float64)" [
+        test "relative error and bitwise identity on constructed tensors" {
+            use scope = torch.NewDisposeScope()
+            let b = torch.tensor([| 3.0f; 4.0f |])
+            Expect.floatClose Accuracy.veryHigh (ConvolutionCheck.RelativeError(torch.tensor([| 3.0f; 4.5f |]), b)) 0.1 "0.5 / 5"
+            Expect.equal (ConvolutionCheck.RelativeError(torch.tensor([| nanf; 4.0f |]), b)) infinity "NaN is infinitely wrong"
+            Expect.isTrue (ConvolutionCheck.SameBits(b, b.clone())) "a copy has the same bits"
+            Expect.isFalse (ConvolutionCheck.SameBits(torch.tensor([| 0.0f |]), torch.tensor([| -0.0f |]))) "0 and -0 differ in bits"
+            Expect.isTrue (ConvolutionCheck.SameBits(torch.tensor([| nanf |]), torch.tensor([| nanf |]))) "the same NaN has the same bits"
+        }
+        test "the kernels the guard chose for this process pass the check here" {
+            let r = ConvolutionCheck.Run(NumericsGuard.Current.Backend)
+            Expect.isTrue r.Passed (r.Summary())
+            for c in r.Cases do Expect.isLessThanOrEqual c.WorstError 1e-5 $"{c.Case}: within rounding (measured ≤ 5e-7 on correct kernels)"
+        }
+        test "a simulated fault (one weight gradient scaled by 1.3, as a broken kernel would) fails the check, and says where" {
+            let r = ConvolutionCheck.Run(NumericsGuard.Current.Backend, simulateFault = true)
+            Expect.isFalse r.Passed "fails"
+            Expect.floatClose Accuracy.medium r.Cases[0].WeightGrad 0.3 "the error of the scaled gradient"
+            Expect.stringContains (r.Summary()) "failed (simulated fault): weight gradient off by 0.3" "says what is wrong"
+            Expect.isTrue (r.Cases |> Seq.skip 1 |> Seq.forall (fun c -> c.Passed)) "only that case"
+        }
+        test "the cases cover 1x1 and 3x3, strides 1 and 2, both layouts and their mix, batch 1, tiny and real channel counts" {
+            let cs = ConvolutionCheck.Cases
+            Expect.containsAll (cs |> Seq.map (fun c -> c.Kernel) |> set) [ 1; 3 ] "kernels"
+            Expect.containsAll (cs |> Seq.map (fun c -> c.Stride) |> set) [ 1; 2 ] "strides"
+            Expect.containsAll (cs |> Seq.map (fun c -> c.InputChannelsLast, c.GradChannelsLast) |> set) [ (false, false); (true, true); (false, true); (true, false) ] "layouts"
+            Expect.exists cs (fun c -> c.Batch = 1) "batch 1"
+            Expect.exists cs (fun c -> c.In <= 2) "tiny"
+            Expect.exists cs (fun c -> c.In >= 32) "real"
+        }
+    ]
+
+/// Runs the CLI of this test's output folder with a private verdict cache and extra environment.
+let private runCli (cache: string) (env: (string * string) list) (args: string list) =
+    let psi = ProcessStartInfo("dotnet", Path.Combine(AppContext.BaseDirectory, "earlyexit.dll") :: args)
+    psi.RedirectStandardOutput <- true
+    psi.RedirectStandardError <- true
+    psi.Environment["XDG_CACHE_HOME"] <- cache
+    for k in [ NumericsGuard.Variable; NumericsGuard.SimulateVariable; "ONEDNN_MAX_CPU_ISA"; "DNNL_MAX_CPU_ISA" ] do psi.Environment.Remove k |> ignore
+    for k, v in env do psi.Environment[k] <- v
+    use p = Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEnd()
+    p.WaitForExit()
+    p.ExitCode, out.Result, err
+
+let private ladderHere () = NumericsBackend.Ladder(CpuInfo.Read()) |> names
+let private oneDnnBackends () = ladderHere () |> List.filter (fun n -> n <> "no-onednn")
+
+let guard =
+    testList "the guard's switch, from the command line" [
+        test "a fault on the default kernels: the guard says so in one line, switches to the next backend that passes, and caches the verdict" {
+            use dir = new TempDir()
+            let code, out, err = runCli dir.Path [ NumericsGuard.SimulateVariable, "default" ] [ "doctor" ]
+            Expect.equal code 0 $"doctor succeeds:\n{out}{err}"
+            let lines = err.Split('\n') |> Array.filter (fun l -> l.StartsWith "numerics:")
+            Expect.equal lines.Length 1 $"one line on standard error:\n{err}"
+            Expect.stringContains lines[0] "default: failed (simulated fault)" "what it found"
+            let used = out.Split('\n') |> Array.find (fun l -> l.StartsWith "convolution kernels in use: ")
+            let chosen = used.Substring("convolution kernels in use: ".Length).Split(' ')[0]
+            Expect.notEqual chosen "default" "switched"
+            Expect.contains (ladderHere ()) chosen "to a backend of this CPU's ladder"
+            Expect.stringContains lines[0] $"using {chosen}" "what it chose"
+            Expect.isNonEmpty (Directory.GetFiles(Path.Combine(dir.Path, "earlyexit", "numerics"), "*.json")) "verdict cached"
+            let code2, out2, err2 = runCli dir.Path [ NumericsGuard.SimulateVariable, "default" ] [ "doctor" ]
+            Expect.equal code2 0 "second run"
+            Expect.stringContains out2 $"convolution kernels in use: {chosen}" "same choice"
+            Expect.stringContains out2 "cached verdict" "from the cache"
+            Expect.stringContains err2 "cached verdict" "and says so"
+        }
+        test "faults on every oneDNN backend: the guard turns oneDNN off" {
+            use dir = new TempDir()
+            let code, out, err = runCli dir.Path [ NumericsGuard.SimulateVariable, String.Join(",", oneDnnBackends ()) ] [ "doctor" ]
+            Expect.equal code 0 $"doctor succeeds:\n{out}{err}"
+            Expect.stringContains out "convolution kernels in use: no-onednn" "oneDNN off"
+            for b in oneDnnBackends () do Expect.stringContains out $"{b}: failed (simulated fault)" $"{b} tried and failed"
+        }
+        test "no backend passes: exit code 1 and one message that lists what was tried and how to force one" {
+            use dir = new TempDir()
+            let code, out, err = runCli dir.Path [ NumericsGuard.SimulateVariable, String.Join(",", ladderHere ()) ] [ "doctor" ]
+            Expect.equal code 1 $"exit code 1:\n{out}{err}"
+            Expect.stringContains err "error: no convolution backend computes correct gradients on this machine" "says so"
+            Expect.stringContains err "no-onednn: failed (simulated fault)" "lists what was tried"
+            Expect.stringContains err NumericsGuard.Variable "how to force one"
+        }
+        test "--numerics forces a backend (and says what its check found); an unknown one is a usage error" {
+            use dir = new TempDir()
+            let code, out, err = runCli dir.Path [] [ "--numerics"; "no-onednn"; "doctor" ]
+            Expect.equal code 0 $"doctor:\n{out}{err}"
+            Expect.stringContains out "convolution kernels in use: no-onednn (forced by EARLYEXIT_NUMERICS=no-onednn)" "forced"
+            Expect.stringContains err "numerics: no-onednn forced; its convolution check passed" "checked and reported"
+            let code2, _, err2 = runCli dir.Path [ NumericsGuard.Variable, "bogus" ] [ "doctor" ]
+            Expect.equal code2 2 "usage error"
+            Expect.stringContains err2 "unknown numerics backend 'bogus'" "names it"
+        }
+        test "a backend reaches oneDNN: capped at SSE4.1 the convolutions run SSE4.1 kernels; with oneDNN off none runs" {
+            let verbose = dict [ "ONEDNN_VERBOSE", "1" ] |> Collections.Generic.Dictionary
+            let struct (code, out, err) = NumericsGuard.RunProbe([ "check"; "--backend"; "onednn-sse41" ], verbose)
+            Expect.equal code 0 err
+            Expect.stringContains out "isa:Intel SSE4.1" "oneDNN reports the capped ISA"
+            let convs = out.Split('\n') |> Array.filter (fun l -> l.Contains "primitive,exec,cpu,convolution")
+            Expect.isNonEmpty convs "oneDNN ran the convolutions"
+            Expect.isTrue (convs |> Array.forall (fun l -> not (l.Contains "avx"))) "none with AVX kernels"
+            let struct (code2, out2, err2) = NumericsGuard.RunProbe([ "check"; "--backend"; "no-onednn" ], verbose)
+            Expect.equal code2 0 err2
+            Expect.isFalse (out2.Contains "primitive,exec,cpu,convolution") "no oneDNN convolution"
+            Expect.stringContains out2 "\"Backend\":\"no-onednn\"" "the check ran"
+        }
+    ]
+
+let all = testList "numerics guard" [ ladder; libtorchInfo; check; guard ]
