@@ -1,6 +1,6 @@
 /// Benchmarks as ratios measured side by side in one process (so they hold on a noisy machine), medians over
 /// repeated runs, on the device that training would use (`EARLYEXIT_DEVICE`, or CUDA when present, else the CPU).
-/// `dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smoke] [--only SECTIONS] [--out results/bench]`
+/// `dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smoke] [--only SECTIONS] [--out results/bench] [--numerics NAME]`
 /// (`--smoke`: one repeat of a few steps, seconds; checks that every figure is produced, its numbers mean nothing.)
 module EarlyExit.Bench.Program
 
@@ -96,10 +96,36 @@ let rssMiB () =
     p.Refresh()
     float p.WorkingSet64 / float (1 <<< 20)
 
-let sections = [ "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory" ]
+let sections = [ "numerics"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory" ]
+
+let usage = """EarlyExit benchmarks: ratios timed side by side in one process, medians over repeats.
+
+usage: dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smoke] [--only SECTIONS] [--out DIR] [--numerics NAME]
+
+  --quick            fewer steps and 5 repeats (a few minutes here); the default is 9 repeats (~15 minutes)
+  --smoke            one repeat of a few steps (seconds): checks that every figure is produced; its numbers mean nothing
+  --only SECTIONS    comma-separated subset of: numerics, trainer, regularisers, fisher, inference, pipeline, memory
+                     (a partial run writes nothing)
+  --out DIR          where bench.md and bench.json go (default results/bench)
+  --numerics NAME    force the convolution kernels of this process (default: what the numerics check chose)
+  --help             this text
+"""
 
 [<EntryPoint>]
 let main argv =
+    if argv |> Array.exists (fun a -> a = "--help" || a = "-h") then
+        printf "%s" usage
+        exit 0
+    let flags = set [ "--smoke"; "--quick" ]
+    let valued = set [ "--out"; "--only"; "--numerics" ]
+    let rec check =
+        function
+        | [] -> ()
+        | (a: string) :: rest when flags.Contains a -> check rest
+        | a :: _ :: rest when valued.Contains a -> check rest
+        | [ a ] when valued.Contains a -> eprintfn "error: missing value after %s" a; exit 2
+        | a :: _ -> eprintfn "error: unknown argument '%s'\n\n%s" a usage; exit 2
+    check (List.ofArray argv)
     let smoke = Array.contains "--smoke" argv
     let quick = smoke || Array.contains "--quick" argv
     let argAfter name = Array.tryFindIndex ((=) name) argv |> Option.filter (fun i -> i + 1 < argv.Length) |> Option.map (fun i -> argv[i + 1])
@@ -113,7 +139,13 @@ let main argv =
     let runs name = match only with
                     | None -> true
                     | Some o -> o.Contains name
-    let loader = TorchNativeLoader.EnsureLoaded()
+    argAfter "--numerics" |> Option.iter (fun b -> NumericsGuard.Requested <- b)
+    let loader =
+        try TorchNativeLoader.EnsureLoaded()
+        with
+        | :? TorchUnavailableException | :? NumericsException | :? ArgumentException as e ->
+            eprintfn "error: %s" e.Message
+            exit 1
     let device = Devices.Choose()
     let repeats = if smoke then 1 elif quick then 5 else 9
     let steps = warmupSteps + (if smoke then 2 elif quick then 16 else 30)
@@ -121,6 +153,8 @@ let main argv =
     let log (s: string) = Console.Out.WriteLine s
     let kind = if smoke then "smoke" elif quick then "quick" else "full"
     log $"EarlyExit benchmarks ({kind}): {Devices.Describe device}; natives {TorchNativeLoader.Describe loader}"
+    let numerics = Provenance.numericsRecord ()
+    log $"numerics: {numerics.summary}"
     let splits = DataCatalog.Load("fashion-mnist")
     let train = splits.Train.Take(6000, 0)
     let data = DataSplits(train, splits.Validation.Take(256, 0), splits.Test.Take(2000, 0), splits.Source)
@@ -131,6 +165,32 @@ let main argv =
     let info name value detail =
         figures.Add { Name = name; Value = value; Target = "–"; Met = None; Detail = detail }
         log $"  {name}: {value:F3} {detail}"
+
+    // 0. Training throughput under every convolution backend of this CPU, each in a fresh probe process (oneDNN
+    // fixes its instruction set when it first runs), beside what the numerics check found for each: the cost of the
+    // kernels the guard chose, measured where it runs.
+    if runs "numerics" && device.``type`` = DeviceType.CPU then
+        // A fresh check of every backend (seconds) except at smoke size, which reuses this process's verdict.
+        let verdicts = if smoke then NumericsGuard.Current.Checked else NumericsGuard.Recheck(true).Checked
+        let stepsN = if smoke then 1 elif quick then 8 else 16
+        let threads = torch.get_num_threads()
+        for backend in NumericsBackend.Ladder(CpuInfo.Read()) do
+            let check = verdicts |> Seq.tryFind (fun v -> v.Backend = backend.Name)
+            let outcome = match check with
+                          | Some v -> v.Outcome
+                          | None -> "not checked"
+            let struct (code, out, err) =
+                NumericsGuard.RunProbe([ "throughput"; "--backend"; backend.Name; "--threads"; string threads; "--steps"; string stepsN ])
+            let chosen = if backend.Name = numerics.kernels then "; the kernels in use" else ""
+            let json = out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{")
+            match code, json with
+            | 0, Some line ->
+                use doc = JsonDocument.Parse line
+                let ips = doc.RootElement.GetProperty("imagesPerSecond").GetDouble()
+                info $"training images/s with {backend.Name} kernels" ips $"(cpu-scale ResNet, batch 128, {threads} thread(s), median of {stepsN} steps; check {outcome}{chosen})"
+            | _ ->
+                let last = err.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue ""
+                info $"training images/s with {backend.Name} kernels" nan $"(the probe process died, exit code {code}: {last}; check {outcome}{chosen})"
 
     // 1. Trainer step vs a bare loop, in alternating order (so that drift in machine load favours neither).
     if runs "trainer" then
@@ -333,6 +393,7 @@ let main argv =
         {| kind = kind
            device = Devices.Describe device
            machine = machine
+           numerics = numerics
            codeVersion = code
            date = DateTime.UtcNow.ToString("o")
            repeats = repeats
@@ -342,6 +403,7 @@ let main argv =
         "# EarlyExit benchmarks\n\n" +
         $"Ratios measured side by side in one process, medians of {repeats} runs ({kind}). " +
         $"Device: {Devices.Describe device}. Machine: {machine}. Code: {code}. " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC.\n\n" +
+        $"Numerics: {numerics.summary}.\n\n" +
         Markdown.table [ "figure"; "measured"; "target"; "met"; "detail" ]
             [ for f in figures ->
                 let met =
