@@ -59,6 +59,7 @@ namespace EarlyExit.Inference
                 state = state.Select(s => s.index_select(0, keep)).ToArray();
                 alive = stay.Select(i => alive[i]).ToArray();
             }
+            EarlyExit.Native.NativeScalars.ReleaseDeferred();
             return new EarlyExitResult(predictions, exits, confidences);
         }
     }

@@ -96,6 +96,7 @@ namespace EarlyExit.Losses
                 using var noGrad = no_grad();
                 foreach (var (name, p) in targets)
                     if (p.grad is { } g) sums[name].add_(g * g);
+                EarlyExit.Native.NativeScalars.ReleaseDeferred();
             }
             foreach (var s in sums.Values) s.div_(indices.Length);
             return sums;
@@ -119,6 +120,7 @@ namespace EarlyExit.Losses
                 foreach (var (name, p) in targets)
                     if (p.grad is { } g) sums[name].add_(g * g);
                 batches++;
+                EarlyExit.Native.NativeScalars.ReleaseDeferred();
             }
             foreach (var s in sums.Values) s.div_(batches);
             return sums;
@@ -219,6 +221,7 @@ namespace EarlyExit.Losses
                         AccumulateSquared(c, c.Input!.detach(), g.detach(), sums);
                     }
                     ReleaseCaptures(captures);
+                    EarlyExit.Native.NativeScalars.ReleaseDeferred();
                 }
             }
             finally

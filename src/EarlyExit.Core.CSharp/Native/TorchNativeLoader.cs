@@ -109,7 +109,7 @@ namespace EarlyExit.Native
             string? firstError = null;
             try
             {
-                NativeLibrary.Load(shipped);
+                NativeScalars.Install(NativeLibrary.Load(shipped), dir);
                 return new LoadReport(dir, shipped, false, "loaded as shipped");
             }
             catch (DllNotFoundException e) { firstError = e.Message; }
@@ -125,7 +125,7 @@ namespace EarlyExit.Native
                 ElfVersionNeedPatcher.PatchFile(shipped, patched, ElfVersionNeedPatcher.Glibcxx33432);
             try
             {
-                NativeLibrary.Load(patched);
+                NativeScalars.Install(NativeLibrary.Load(patched), dir);
             }
             catch (Exception e) when (e is DllNotFoundException or BadImageFormatException)
             {
@@ -166,6 +166,6 @@ namespace EarlyExit.Native
 
         /// <summary>One line for logs: where the natives came from.</summary>
         public static string Describe(LoadReport r) =>
-            r.LibTorchSharpPath.Length == 0 ? r.Detail : $"{r.LibTorchSharpPath} ({r.Detail})";
+            (r.LibTorchSharpPath.Length == 0 ? r.Detail : $"{r.LibTorchSharpPath} ({r.Detail})") + $"; native scalars: {NativeScalars.Status}";
     }
 }

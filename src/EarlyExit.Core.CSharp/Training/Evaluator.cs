@@ -36,6 +36,7 @@ namespace EarlyExit.Training
                         correct[e] += logits[e].argmax(1).eq(y).sum().item<long>();
                         lossSum[e] += nn.functional.cross_entropy(logits[e], y, reduction: nn.Reduction.Sum).item<float>();
                     }
+                    EarlyExit.Native.NativeScalars.ReleaseDeferred();
                 }
             }
             finally { net.train(wasTraining); }
@@ -60,6 +61,7 @@ namespace EarlyExit.Training
                     using var scope = NewDisposeScope();
                     var logits = net.forward(data.Images(idx, device));
                     parts.Add(stack(logits.Select(l => l.to_type(ScalarType.Float32).cpu()).ToArray()).MoveToOuterDisposeScope());
+                    EarlyExit.Native.NativeScalars.ReleaseDeferred();
                 }
                 return cat(parts.ToArray(), 1).MoveToOuterDisposeScope();
             }

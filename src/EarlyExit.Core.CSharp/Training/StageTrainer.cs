@@ -240,6 +240,7 @@ namespace EarlyExit.Training
                     lossSum += value;
                     steps++;
                     observer?.OnBatch(plan, epoch, b, stepsPerEpoch, value);
+                    EarlyExit.Native.NativeScalars.ReleaseDeferred();
                 }
 
                 var eval = Evaluator.Evaluate(net, data.Validation, forwardUpTo, plan.EvalBatchSize, device);
