@@ -96,7 +96,17 @@ let rssMiB () =
     p.Refresh()
     float p.WorkingSet64 / float (1 <<< 20)
 
-let sections = [ "numerics"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory" ]
+let sections = [ "numerics"; "allocator"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory" ]
+
+/// Runs the probe's training-throughput mode under this process's kernels: images/s and minor page faults per step.
+let probeThroughput (backend: string) (threads: int) (steps: int) (env: (string * string) list) =
+    let struct (code, out, err) =
+        NumericsGuard.RunProbe([ "throughput"; "--backend"; backend; "--threads"; string threads; "--steps"; string steps ], dict env |> Collections.Generic.Dictionary)
+    match code, out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{") with
+    | 0, Some line ->
+        use doc = JsonDocument.Parse line
+        Ok(doc.RootElement.GetProperty("imagesPerSecond").GetDouble(), doc.RootElement.GetProperty("minorFaultsPerStep").GetDouble())
+    | _ -> Error($"exit code {code}: " + (err.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue ""))
 
 let usage = """EarlyExit benchmarks: ratios timed side by side in one process, medians over repeats.
 
@@ -104,7 +114,7 @@ usage: dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smo
 
   --quick            fewer steps and 5 repeats (a few minutes here); the default is 9 repeats (~15 minutes)
   --smoke            one repeat of a few steps (seconds): checks that every figure is produced; its numbers mean nothing
-  --only SECTIONS    comma-separated subset of: numerics, trainer, regularisers, fisher, inference, pipeline, memory
+  --only SECTIONS    comma-separated subset of: numerics, allocator, trainer, regularisers, fisher, inference, pipeline, memory
                      (a partial run writes nothing)
   --out DIR          where bench.md and bench.json go (default results/bench)
   --numerics NAME    force the convolution kernels of this process (default: what the numerics check chose)
@@ -179,21 +189,43 @@ let main argv =
             let outcome = match check with
                           | Some v -> v.Outcome
                           | None -> "not checked"
-            let struct (code, out, err) =
-                NumericsGuard.RunProbe([ "throughput"; "--backend"; backend.Name; "--threads"; string threads; "--steps"; string stepsN ])
             let chosen = if backend.Name = numerics.kernels then "; the kernels in use" else ""
-            let json = out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{")
-            match code, json with
-            | 0, Some line ->
-                use doc = JsonDocument.Parse line
-                let ips = doc.RootElement.GetProperty("imagesPerSecond").GetDouble()
+            match probeThroughput backend.Name threads stepsN [] with
+            | Ok (ips, _) ->
                 info $"training images/s with {backend.Name} kernels" ips $"(cpu-scale ResNet, batch 128, {threads} thread(s), median of {stepsN} steps; check {outcome}{chosen})"
-            | _ ->
-                let last = err.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue ""
-                info $"training images/s with {backend.Name} kernels" nan $"(the probe process died, exit code {code}: {last}; check {outcome}{chosen})"
+            | Error e ->
+                info $"training images/s with {backend.Name} kernels" nan $"(the probe process died, {e}; check {outcome}{chosen})"
+
+    // 0b. The allocator: glibc's defaults against EarlyExit's settings (NativeAllocator), each in a fresh probe process
+    // (they are read when a process starts), alternating, at this process's thread count and kernels.
+    if runs "allocator" && device.``type`` = DeviceType.CPU then
+        let threads = torch.get_num_threads()
+        let stepsA = if smoke then 2 elif quick then 10 else 20
+        let pairs =
+            [ for r in 1..repeats ->
+                let system () = probeThroughput numerics.kernels threads stepsA [ NativeAllocator.Variable, "system" ]
+                let tuned () = probeThroughput numerics.kernels threads stepsA [ NativeAllocator.Variable, "tuned" ]
+                let s, t = if r % 2 = 1 then (let s = system () in s, tuned ()) else (let t = tuned () in system (), t)
+                match s, t with
+                | Ok s, Ok t -> Some(s, t)
+                | _ -> None ]
+            |> List.choose id
+        if pairs.IsEmpty then
+            info "minor page faults per training step: glibc's defaults / EarlyExit's settings" nan "(a probe process failed)"
+            info "training images/s: EarlyExit's allocator settings / glibc's defaults" nan "(a probe process failed)"
+        else
+            let faults = median (pairs |> List.map (fun ((_, fs), (_, ft)) -> fs / max ft 1.0))
+            let speed = median (pairs |> List.map (fun ((is, _), (it, _)) -> it / is))
+            let each f = pairs |> List.map f |> List.map (sprintf "%.0f") |> String.concat " "
+            info "minor page faults per training step: glibc's defaults / EarlyExit's settings" faults
+                $"(glibc's defaults: {each (fun ((_, f), _) -> f)}; EarlyExit's: {each (fun (_, (_, f)) -> f)}; cpu-scale ResNet, batch 128, {threads} thread(s), {numerics.kernels} kernels)"
+            let ratios = pairs |> List.map (fun ((is, _), (it, _)) -> sprintf "%.2f" (it / is)) |> String.concat " "
+            info "training images/s: EarlyExit's allocator settings / glibc's defaults" speed
+                $"(glibc's defaults: {each (fun ((i, _), _) -> i)}; EarlyExit's: {each (fun (_, (i, _)) -> i)} images/s; runs {ratios})"
 
     // 1. Trainer step vs a bare loop, in alternating order (so that drift in machine load favours neither).
     if runs "trainer" then
+        let trainerFaults = ResizeArray<float>()
         let trainerVsBare =
             [ for r in 1..repeats ->
                 let bare () =
@@ -203,7 +235,9 @@ let main argv =
                     use netB = model device
                     use regs = new RegularizerState()
                     let clock = StepClock device
+                    let faults = NativeAllocator.MinorPageFaults()
                     StageTrainer.Run(netB, basePlan "joint" netB.ExitCount steps batch 1 false, data, regs, device, clock) |> ignore
+                    trainerFaults.Add(float (NativeAllocator.MinorPageFaults() - faults) / float steps)
                     clock.PerStepSeconds
                 if r % 2 = 1 then
                     let b = bare ()
@@ -214,6 +248,8 @@ let main argv =
         let r1 = median trainerVsBare
         let each = trainerVsBare |> List.map (fun v -> v.ToString "F2") |> String.concat " "
         add "trainer step throughput / bare TorchSharp loop" r1 ">= 0.95" (r1 >= 0.95) $"(joint, batch {batch}, AdamW; runs {each})"
+        info "minor page faults per trainer step (this process)" (median (List.ofSeq trainerFaults))
+            $"(includes the stage's validation pass; allocator: {NativeAllocator.Status})"
 
     // 2-4. Sequential stage μ = M with EWC, with LwF, and plain; the Fisher against a training pass.
     use net = model device
@@ -394,6 +430,8 @@ let main argv =
            device = Devices.Describe device
            machine = machine
            numerics = numerics
+           allocator = NativeAllocator.Status
+           nativeScalars = NativeScalars.Status
            codeVersion = code
            date = DateTime.UtcNow.ToString("o")
            repeats = repeats
@@ -403,7 +441,7 @@ let main argv =
         "# EarlyExit benchmarks\n\n" +
         $"Ratios measured side by side in one process, medians of {repeats} runs ({kind}). " +
         $"Device: {Devices.Describe device}. Machine: {machine}. Code: {code}. " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC.\n\n" +
-        $"Numerics: {numerics.summary}.\n\n" +
+        $"Numerics: {numerics.summary}.\n\nAllocator: {NativeAllocator.Status}. Native scalars: {NativeScalars.Status}.\n\n" +
         Markdown.table [ "figure"; "measured"; "target"; "met"; "detail" ]
             [ for f in figures ->
                 let met =

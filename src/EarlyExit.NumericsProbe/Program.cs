@@ -13,7 +13,8 @@ namespace EarlyExit.NumericsProbe
     /// earlyexit-numerics-probe check --backend NAME [--threads N]
     ///     runs <see cref="ConvolutionCheck"/> under one backend and prints its result as one JSON line;
     /// earlyexit-numerics-probe throughput --backend NAME [--threads N] [--steps S] [--model resnet34|msdnet]
-    ///     times joint training steps of the cpu-scale model (batch 128) and prints images/s as one JSON line.
+    ///     times joint training steps of the cpu-scale model (batch 128) and prints images/s and minor page faults per
+    ///     step as one JSON line (the benchmark runs it under each backend, and with each allocator setting).
     /// Exit code 0 when it ran (whatever the check found), 2 for bad arguments; a crash is the caller's finding.
     /// </summary>
     public static class Program
@@ -43,14 +44,18 @@ namespace EarlyExit.NumericsProbe
             }
             int steps = int.TryParse(Arg("--steps"), out var s) && s > 0 ? s : 12;
             var model = Arg("--model") ?? "resnet34";
-            var (imagesPerSecond, perStep) = Throughput(model, steps);
-            Console.WriteLine(JsonSerializer.Serialize(new { backend = backend.Name, model, threads = get_num_threads(), steps, imagesPerSecond, secondsPerStep = perStep }, NumericsGuard.Json));
+            var (imagesPerSecond, perStep, faultsPerStep) = Throughput(model, steps);
+            Console.WriteLine(JsonSerializer.Serialize(new
+            {
+                backend = backend.Name, model, threads = get_num_threads(), steps, imagesPerSecond, secondsPerStep = perStep,
+                minorFaultsPerStep = faultsPerStep, allocator = NativeAllocator.Status,
+            }, NumericsGuard.Json));
             return 0;
         }
 
         /// <summary>Joint-loss AdamW steps of the cpu-scale model of Table 1 on random Fashion-MNIST-shaped batches of
         /// 128; the median step after two warm-up steps.</summary>
-        static (double ImagesPerSecond, double SecondsPerStep) Throughput(string model, int steps)
+        static (double ImagesPerSecond, double SecondsPerStep, double MinorFaultsPerStep) Throughput(string model, int steps)
         {
             const int batch = 128;
             manual_seed(0);
@@ -63,8 +68,10 @@ namespace EarlyExit.NumericsProbe
             using var x = randn(batch, 1, 28, 28);
             using var y = randint(10, new long[] { batch });
             var times = new double[steps];
+            long faults = 0;
             for (int i = 0; i < steps + 2; i++)
             {
+                if (i == 2) faults = NativeAllocator.MinorPageFaults();
                 var clock = Stopwatch.StartNew();
                 using (NewDisposeScope())
                 {
@@ -76,9 +83,10 @@ namespace EarlyExit.NumericsProbe
                 }
                 if (i >= 2) times[i - 2] = clock.Elapsed.TotalSeconds;
             }
+            double faultsPerStep = (double)(NativeAllocator.MinorPageFaults() - faults) / steps;
             Array.Sort(times);
             double median = times[steps / 2];
-            return (batch / median, median);
+            return (batch / median, median, faultsPerStep);
         }
     }
 }

@@ -33,14 +33,17 @@ namespace EarlyExit.Data
                 var padded = nn.functional.pad(x, new long[] { p, p, p, p });
                 var dy = randint(0, 2 * p + 1, new long[] { n, 1 }, generator: generator).to(x.device);
                 var dx = randint(0, 2 * p + 1, new long[] { n, 1 }, generator: generator).to(x.device);
-                var rows = (dy + arange(h, device: x.device).unsqueeze(0)).reshape(n, 1, h, 1).expand(n, c, h, w + 2 * p);
+                using var height = h.ToScalar();
+                using var width = w.ToScalar();
+                var rows = (dy + arange(height, device: x.device).unsqueeze(0)).reshape(n, 1, h, 1).expand(n, c, h, w + 2 * p);
                 y = padded.gather(2, rows);
-                var cols = (dx + arange(w, device: x.device).unsqueeze(0)).reshape(n, 1, 1, w).expand(n, c, h, w);
+                var cols = (dx + arange(width, device: x.device).unsqueeze(0)).reshape(n, 1, 1, w).expand(n, c, h, w);
                 y = y.gather(3, cols);
             }
             if (Flip)
             {
-                var mask = (rand(new long[] { n }, generator: generator) < 0.5).to(x.device).reshape(n, 1, 1, 1);
+                using var half = 0.5.ToScalar();
+                var mask = rand(new long[] { n }, generator: generator).lt(half).to(x.device).reshape(n, 1, 1, 1);
                 y = where(mask, y.flip(3), y);
             }
             return (ReferenceEquals(y, x) ? x.clone() : y).MoveToOuterDisposeScope();
@@ -86,8 +89,10 @@ namespace EarlyExit.Data
         {
             double off = smoothing / numClasses, on = 1.0 - smoothing + off;
             using var scope = NewDisposeScope();
-            var t = full(new long[] { labels.shape[0], numClasses }, off, dtype: ScalarType.Float32, device: labels.device);
-            t.scatter_(1, labels.unsqueeze(1), full(new long[] { labels.shape[0], 1 }, on, dtype: ScalarType.Float32, device: labels.device));
+            using var offValue = off.ToScalar();
+            using var onValue = on.ToScalar();
+            var t = full(new long[] { labels.shape[0], numClasses }, offValue, dtype: ScalarType.Float32, device: labels.device);
+            t.scatter_(1, labels.unsqueeze(1), full(new long[] { labels.shape[0], 1 }, onValue, dtype: ScalarType.Float32, device: labels.device));
             return t.MoveToOuterDisposeScope();
         }
 
@@ -128,12 +133,16 @@ namespace EarlyExit.Data
             }
             else
             {
-                mixed = x * lam + reversed * (1 - lam);
+                using var keep = lam.ToScalar();
+                using var take = (1 - lam).ToScalar();
+                mixed = x.mul(keep) + reversed.mul(take);
                 info = new MixInfo(true, false, lam, 0, 0, 0, 0);
             }
             var y1 = SmoothOneHot(labels, NumClasses, Settings.LabelSmoothing);
             var y2 = SmoothOneHot(labels.flip(0), NumClasses, Settings.LabelSmoothing);
-            var targets = y1 * lam + y2 * (1 - lam);
+            using var weight1 = lam.ToScalar();
+            using var weight2 = (1 - lam).ToScalar();
+            var targets = y1.mul(weight1) + y2.mul(weight2);
             return (mixed.MoveToOuterDisposeScope(), targets.MoveToOuterDisposeScope(), info);
         }
 

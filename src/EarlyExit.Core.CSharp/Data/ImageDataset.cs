@@ -77,7 +77,8 @@ namespace EarlyExit.Data
             var raw = tensor(buffer, new long[] { indices.Length, Channels, Height, Width });
             var mean = tensor(Mean).reshape(1, Channels, 1, 1);
             var std = tensor(Std).reshape(1, Channels, 1, 1);
-            var x = raw.to_type(ScalarType.Float32).div_(255f).sub_(mean).div_(std);
+            using var full = 255f.ToScalar();
+            var x = raw.to_type(ScalarType.Float32).div_(full).sub_(mean).div_(std);
             if (device is not null && device.type != DeviceType.CPU) x = x.to(device);
             return x.MoveToOuterDisposeScope();
         }

@@ -41,7 +41,8 @@ namespace EarlyExit.Losses
                 int e = exits[i];
                 if (e < 1 || e > logits.Count) throw new ArgumentOutOfRangeException(nameof(exits), e, $"exit {e} has no logits (have exits 1..{logits.Count})");
                 var ce = targets.dim() == 2 ? SoftCrossEntropy(logits[e - 1], targets) : CrossEntropy(logits[e - 1], targets);
-                var term = ce * weights[i];
+                using var weight = weights[i].ToScalar();
+                var term = ce.mul(weight);
                 total = total is null ? term : total + term;
             }
             return total!.MoveToOuterDisposeScope();

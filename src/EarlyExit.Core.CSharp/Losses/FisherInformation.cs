@@ -98,7 +98,8 @@ namespace EarlyExit.Losses
                     if (p.grad is { } g) sums[name].add_(g * g);
                 EarlyExit.Native.NativeScalars.ReleaseDeferred();
             }
-            foreach (var s in sums.Values) s.div_(indices.Length);
+            using (var count = indices.Length.ToScalar())
+                foreach (var s in sums.Values) s.div_(count);
             return sums;
         }
 
@@ -115,14 +116,16 @@ namespace EarlyExit.Losses
                 net.zero_grad();
                 var x = data.Images(idx, device);
                 var y = data.LabelTensor(idx, device);
-                (LogLikelihoodSum(net, exit, x, y) / idx.Length).backward();
+                using var size = idx.Length.ToScalar();
+                LogLikelihoodSum(net, exit, x, y).div(size).backward();
                 using var noGrad = no_grad();
                 foreach (var (name, p) in targets)
                     if (p.grad is { } g) sums[name].add_(g * g);
                 batches++;
                 EarlyExit.Native.NativeScalars.ReleaseDeferred();
             }
-            foreach (var s in sums.Values) s.div_(batches);
+            using (var count = batches.ToScalar())
+                foreach (var s in sums.Values) s.div_(count);
             return sums;
         }
 
@@ -229,7 +232,8 @@ namespace EarlyExit.Losses
                 ReleaseCaptures(captures);
                 foreach (var r in removers) r();
             }
-            foreach (var s in sums.Values) s.div_(indices.Length);
+            using (var count = indices.Length.ToScalar())
+                foreach (var s in sums.Values) s.div_(count);
             return sums;
         }
 
@@ -289,7 +293,8 @@ namespace EarlyExit.Losses
                 case BatchNorm2d bn:
                     {
                         var mean = bn.running_mean!.reshape(1, -1, 1, 1);
-                        var invStd = (bn.running_var! + bn.eps).rsqrt().reshape(1, -1, 1, 1);
+                        using var eps = bn.eps.ToScalar();
+                        var invStd = bn.running_var!.add(eps).rsqrt().reshape(1, -1, 1, 1);
                         var xhat = (a - mean) * invStd;
                         var gw = (g * xhat).sum(new long[] { 2, 3 });
                         var gb = g.sum(new long[] { 2, 3 });

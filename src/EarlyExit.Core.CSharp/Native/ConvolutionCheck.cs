@@ -103,7 +103,8 @@ namespace EarlyExit.Native
         {
             using var scope = NewDisposeScope();
             var x64 = randn(new long[] { c.Batch, c.In, c.Side, c.Side }, float64, generator: g);
-            var w64 = randn(new long[] { c.Out, c.In, c.Kernel, c.Kernel }, float64, generator: g) * (1.0 / Math.Sqrt(c.In * c.Kernel * c.Kernel));
+            using var fanIn = (1.0 / Math.Sqrt(c.In * c.Kernel * c.Kernel)).ToScalar();
+            var w64 = randn(new long[] { c.Out, c.In, c.Kernel, c.Kernel }, float64, generator: g).mul(fanIn);
             var b64 = c.Bias ? randn(new long[] { c.Out }, float64, generator: g) : null;
             long pad = c.Kernel / 2;
             long outSide = (c.Side + 2 * pad - c.Kernel) / c.Stride + 1;
@@ -130,7 +131,8 @@ namespace EarlyExit.Native
             // Three identical passes: a racy kernel (seen here) does not differ every time.
             var first = Pass(x32, w32, b32, gy32);
             var again = new[] { Pass(x32, w32, b32, gy32), Pass(x32, w32, b32, gy32) };
-            var dw = corrupt ? first.dw * 1.3f : first.dw;
+            using var fault = 1.3f.ToScalar();
+            var dw = corrupt ? first.dw.mul(fault) : first.dw;
 
             var all = new[] { first.y, first.dx, first.dw }.Concat(first.db is null ? Array.Empty<Tensor>() : new[] { first.db })
                 .Concat(again.SelectMany(p => new[] { p.dx, p.dw }));

@@ -57,6 +57,7 @@ namespace EarlyExit.Native
             lock (Gate)
             {
                 if (_report is not null) return _report;
+                NativeAllocator.Configure();  // before the first tensor
                 var report = OperatingSystem.IsLinux() ? PrepareLinux() : new LoadReport("", "", false, "not Linux: TorchSharp loads as shipped");
                 Verify(report);
                 _report = report;
@@ -166,6 +167,6 @@ namespace EarlyExit.Native
 
         /// <summary>One line for logs: where the natives came from.</summary>
         public static string Describe(LoadReport r) =>
-            (r.LibTorchSharpPath.Length == 0 ? r.Detail : $"{r.LibTorchSharpPath} ({r.Detail})") + $"; native scalars: {NativeScalars.Status}";
+            (r.LibTorchSharpPath.Length == 0 ? r.Detail : $"{r.LibTorchSharpPath} ({r.Detail})") + $"; native scalars: {NativeScalars.Status}; allocator: {NativeAllocator.Status}";
     }
 }

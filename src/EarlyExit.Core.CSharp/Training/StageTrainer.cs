@@ -221,14 +221,19 @@ namespace EarlyExit.Training
 
                     var logits = net.ForwardSelected(x, needed);
                     var loss = WeightedLoss(logits, plan, targets);
-                    if (ewcTerms is not null) loss = loss + plan.EwcLambda * Ewc.Penalty(ewcTerms);
+                    if (ewcTerms is not null)
+                    {
+                        using var lambda = plan.EwcLambda.ToScalar();
+                        loss = loss + Ewc.Penalty(ewcTerms).mul(lambda);
+                    }
                     if (plan.LwfRho > 0)
                     {
                         var current = new List<Tensor>();
                         List<Tensor> teacher;
                         using (no_grad()) teacher = TeacherLogits(regs, plan, x);
                         foreach (var nu in plan.ProtectedExits) current.Add(logits[nu - 1]!);
-                        loss = loss + plan.LwfRho * Lwf.Penalty(current, teacher);
+                        using var rho = plan.LwfRho.ToScalar();
+                        loss = loss + Lwf.Penalty(current, teacher).mul(rho);
                     }
 
                     double value = loss.item<float>();
@@ -326,7 +331,8 @@ namespace EarlyExit.Training
             {
                 var l = logits[plan.LossExits[i] - 1]!;
                 var ce = targets.dim() == 2 ? ExitLosses.SoftCrossEntropy(l, targets) : ExitLosses.CrossEntropy(l, targets);
-                var term = ce * plan.LossWeights[i];
+                using var weight = plan.LossWeights[i].ToScalar();
+                var term = ce.mul(weight);
                 total = total is null ? term : total + term;
             }
             return total!;
