@@ -105,7 +105,7 @@ let private runCli (cache: string) (env: (string * string) list) (args: string l
     psi.RedirectStandardOutput <- true
     psi.RedirectStandardError <- true
     psi.Environment["XDG_CACHE_HOME"] <- cache
-    for k in [ NumericsGuard.Variable; NumericsGuard.SimulateVariable; "ONEDNN_MAX_CPU_ISA"; "DNNL_MAX_CPU_ISA" ] do psi.Environment.Remove k |> ignore
+    for k in [ NumericsGuard.Variable; NumericsGuard.SimulateVariable; "ONEDNN_MAX_CPU_ISA"; "DNNL_MAX_CPU_ISA"; NativeAllocator.Variable; "MALLOC_TOP_PAD_" ] do psi.Environment.Remove k |> ignore
     for k, v in env do psi.Environment[k] <- v
     use p = Process.Start psi
     let out = p.StandardOutput.ReadToEndAsync()
@@ -177,4 +177,31 @@ let guard =
         }
     ]
 
-let all = testList "numerics guard" [ ladder; libtorchInfo; check; guard ]
+let allocator =
+    testList "glibc malloc settings (page faults)" [
+        test "this process runs with EarlyExit's settings, and getrusage counts the faults of fresh pages" {
+            if isNull (Environment.GetEnvironmentVariable "MALLOC_TOP_PAD_") && isNull (Environment.GetEnvironmentVariable NativeAllocator.Variable) then
+                Expect.isTrue NativeAllocator.Tuned NativeAllocator.Status
+                Expect.stringContains NativeAllocator.Status "mmap threshold 32 MiB, trim threshold 2 GiB, top pad 256 MiB" "what was set"
+            let before = NativeAllocator.MinorPageFaults()
+            let pages = Runtime.InteropServices.Marshal.AllocHGlobal(64n <<< 20)
+            for i in 0 .. 4096 .. (64 <<< 20) - 1 do Runtime.InteropServices.Marshal.WriteByte(pages, i, 1uy)
+            let after = NativeAllocator.MinorPageFaults()
+            Runtime.InteropServices.Marshal.FreeHGlobal pages
+            Expect.isGreaterThanOrEqual (after - before) 8192L "64 MiB of fresh pages fault at least once per 2 pages (4 KiB pages, some huge)"
+        }
+        test "EARLYEXIT_MALLOC=system and the user's own MALLOC_ settings leave glibc alone; a bad value is a usage error" {
+            use dir = new TempDir()
+            let _, out, _ = runCli dir.Path [ NativeAllocator.Variable, "system" ] [ "doctor" ]
+            Expect.stringContains out "allocator: glibc's defaults (EARLYEXIT_MALLOC=system)" "left alone"
+            let _, out2, _ = runCli dir.Path [ "MALLOC_TOP_PAD_", "1048576" ] [ "doctor" ]
+            Expect.stringContains out2 "allocator: the user's settings (MALLOC_TOP_PAD_); EarlyExit set nothing" "the user's choice"
+            let _, out3, _ = runCli dir.Path [] [ "doctor" ]
+            Expect.stringContains out3 "allocator: glibc malloc with mmap threshold 32 MiB" "set by default"
+            let code, _, err = runCli dir.Path [ NativeAllocator.Variable, "jemalloc" ] [ "doctor" ]
+            Expect.equal code 2 "usage error"
+            Expect.stringContains err "EARLYEXIT_MALLOC=jemalloc: use tuned (the default) or system" "says what to use"
+        }
+    ]
+
+let all = testList "numerics guard" [ ladder; libtorchInfo; check; guard; allocator ]

@@ -190,6 +190,8 @@ let interpreter =
                 Expect.equal (n.GetProperty("cpu").GetString()) (verdict.Cpu.Describe()) $"{f}: CPU"
                 Expect.equal (n.GetProperty("libtorch").GetString()) "2.10.0" $"{f}: libtorch version"
                 Expect.stringStarts (n.GetProperty("onednn").GetString()) "v3." $"{f}: oneDNN version"
+                Expect.equal (n.GetProperty("allocator").GetString()) EarlyExit.Native.NativeAllocator.Status $"{f}: what the allocator was set to"
+                Expect.stringStarts (n.GetProperty("nativeScalars").GetString()) "deferred release" $"{f}: native scalars released at safe points"
             let info = EarlyExit.Experiments.Evaluation.RunFolder.readInfo out
             Expect.stringContains info.Numerics (verdict.Cpu.ModelName) "the table row carries the CPU"
             Expect.stringContains info.Numerics $"convolution kernels {verdict.Backend}" "and the kernels"

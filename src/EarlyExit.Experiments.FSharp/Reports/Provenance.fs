@@ -48,4 +48,6 @@ let numericsRecord () =
        kernels = v.Backend
        decision = v.Decision
        threads = v.Threads
+       allocator = EarlyExit.Native.NativeAllocator.Status
+       nativeScalars = EarlyExit.Native.NativeScalars.Status
        checkedBackends = [| for c in v.Checked -> {| backend = c.Backend; outcome = c.Outcome; detail = c.Detail |} |] |}
