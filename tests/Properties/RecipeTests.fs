@@ -28,6 +28,7 @@ let private recipeWith (m: int) (strategy: Strategy) =
       Augment = Defaults.augment
       Fisher = Defaults.fisher
       LwfTeachers = PerExitTeachers
+      Deterministic = false
       Seed = 0
       Stages = stagesOf strategy m settings }
 

@@ -154,6 +154,7 @@ let private recipeFor (c: SmallResNet) (strategy: Strategy) =
       Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
       Fisher = { Estimator = PerSample; Samples = 8 }
       LwfTeachers = PerExitTeachers
+      Deterministic = false
       Seed = c.Seed
       Stages = stagesOf strategy c.Exits.Length settings }
 
@@ -318,6 +319,7 @@ let msdnet =
                       Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
                       Fisher = { Estimator = PerSample; Samples = 8 }
                       LwfTeachers = PerExitTeachers
+                      Deterministic = false
                       Seed = 0
                       Stages = stagesOf strategy net.ExitCount settings }
                 Expect.equal (Validation.problems recipe) [] "valid recipe"

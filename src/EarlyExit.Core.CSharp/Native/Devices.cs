@@ -36,6 +36,6 @@ namespace EarlyExit.Native
 
         /// <summary>One line for reports: the device and the threads in use.</summary>
         public static string Describe(Device d) =>
-            d.type == DeviceType.CUDA ? $"cuda:{d.index}" : $"cpu ({torch.get_num_threads()} threads, {Environment.ProcessorCount} cores)";
+            d.type == DeviceType.CUDA ? $"cuda:{d.index}" : $"cpu ({torch.get_num_threads()} thread{(torch.get_num_threads() == 1 ? "" : "s")}, {Environment.ProcessorCount} cores)";
     }
 }

@@ -70,6 +70,15 @@ namespace EarlyExit.Native
             set => ((delegate* unmanaged<IntPtr, byte, void>)Export("_ZN2at7Context20setUserEnabledMkldnnEb"))(GlobalContext(), value ? (byte)1 : (byte)0);
         }
 
+        /// <summary>ATen's deterministic-algorithms switch (TorchSharp 0.107's torch.use_deterministic_algorithms throws
+        /// "not implemented"): on, an operator without a deterministic implementation raises an error instead of
+        /// running.</summary>
+        public static bool DeterministicAlgorithms
+        {
+            get => ((delegate* unmanaged<IntPtr, byte>)Export("_ZNK2at7Context23deterministicAlgorithmsEv"))(GlobalContext()) != 0;
+            set => ((delegate* unmanaged<IntPtr, byte, byte, void>)Export("_ZN2at7Context26setDeterministicAlgorithmsEbb"))(GlobalContext(), value ? (byte)1 : (byte)0, 0);
+        }
+
         /// <summary>The text of <c>at::show_config()</c> (it returns a std::string by value: an sret pointer).</summary>
         public static string ShowConfig()
         {

@@ -38,6 +38,8 @@ namespace EarlyExit.Native
         /// <summary>Environment variable naming a directory that holds libtorch and libLibTorchSharp.so.</summary>
         public const string NativeDirVariable = "EARLYEXIT_TORCH_NATIVE_DIR";
 
+        static bool _threadsApplied;
+
         /// <summary>libtorch_cpu as loaded by absolute path (zero before loading, or where it was left to TorchSharp).</summary>
         public static IntPtr LibTorchCpuHandle { get; private set; }
 
@@ -47,6 +49,10 @@ namespace EarlyExit.Native
         public static LoadReport EnsureLoaded()
         {
             var report = LoadNatives();
+            lock (Gate)
+            {
+                if (!_threadsApplied) { TorchThreads.Apply(); _threadsApplied = true; }
+            }
             NumericsGuard.Ensure();
             return report;
         }

@@ -102,6 +102,9 @@ type Recipe =
       /// Where LwF stages take their targets from (ignored by recipes without LwF).
       LwfTeachers: LwfTeachers
       Seed: int
+      /// Deterministic mode: torch's deterministic algorithms, and a resume refused under another thread count or
+      /// other kernels, so that the same code, seed and thread count give the same bits.
+      Deterministic: bool
       Stages: Stage list }
 
 /// What a regulariser involves: EWC (Fisher and anchor), LwF (teachers), or both.

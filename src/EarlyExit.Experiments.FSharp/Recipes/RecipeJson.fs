@@ -128,7 +128,7 @@ let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
 let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
     let errors = ResizeArray<string>()
     let rd = Reader errors
-    rd.Known(root, "", [ "name"; "seed"; "model"; "data"; "augment"; "fisher"; "lwf"; "stages" ])
+    rd.Known(root, "", [ "name"; "seed"; "deterministic"; "model"; "data"; "augment"; "fisher"; "lwf"; "stages" ])
     let m = root.GetSection "model"
     rd.Known(m, "model", [ "name"; "classes"; "input"; "width"; "blocks"; "exits"; "growth"; "stepMode"; "base"; "step"; "grFactor"; "bnFactor" ])
     let input =
@@ -204,6 +204,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
           Augment = augment
           Fisher = { Estimator = estimator; Samples = rd.Int(f, "fisher.", "samples", 0) }
           LwfTeachers = teachers
+          Deterministic = rd.Bool(root, "", "deterministic", false)
           Stages = stages }
     if errors.Count > 0 then Error(List.ofSeq errors)
     else Validation.validate recipe
@@ -237,6 +238,8 @@ let toJson (r: Recipe) =
      w.WriteStartObject()
      w.WriteString("name", r.Name)
      w.WriteNumber("seed", r.Seed)
+     // Written only when set, so that recipes (and cache keys) from before the option stay the same.
+     if r.Deterministic then w.WriteBoolean("deterministic", true)
      w.WriteStartObject "model"
      w.WriteString("name", r.Model.Name)
      r.Model.Classes |> Option.iter (fun c -> w.WriteNumber("classes", c))

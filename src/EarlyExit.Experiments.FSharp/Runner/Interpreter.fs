@@ -184,19 +184,77 @@ let private copyStageState (src: string) (dst: string) =
         File.Copy(src + ext, dst + ext + ".tmp", true)
         File.Move(dst + ext + ".tmp", dst + ext, true)
 
-/// Progress: a live bar when interactive, plain log lines otherwise.
-type private Observer(log: string -> unit, writer: Modules.SummaryWriter, task: ProgressTask option, stageIndex: int, stageCount: int) =
+/// An exclusive lock on a file (flock, so the kernel releases it when its process dies, even by kill -9).
+/// Waits up to `waitSeconds` (calling `waiting` once when it has to wait), then fails with `busy`.
+let acquireLock (path: string) (waitSeconds: float) (waiting: unit -> unit) (busy: unit -> string) : IDisposable =
+    Directory.CreateDirectory(Path.GetDirectoryName path) |> ignore
+    let deadline = DateTime.UtcNow.AddSeconds waitSeconds
+    let mutable told = false
+    let rec attempt () =
+        let got =
+            try Some(new FileStream(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None) :> IDisposable)
+            with :? IOException -> None
+        match got with
+        | Some l -> l
+        | None when DateTime.UtcNow < deadline ->
+            if not told then
+                told <- true
+                waiting ()
+            Threading.Thread.Sleep 250
+            attempt ()
+        | None -> raise (RunError(busy ()))
+    attempt ()
+
+/// Progress of a running run, for a live view: `progress.json` in the run folder, rewritten at most once a second.
+type Progress =
+    { Stage: int
+      Stages: int
+      StageName: string
+      Epoch: int
+      Epochs: int
+      Step: int
+      Steps: int
+      Loss: float
+      ImagesPerSecond: float
+      /// Remaining seconds at the current rate, counting every later stage's full epoch caps (early stopping can end sooner).
+      EtaSeconds: float
+      Updated: string }
+
+/// Progress: a live bar when interactive, plain log lines otherwise; progress.json for the executor's view.
+type private Observer(log: string -> unit, writer: Modules.SummaryWriter, task: ProgressTask option, stageIndex: int, stageCount: int,
+                      progressPath: string, remainingAfter: int64, batchSize: int) =
     let mutable step = 0
+    let clock = Stopwatch.StartNew()
+    let mutable lastWrite = -10.0
+    let mutable epochStart = 0.0
+    let mutable epochSteps = 0
+    member val StepsDone = 0 with get, set
+    member val ImagesDone = 0L with get, set
     interface ITrainingObserver with
         member _.OnStageStart(plan, startEpoch, batches) =
             let from = if startEpoch > 0 then $" (resuming at epoch {startEpoch + 1})" else ""
             log $"stage {stageIndex + 1}/{stageCount} '{plan.Name}': up to {plan.MaxEpochs} epochs of {batches} steps, trains {String.Join(',', plan.TrainableGroups)}{from}"
+            epochStart <- clock.Elapsed.TotalSeconds
+            epochSteps <- 0
             task |> Option.iter (fun t ->
                 t.Description <- Markup.Escape $"stage {stageIndex + 1}/{stageCount} {plan.Name}"
                 t.MaxValue <- float (max 1 (plan.MaxEpochs * batches))
                 t.Value <- float (startEpoch * batches))
-        member _.OnBatch(plan, epoch, batch, batches, loss) =
+        member this.OnBatch(plan, epoch, batch, batches, loss) =
             step <- step + 1
+            epochSteps <- epochSteps + 1
+            this.StepsDone <- this.StepsDone + 1
+            this.ImagesDone <- this.ImagesDone + int64 plan.BatchSize
+            let now = clock.Elapsed.TotalSeconds
+            if now - lastWrite >= 1.0 || batch + 1 = batches then
+                lastWrite <- now
+                let rate = float (epochSteps * batchSize) / max 1e-9 (now - epochStart)
+                let left = int64 (plan.MaxEpochs - epoch - 1) * int64 batches + int64 (batches - batch - 1) + remainingAfter
+                let p =
+                    { Stage = stageIndex + 1; Stages = stageCount; StageName = plan.Name; Epoch = epoch + 1; Epochs = plan.MaxEpochs
+                      Step = batch + 1; Steps = batches; Loss = loss; ImagesPerSecond = rate
+                      EtaSeconds = (if rate > 0.0 then float (left * int64 batchSize) / rate else nan); Updated = DateTime.UtcNow.ToString "o" }
+                try writeAtomic progressPath (JsonSerializer.Serialize p) with :? IOException -> ()
             match task with
             | Some t -> t.Increment 1.0
             | None ->
@@ -204,12 +262,30 @@ type private Observer(log: string -> unit, writer: Modules.SummaryWriter, task: 
                 if (batch + 1) % every = 0 && batch + 1 < batches then
                     log $"  {plan.Name} epoch {epoch + 1} step {batch + 1}/{batches} loss {loss:F4}"
         member _.OnEpochEnd(plan, r) =
+            epochStart <- clock.Elapsed.TotalSeconds
+            epochSteps <- 0
             let accs = r.ValidationAccuracy |> Array.map (fun a -> a.ToString("F3", Globalization.CultureInfo.InvariantCulture)) |> String.concat " "
             let mark = if r.Improved then " *" else ""
             log $"  {plan.Name} epoch {r.Epoch + 1}: train loss {r.TrainLoss:F4}, validation accuracy per exit [{accs}], monitored {r.Monitor:F4}{mark} ({r.Seconds:F1} s, lr {r.LearningRate:G3})"
             let tag = $"{stageIndex:D2}-{plan.Name}"
             writer.add_scalar($"{tag}/train_loss", float32 r.TrainLoss, r.Epoch)
             r.ValidationAccuracy |> Array.iteri (fun e a -> writer.add_scalar($"{tag}/val_acc_exit{e + 1}", float32 a, r.Epoch))
+
+/// What a finished stage cost, from its state JSON (older runs lack the figures: zeros).
+let private stageCostOf (path: string) (stage: Stage) (macsOf: Stage -> int64 -> int -> float) =
+    use doc = JsonDocument.Parse(File.ReadAllText(path + ".json"))
+    let r = doc.RootElement
+    let int (k: string) = match r.TryGetProperty k with
+                          | true, v -> v.GetInt32()
+                          | _ -> 0
+    let images = match r.TryGetProperty "images" with
+                 | true, v -> v.GetInt64()
+                 | _ -> 0L
+    let seconds = match r.TryGetProperty "seconds" with
+                  | true, v -> v.GetDouble()
+                  | _ -> 0.0
+    { Cost.Stage = stage.Name; Cost.Epochs = int "epochsRun"; Cost.Steps = int "steps"; Cost.Images = images
+      Cost.TrainingMacs = macsOf stage images (int "epochsRun"); Cost.Seconds = seconds; Cost.Reused = false }
 
 /// Runs (or resumes, or recognises as finished) a recipe in a run folder.
 let run (options: RunOptions) (recipe: Recipe) : RunResult =
@@ -220,7 +296,8 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
     let recipeJson = RecipeJson.toJson recipe
     let recipePath = Path.Combine(out, "recipe.json")
     let metricsPath = Path.Combine(out, "metrics.json")
-    if Directory.Exists out && Directory.EnumerateFileSystemEntries out |> Seq.isEmpty |> not then
+    let runInfoPath = Path.Combine(out, "run.json")
+    if Directory.Exists out && Directory.EnumerateFileSystemEntries out |> Seq.exists (fun e -> Path.GetFileName e <> ".run.lock") then
         if not (File.Exists recipePath) then
             raise (RunError $"{out} exists and is not a run folder; choose another --out")
         elif File.ReadAllText recipePath <> recipeJson then
@@ -228,6 +305,12 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
         elif not options.Resume && not (File.Exists metricsPath) then
             raise (RunError $"{out} holds an unfinished run of this recipe; pass --resume to continue it")
     Directory.CreateDirectory out |> ignore
+    // One process per run folder: a second one waits a little (a killed predecessor's lock goes with it), then stops.
+    let runLockPath = Path.Combine(out, ".run.lock")
+    use _runLock =
+        acquireLock runLockPath 30.0
+            (fun () -> options.Log $"{out}: another process holds this run; waiting up to 30 s")
+            (fun () -> $"{out}: another process is running this run (its lock is {runLockPath}); nothing was changed")
     if File.Exists metricsPath then
         use doc = JsonDocument.Parse(File.ReadAllText metricsPath)
         let acc = doc.RootElement.GetProperty("testAccuracy").EnumerateArray() |> Seq.map (fun e -> e.GetDouble()) |> Seq.toArray
@@ -235,6 +318,22 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
         { OutDir = out; TestAccuracy = acc; AlreadyFinished = true; WallSeconds = 0.0 }
     else
     let clock = Stopwatch.StartNew()
+    let loader = TorchNativeLoader.EnsureLoaded()
+    let numerics = Provenance.numericsRecord ()
+    let threads = torch.get_num_threads ()
+    // Deterministic mode: deterministic algorithms, and a resume only under the thread count and kernels that started it.
+    if recipe.Deterministic then
+        LibTorchControls.DeterministicAlgorithms <- true
+        if File.Exists runInfoPath then
+            use doc = JsonDocument.Parse(File.ReadAllText runInfoPath)
+            let r = doc.RootElement
+            let before (k: string) = match r.TryGetProperty k with
+                                     | true, v -> Some(v.ToString())
+                                     | _ -> None
+            match before "threads", before "kernels" with
+            | Some t, Some k when t <> string threads || k <> numerics.kernels ->
+                raise (RunError $"{out}: a deterministic run started with {t} thread(s) and {k} kernels; this process has {threads} and {numerics.kernels}. Resume it with --threads {t} (and --numerics {k}) to keep it bit-for-bit reproducible")
+            | _ -> ()
     writeAtomic recipePath recipeJson
     use logFile = new StreamWriter(Path.Combine(out, "log.txt"), true)
     let log (line: string) =
@@ -242,13 +341,12 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
         logFile.WriteLine stamped
         logFile.Flush()
         options.Log line
-    let loader = TorchNativeLoader.EnsureLoaded()
     let device = Devices.Choose(Option.toObj options.Device)
     let code = Provenance.codeVersion ()
     log $"run {recipe.Name} in {out}"
-    log $"device {Devices.Describe device}; TorchSharp natives {TorchNativeLoader.Describe loader}; code {code}"
-    let numerics = Provenance.numericsRecord ()
+    log $"device {Devices.Describe device}; threads {TorchThreads.Status}; TorchSharp natives {TorchNativeLoader.Describe loader}; code {code}"
     log $"numerics: {numerics.summary}"
+    if recipe.Deterministic then log $"deterministic mode: the same code, seed, thread count ({threads}) and kernels ({numerics.kernels}) give the same bits"
     let data = loadData recipe
     log $"data {data.Train.Name}: {data.Train.Count} train, {data.Validation.Count} validation, {data.Test.Count} test images from {data.Source}"
     let runInfo =
@@ -256,6 +354,10 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            seed = recipe.Seed
            scale = options.Scale
            device = Devices.Describe device
+           threads = threads
+           threadChoice = TorchThreads.Status
+           deterministic = recipe.Deterministic
+           kernels = numerics.kernels
            codeVersion = code
            machine = Provenance.machine ()
            numerics = numerics
@@ -264,16 +366,31 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            validationImages = data.Validation.Count
            testImages = data.Test.Count
            started = DateTime.UtcNow.ToString("o") |}
-    writeAtomic (Path.Combine(out, "run.json")) (JsonSerializer.Serialize(runInfo, json))
+    writeAtomic runInfoPath (JsonSerializer.Serialize(runInfo, json))
 
     torch.manual_seed (int64 recipe.Seed) |> ignore
     use net = ModelRegistry.Create(recipe.Model.Name, Validation.modelOptions recipe.Model)
     net.``to``(device) |> ignore
     let cost = MacCounter.Count net
+    let exitMacs = cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray
     use regs = new RegularizerState()
     let writer = torch.utils.tensorboard.SummaryWriter(Path.Combine(out, "tensorboard"))
     let stages = recipe.Stages
     let n = stages.Length
+    let stepsPerEpoch (s: Stage) =
+        let full = (data.Train.Count + s.BatchSize - 1) / s.BatchSize
+        if s.MaxStepsPerEpoch > 0 then min full s.MaxStepsPerEpoch else full
+    let fisherSamples = int64 (if recipe.Fisher.Samples > 0 then min recipe.Fisher.Samples data.Train.Count else data.Train.Count)
+    let macsOf (i: int) (s: Stage) (images: int64) (epochs: int) =
+        let ewc, _ = consolidation recipe.LwfTeachers stages i
+        Cost.stageMacs exitMacs recipe.LwfTeachers s images (int64 data.Validation.Count) epochs (if ewc then fisherSamples else 0L)
+    let reusedStages = Collections.Generic.HashSet<int>()
+
+    /// Loads the state after stage i from the prefix cache into the run folder and the network.
+    let reuse (dir: string) (i: int) =
+        copyStageState (Path.Combine(dir, prefixKey recipe i)) (doneFile out i stages[i])
+        loadStageState (doneFile out i stages[i]) net regs
+        reusedStages.Add i |> ignore
 
     // Resume point: the last finished stage in the run folder, else the longest cached prefix.
     let lastDone = [ 0 .. n - 1 ] |> List.filter (fun i -> stageStateExists (doneFile out i stages[i])) |> List.tryLast
@@ -294,42 +411,72 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
                 for i in 0..k do
                     let cachedState = Path.Combine(dir, prefixKey recipe i)
                     if stageStateExists cachedState then copyStageState cachedState (doneFile out i stages[i])
+                    reusedStages.Add i |> ignore
                 loadStageState (doneFile out k stages[k]) net regs
                 let names = String.Join(", ", stages |> List.take (k + 1) |> List.map (fun s -> s.Name))
                 log $"stages 1..{k + 1} ({names}) reused from the prefix cache"
                 k + 1
             | _ -> 0
 
+    let trainStage (task: ProgressTask option) (i: int) =
+        let s = stages[i]
+        let p = plan recipe i (Some(stageDir out i s))
+        let later = [ i + 1 .. n - 1 ] |> List.sumBy (fun j -> int64 (stepsPerEpoch stages[j] * stages[j].MaxEpochs))
+        let observer = Observer(log, writer, task, i, n, Path.Combine(out, "progress.json"), later, s.BatchSize)
+        let stageClock = Stopwatch.StartNew()
+        let result =
+            try StageTrainer.Run(net, p, data, regs, device, observer)
+            with :? NonFiniteLossException as e -> raise (RunError e.Message)
+        // Release the teachers no later stage reads (all of them after the last LwF stage; with one
+        // previous-stage teacher, every one but the newest).
+        let read = teachersReadAfter recipe i
+        for nu in List.ofSeq regs.Teachers.Keys do
+            if not (read.Contains nu) then
+                regs.Teachers[nu].Dispose()
+                regs.Teachers.Remove nu |> ignore
+        let steps = result.History |> Seq.sumBy (fun h -> h.Steps)
+        // An epoch's last batch may be smaller: its images are at most the training split.
+        let images = result.History |> Seq.sumBy (fun h -> int64 (min (h.Steps * s.BatchSize) data.Train.Count))
+        let stateInfo =
+            {| stage = s.Name
+               bestEpoch = result.BestEpoch + 1
+               bestMonitor = result.BestMonitor
+               epochsRun = result.EpochsRun
+               stoppedEarly = result.StoppedEarly
+               steps = steps
+               images = images
+               seconds = stageClock.Elapsed.TotalSeconds |}
+        saveStageState (doneFile out i s) net regs stateInfo
+        match options.PrefixCache with
+        | Some dir -> copyStageState (doneFile out i s) (Path.Combine(dir, prefixKey recipe i))
+        | None -> ()
+        // The per-epoch checkpoint of a finished stage is no longer needed.
+        let dir = stageDir out i s
+        if Directory.Exists dir then Directory.Delete(dir, true)
+        let early = if result.StoppedEarly then " (stopped early)" else ""
+        log $"stage {i + 1}/{n} '{s.Name}' done: best epoch {result.BestEpoch + 1}, monitored validation accuracy {result.BestMonitor:F4}{early}"
+
     let runStages (task: ProgressTask option) =
         for i in firstToRun .. n - 1 do
-            let s = stages[i]
-            let p = plan recipe i (Some(stageDir out i s))
-            let observer = Observer(log, writer, task, i, n)
-            let result =
-                try StageTrainer.Run(net, p, data, regs, device, observer)
-                with :? NonFiniteLossException as e -> raise (RunError e.Message)
-            // Release the teachers no later stage reads (all of them after the last LwF stage; with one
-            // previous-stage teacher, every one but the newest).
-            let read = teachersReadAfter recipe i
-            for nu in List.ofSeq regs.Teachers.Keys do
-                if not (read.Contains nu) then
-                    regs.Teachers[nu].Dispose()
-                    regs.Teachers.Remove nu |> ignore
-            let stateInfo =
-                {| stage = s.Name
-                   bestEpoch = result.BestEpoch + 1
-                   bestMonitor = result.BestMonitor
-                   epochsRun = result.EpochsRun
-                   stoppedEarly = result.StoppedEarly |}
-            saveStageState (doneFile out i s) net regs stateInfo
             match options.PrefixCache with
-            | Some dir -> copyStageState (doneFile out i s) (Path.Combine(dir, prefixKey recipe i))
-            | None -> ()
-            // The per-epoch checkpoint of a finished stage is no longer needed.
-            let dir = stageDir out i s
-            if Directory.Exists dir then Directory.Delete(dir, true)
-            let early = if result.StoppedEarly then " (stopped early)" else ""
-            log $"stage {i + 1}/{n} '{s.Name}' done: best epoch {result.BestEpoch + 1}, monitored validation accuracy {result.BestMonitor:F4}{early}"
+            | None -> trainStage task i
+            | Some dir ->
+                // Runs that share this prefix train it once: the first holds its lock while it trains; the others
+                // wait, then reuse it. A killed holder's lock goes with it, and a waiter trains the stage itself.
+                let key = prefixKey recipe i
+                let cached () = stageStateExists (Path.Combine(dir, key))
+                if cached () then
+                    reuse dir i
+                    log $"stage {i + 1}/{n} '{stages[i].Name}' reused from the prefix cache"
+                else
+                    use _ =
+                        acquireLock (Path.Combine(dir, key + ".lock")) (7.0 * 24.0 * 3600.0)
+                            (fun () -> log $"stage {i + 1}/{n} '{stages[i].Name}' is being trained by another run; waiting for it (prefix {key})")
+                            (fun () -> $"gave up waiting for prefix {key}")
+                    if cached () then
+                        reuse dir i
+                        log $"stage {i + 1}/{n} '{stages[i].Name}' reused from the prefix cache (trained by another run meanwhile)"
+                    else trainStage task i
 
     if AnsiConsole.Profile.Capabilities.Interactive && firstToRun < n then
         AnsiConsole.Progress().AutoClear(false).Columns(TaskDescriptionColumn(), ProgressBarColumn(), PercentageColumn(), ElapsedTimeColumn(), RemainingTimeColumn())
@@ -348,6 +495,11 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
                float (s.item<int64>()) / float data.Test.Count |]
     logits.Dispose()
     labels.Dispose()
+    let stageCosts =
+        [ for i, s in List.indexed stages ->
+            let c = stageCostOf (doneFile out i s) s (macsOf i)
+            if reusedStages.Contains i then { c with Reused = true } else c ]
+    let totals = Cost.totals stageCosts
     let metrics =
         {| recipe = recipe.Name
            model = net.Describe()
@@ -355,18 +507,27 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            dataSource = data.Source
            scale = options.Scale
            device = Devices.Describe device
+           threads = threads
+           deterministic = recipe.Deterministic
            seed = recipe.Seed
            codeVersion = code
            numerics = numerics
            testImages = data.Test.Count
            testAccuracy = acc
-           exitMacs = cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray
+           exitMacs = exitMacs
            backboneMacs = cost.BackboneMacs
            macConvention = "conv-linear (one multiply-add = 1)"
+           cost =
+            {| convention = "training MACs: 3x the forward MACs of the exits a stage computes per training image (backward = 2x forward), plus LwF teacher forwards (1x), validation passes (1x) and the Fisher (3x)"
+               epochs = totals.Epochs
+               steps = totals.Steps
+               images = totals.Images
+               trainingMacs = totals.TrainingMacs
+               stages = stageCosts |}
            wallSeconds = clock.Elapsed.TotalSeconds
            finished = DateTime.UtcNow.ToString("o") |}
     writeAtomic metricsPath (JsonSerializer.Serialize(metrics, json))
     writer.add_text("metrics", JsonSerializer.Serialize(metrics), 0)
     let accText = acc |> Array.mapi (fun i a -> $"exit{i + 1} {a:F4}") |> String.concat ", "
-    log $"test accuracy: {accText}; {clock.Elapsed.TotalSeconds:F0} s"
+    log $"test accuracy: {accText}; {totals.Steps} optimiser steps, {totals.TrainingMacs / 1e12:F2} TMACs of training; {clock.Elapsed.TotalSeconds:F0} s"
     { OutDir = out; TestAccuracy = acc; AlreadyFinished = false; WallSeconds = clock.Elapsed.TotalSeconds }

@@ -117,4 +117,5 @@ let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (s
       Fisher = s.Fisher
       LwfTeachers = PerExitTeachers
       Seed = seed
+      Deterministic = false
       Stages = stagesOf strategy m s.Stages }
