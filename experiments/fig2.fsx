@@ -5,6 +5,6 @@
 open EarlyExit.Experiments.Experiments
 
 let dir = ScriptArgs.resultsDir __SOURCE_DIRECTORY__ fsi.CommandLineArgs
-let rows = Table1.loadRows dir [ "joint"; "disjoint"; "mixed"; "branchwise"; "separate"; "sequential-ewc"; "sequential-lwf" ]
+let rows = Table1.loadRows dir [ "joint"; "disjoint"; "mixed"; "branchwise"; "separate"; "sequential-ewc"; "sequential-lwf" ] None
 Table1.writeFig2 dir (ScriptArgs.figureTitle dir rows) rows
 printfn "wrote %s" (System.IO.Path.Combine(dir, "fig2.png"))

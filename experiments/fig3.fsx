@@ -5,6 +5,6 @@
 open EarlyExit.Experiments.Experiments
 
 let dir = ScriptArgs.resultsDir __SOURCE_DIRECTORY__ fsi.CommandLineArgs
-let rows = Table1.loadRows dir [ "sequential-ewc"; "sequential-lwf" ] |> List.filter (fun r -> r.Strategy.StartsWith "sequential")
+let rows = Table1.loadRows dir [ "sequential-ewc"; "sequential-lwf" ] None |> List.filter (fun r -> r.Strategy.StartsWith "sequential")
 Table1.writeFig3 dir (ScriptArgs.figureTitle dir rows) rows
 for r in rows do printfn "wrote %s" (System.IO.Path.Combine(dir, $"fig3-{r.Strategy}.png"))

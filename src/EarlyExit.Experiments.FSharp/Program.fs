@@ -108,6 +108,7 @@ let main argv =
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         // Before the first use of torch: the guard applies the kernels once per process.
         results.TryGetResult Numerics |> Option.iter (fun b -> NumericsGuard.Requested <- b)
+        results.TryGetResult Threads |> Option.iter (fun t -> TorchThreads.Parse t |> ignore; TorchThreads.Requested <- t)
         match results.TryGetSubCommand() with
         | Some Models ->
             Describe.listModels AnsiConsole.Console
@@ -117,6 +118,7 @@ let main argv =
         | Some (Doctor r) -> doctor r
         | Some (Eval r) -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256))
         | Some (Train r) ->
+            r.TryGetResult Parent_Pid |> Option.iter Train.watchParent
             TorchNativeLoader.EnsureLoaded() |> ignore
             Train.run r
         | _ ->

@@ -68,6 +68,10 @@ type TrainArgs =
     | Data of name: string
     | Scale of scale: string
     | Seed of seed: int
+    | Seeds of seeds: string
+    | Jobs of count: int
+    | Deterministic
+    | [<Hidden>] Parent_Pid of pid: int
     | Lambda of lambda: float
     | Rho of rho: float
     | Lwf_Teachers of policy: string
@@ -85,8 +89,12 @@ type TrainArgs =
             | Strategy _ -> "joint, disjoint, mixed, branchwise, separate, sequential-ewc, sequential-lwf (and -nowarmup variants)"
             | Model _ -> "model family (default resnet34)"
             | Data _ -> "cifar100, cifar10 or fashion-mnist (default fashion-mnist)"
-            | Scale _ -> "smoke (seconds), cpu (minutes on a 2-core CPU) or paper (default: paper on a GPU, cpu otherwise)"
+            | Scale _ -> "smoke (seconds), cpu (minutes on a 2-core CPU) or paper (default: paper on a GPU, cpu otherwise); with --recipe, only the name recorded in the run's provenance"
             | Seed _ -> "random seed (default 0)"
+            | Seeds _ -> "several seeds, one run folder each (OUT/seed-K): a list (0,1,2) or a count (3 means 0,1,2); run by the local executor"
+            | Jobs _ -> "with --seeds: runs at a time (default: the number of cores, each on --threads threads, default 1)"
+            | Deterministic -> "deterministic mode: the same code, seed and thread count give the same bits (a resume under other threads or kernels is refused)"
+            | Parent_Pid _ -> "end when this process ends (the executor's runs)"
             | Lambda _ -> "EWC strength (default: the paper's preset for the model)"
             | Rho _ -> "LwF strength (default: the paper's preset for the model)"
             | Lwf_Teachers _ -> "per-exit (the paper: one frozen copy per earlier exit, default) or previous-stage (classic LwF: one copy, one teacher forward per step)"
@@ -121,6 +129,7 @@ type DoctorArgs =
 
 type CliArgs =
     | [<Inherit>] Numerics of backend: string
+    | [<Inherit>] Threads of threads: string
     | [<CliPrefix(CliPrefix.None)>] Models
     | [<CliPrefix(CliPrefix.None)>] Describe of ParseResults<DescribeArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
@@ -132,6 +141,7 @@ type CliArgs =
         member a.Usage =
             match a with
             | Numerics _ -> "force the convolution kernels: auto (default: the first that passes the numerics check), default, onednn-avx512_core, onednn-avx2, onednn-avx, onednn-sse41 or no-onednn (also EARLYEXIT_NUMERICS)"
+            | Threads _ -> "torch threads of this process: a number, or auto (default: the cores minus the processes already running; also EARLYEXIT_THREADS)"
             | Models -> "list the model families"
             | Describe _ -> "parameters and cumulative MACs of every exit of a model"
             | Data _ -> "check or download data sets"

@@ -18,3 +18,19 @@ let intList (what: string) (text: string) : Result<int[], string> =
     if parts.Length = 0 || parsed |> Array.exists (fst >> not) then
         Error $"{what}: '{text}' is not a comma-separated list of integers"
     else Ok(parsed |> Array.map snd)
+
+/// `--seeds`: "0,1,2" (those seeds) or "N" (seeds 0..N−1). Empty, negative or duplicated seeds, and N < 1, are errors.
+let seeds (text: string) : Result<int list, string> =
+    let t = text.Trim()
+    if t = "" then Error "--seeds: give a list of seeds (0,1,2) or how many (3)"
+    elif not (t.Contains ",") then
+        match Int32.TryParse t with
+        | true, n when n >= 1 -> Ok [ 0 .. n - 1 ]
+        | true, n -> Error $"--seeds {n}: give at least one seed"
+        | _ -> Error $"--seeds: '{text}' is neither a number of seeds nor a comma-separated list"
+    else
+        match intList "--seeds" t with
+        | Error e -> Error e
+        | Ok xs when xs |> Array.exists (fun s -> s < 0) -> Error $"--seeds {t}: seeds must not be negative"
+        | Ok xs when (Array.distinct xs).Length <> xs.Length -> Error $"--seeds {t}: seed {xs |> Array.countBy id |> Array.find (fun (_, c) -> c > 1) |> fst} appears twice"
+        | Ok xs -> Ok(List.ofArray xs)

@@ -4,6 +4,7 @@ module EarlyExit.Experiments.Cli.Train
 open System
 open System.IO
 open Argu
+open System.Text.Json
 open EarlyExit.Native
 open EarlyExit.Experiments.Recipes
 open EarlyExit.Experiments.Runner
@@ -48,18 +49,68 @@ let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string 
                     Validation.validate recipe |> Result.map (fun v -> v, Scales.name scale)
                 with :? ArgumentException as e -> Error [ e.Message ]
 
+/// Ends this process (as kill -9 would: the epoch in flight is lost, the run resumes) when process `pid` ends: the
+/// executor's runs must not outlive it.
+let watchParent (pid: int) =
+    let alive () =
+        try
+            use p = Diagnostics.Process.GetProcessById pid
+            not p.HasExited
+        with _ -> false
+    let t =
+        Threading.Thread((fun () ->
+            while alive () do Threading.Thread.Sleep 1000
+            Diagnostics.Process.GetCurrentProcess().Kill()), IsBackground = true, Name = "parent watch")
+    t.Start()
+
 let run (r: ParseResults<TrainArgs>) =
-    match resolveRecipe r with
-    | Error problems ->
+    let seeds =
+        match r.TryGetResult TrainArgs.Seeds with
+        | None -> Ok None
+        | Some s -> Parse.seeds s |> Result.map Some
+    let jobs = r.GetResult(TrainArgs.Jobs, Executor.defaultJobs ())
+    match resolveRecipe r, seeds with
+    | Error problems, _ ->
         for p in problems do eprintfn "error: %s" p
         2
-    | Ok (recipe, scale) ->
-        match r.TryGetResult TrainArgs.Save_Recipe with
-        | Some file ->
+    | _, Error e ->
+        eprintfn "error: %s" e
+        2
+    | Ok _, Ok (Some _) when r.Contains TrainArgs.Seed ->
+        eprintfn "error: give --seed or --seeds, not both"
+        2
+    | Ok _, Ok _ when jobs < 1 ->
+        eprintfn "error: --jobs %d: run at least one job at a time" jobs
+        2
+    | Ok (recipe, scale), Ok seeds ->
+        let recipe = if r.Contains TrainArgs.Deterministic then { recipe with Deterministic = true } else recipe
+        let scale = if r.Contains TrainArgs.Recipe then r.GetResult(TrainArgs.Scale, scale) else scale
+        match r.TryGetResult TrainArgs.Save_Recipe, seeds with
+        | Some file, _ ->
             RecipeJson.save file recipe
             printfn "recipe written to %s" file
             0
-        | None ->
+        | None, Some seeds ->
+            // One run folder per seed, OUT/seed-K, run by the local executor.
+            let out = Path.GetFullPath(r.GetResult TrainArgs.Out)
+            let threads =
+                match Option.ofObj TorchThreads.Requested |> Option.map TorchThreads.Parse with
+                | Some n when n.HasValue -> n.Value
+                | _ -> Executor.defaultThreads (min jobs seeds.Length)
+            let options: Executor.Options =
+                { Jobs = jobs; Threads = threads; PrefixCache = r.TryGetResult TrainArgs.Prefix_Cache |> Option.orElse (Some(Path.Combine(out, "prefix-cache")))
+                  Scale = scale; Device = r.TryGetResult TrainArgs.Device; Numerics = Option.ofObj NumericsGuard.Requested
+                  SweepDir = Path.Combine(out, "sweep"); Log = fun line -> Console.Out.WriteLine line }
+            let runs = [ for s in seeds -> { Executor.Name = recipe.Name; Executor.Seed = s; Executor.Recipe = { recipe with Seed = s }; Executor.RunDir = Path.Combine(out, $"seed-{s}") } ]
+            let outcomes = Executor.run options runs
+            for o in outcomes do
+                if o.ExitCode = 0 then
+                    use doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(o.Job.RunDir, "metrics.json")))
+                    let acc = doc.RootElement.GetProperty("testAccuracy").EnumerateArray() |> Seq.map (fun e -> sprintf "%.4f" (e.GetDouble())) |> String.concat " "
+                    printfn "seed %d: test accuracy per exit %s (%s)" o.Job.Seed acc o.Job.RunDir
+                else printfn "seed %d: FAILED (exit code %d); see %s" o.Job.Seed o.ExitCode o.Job.RunDir
+            if outcomes |> List.forall (fun o -> o.ExitCode = 0) then 0 else 1
+        | None, None ->
             let options: Interpreter.RunOptions =
                 { OutDir = r.GetResult TrainArgs.Out
                   Resume = r.Contains TrainArgs.Resume

@@ -24,6 +24,33 @@ let accuracyVsMacs (path: string) (title: string) (provenance: string) (curves: 
     plt.ShowLegend(ScottPlot.Alignment.LowerRight) |> ignore
     plt.SavePng(path, 1000, 650) |> ignore
 
+/// One curve per method over seeds: the mean (average MACs, accuracy) at each threshold of the sweep, and a band of
+/// ± the half-width of the 95% confidence interval of the accuracy (none where n < 2).
+let accuracyVsMacsBands (path: string) (title: string) (provenance: string) (curves: (string * float[] * float[] * float[]) list) =
+    let plt = ScottPlot.Plot()
+    let palette = ScottPlot.Palettes.Category10()
+    curves
+    |> List.iteri (fun i (name, macs, acc, halfWidth) ->
+        let order = Array.init macs.Length id |> Array.sortBy (fun k -> macs[k])
+        let xs = order |> Array.map (fun k -> macs[k] / 1e6)
+        let ys = order |> Array.map (fun k -> 100.0 * acc[k])
+        let color = palette.GetColor i
+        if halfWidth |> Array.forall (fun h -> not (System.Double.IsNaN h)) then
+            let lo = order |> Array.map (fun k -> 100.0 * (acc[k] - halfWidth[k]))
+            let hi = order |> Array.map (fun k -> 100.0 * (acc[k] + halfWidth[k]))
+            let band = plt.Add.FillY(xs, lo, hi)
+            band.FillColor <- color.WithAlpha(0.2)
+            band.LineWidth <- 0.0f
+        let s = plt.Add.Scatter(xs, ys)
+        s.Color <- color
+        s.LegendText <- name
+        s.MarkerSize <- 3.0f)
+    titled plt title provenance
+    plt.XLabel("average MACs per sample (millions; one multiply-add = 1)")
+    plt.YLabel("top-1 accuracy (%), mean over seeds with 95% CI")
+    plt.ShowLegend(ScottPlot.Alignment.LowerRight) |> ignore
+    plt.SavePng(path, 1000, 650) |> ignore
+
 /// Grouped bars: for each threshold, the share of samples leaving at each exit (exits left to right).
 let exitRatios (path: string) (title: string) (provenance: string) (exitsCount: int) (groups: (string * float[]) list) =
     let plt = ScottPlot.Plot()

@@ -21,7 +21,14 @@ type RunInfo =
       TestAccuracy: float[]
       ExitMacs: int64[]
       BackboneMacs: int64
-      WallSeconds: float }
+      WallSeconds: float
+      /// torch threads of the run (0: not recorded).
+      Threads: int
+      Deterministic: bool
+      /// Epochs, optimiser steps and training MACs of every stage, reused ones included (None: not recorded).
+      Cost: RunCost option }
+
+and RunCost = { Epochs: int; Steps: int; TrainingMacs: float }
 
 let readInfo (dir: string) =
     let path = Path.Combine(dir, "metrics.json")
@@ -47,7 +54,18 @@ let readInfo (dir: string) =
       TestAccuracy = r.GetProperty("testAccuracy").EnumerateArray() |> Seq.map (fun e -> e.GetDouble()) |> Seq.toArray
       ExitMacs = r.GetProperty("exitMacs").EnumerateArray() |> Seq.map (fun e -> e.GetInt64()) |> Seq.toArray
       BackboneMacs = r.GetProperty("backboneMacs").GetInt64()
-      WallSeconds = r.GetProperty("wallSeconds").GetDouble() }
+      WallSeconds = r.GetProperty("wallSeconds").GetDouble()
+      Threads = (match r.TryGetProperty "threads" with
+                 | true, v -> v.GetInt32()
+                 | _ -> 0)
+      Deterministic = (match r.TryGetProperty "deterministic" with
+                       | true, v -> v.GetBoolean()
+                       | _ -> false)
+      Cost =
+        match r.TryGetProperty "cost" with
+        | true, c ->
+            Some { Epochs = c.GetProperty("epochs").GetInt32(); Steps = c.GetProperty("steps").GetInt32(); TrainingMacs = c.GetProperty("trainingMacs").GetDouble() }
+        | _ -> None }
 
 /// Exit outputs from a logits tensor of shape exits × samples × classes (as Evaluator.CollectLogits returns).
 let outputsOfLogits (logits: TorchSharp.torch.Tensor) (labels: int[]) (exitMacs: int64[]) (backboneMacs: int64) : ExitOutputs =

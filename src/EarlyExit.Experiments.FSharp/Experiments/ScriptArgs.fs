@@ -1,4 +1,5 @@
-/// The options every experiment script takes: --scale --data --data-root --model --seed --out --device --numerics.
+/// The options every experiment script takes: --scale --data --data-root --model --seeds (or --seed) --jobs --threads
+/// --out --device --numerics --deterministic --equal-steps.
 module EarlyExit.Experiments.Experiments.ScriptArgs
 
 open System
@@ -8,17 +9,24 @@ open EarlyExit.Experiments.Runner
 
 exception ScriptArgError of string
 
-/// `numerics` is applied by experiments/Load.fsx before torch first runs; it is accepted here so that it parses.
-let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics" ]
+/// Options with a value; `numerics` is applied by experiments/Load.fsx before torch first runs and read here again
+/// for the runs the executor starts.
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics" ]
+/// Options without a value.
+let flags = [ "deterministic"; "equal-steps" ]
+
+/// Seeds when none are given: 2 at smoke scale (enough to exercise the statistics), 3 otherwise.
+let defaultSeeds (scale: Scales.Scale) = if scale = Scales.Smoke then [ 0; 1 ] else [ 0; 1; 2 ]
 
 let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.Options =
     let rec go (acc: Map<string, string>) =
         function
         | [] -> acc
+        | (key: string) :: rest when key.StartsWith "--" && List.contains (key.Substring 2) flags -> go (acc.Add(key.Substring 2, "true")) rest
         | (key: string) :: value :: rest when key.StartsWith "--" && List.contains (key.Substring 2) known -> go (acc.Add(key.Substring 2, value)) rest
-        | [ key ] when key.StartsWith "--" -> raise (ScriptArgError $"missing value after {key}")
+        | [ key ] when key.StartsWith "--" && List.contains (key.Substring 2) known -> raise (ScriptArgError $"missing value after {key}")
         | other :: _ ->
-            let options = String.Join(", --", known)
+            let options = String.Join(", --", known @ flags)
             raise (ScriptArgError $"unexpected argument '{other}'; the options are --{options}")
     let opts = go Map.empty argv
     let scale =
@@ -28,24 +36,45 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
             | Ok v -> v
             | Error e -> raise (ScriptArgError e)
         | None -> if Devices.CudaAvailable() then Scales.Paper else Scales.Cpu
-    let seed =
-        match opts.TryFind "seed" with
-        | None -> 0
+    let positive (name: string) (fallback: int) =
+        match opts.TryFind name with
+        | None -> fallback
         | Some s ->
             match Int32.TryParse s with
-            | true, v -> v
-            | _ -> raise (ScriptArgError $"--seed: '{s}' is not an integer")
+            | true, v when v >= 1 -> v
+            | _ -> raise (ScriptArgError $"--{name} {s}: give a positive integer")
+    let seeds =
+        match opts.TryFind "seed", opts.TryFind "seeds" with
+        | Some _, Some _ -> raise (ScriptArgError "give --seed or --seeds, not both")
+        | Some s, None ->
+            match Int32.TryParse s with
+            | true, v when v >= 0 -> [ v ]
+            | _ -> raise (ScriptArgError $"--seed: '{s}' is not a non-negative integer")
+        | None, Some s ->
+            match EarlyExit.Experiments.Cli.Parse.seeds s with
+            | Ok v -> v
+            | Error e -> raise (ScriptArgError e)
+        | None, None -> defaultSeeds scale
+    let jobs = positive "jobs" (min (Executor.defaultJobs ()) (max 1 seeds.Length * 7))
+    let threads =
+        match opts.TryFind "threads" with
+        | Some t ->
+            try
+                let n = TorchThreads.Parse t
+                if n.HasValue then n.Value else Executor.defaultThreads jobs
+            with :? ArgumentException as e -> raise (ScriptArgError e.Message)
+        | None -> Executor.defaultThreads jobs
+    let model = defaultArg (opts.TryFind "model") "resnet34"
     { Scale = scale
       Data = opts.TryFind "data"
       DataRoot = opts.TryFind "data-root"
-      Model = defaultArg (opts.TryFind "model") "resnet34"
-      Seed = seed
+      Model = model
+      Seeds = seeds
       OutRoot = defaultArg (opts.TryFind "out") (Path.Combine(repoRoot, "results", experiment))
       Device = opts.TryFind "device"
       Strategies =
         opts.TryFind "strategies"
         |> Option.map (fun list ->
-            let model = defaultArg (opts.TryFind "model") "resnet34"
             let preset = EarlyExit.Experiments.Recipes.Builders.Presets.forModel model
             [ for name in list.Split(',', StringSplitOptions.RemoveEmptyEntries) ->
                 match EarlyExit.Experiments.Recipes.Builders.parseStrategy preset name None None with
@@ -60,6 +89,11 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
                 | Ok t -> t
                 | Error e -> raise (ScriptArgError $"--lwf-teachers: {e}") ]
             |> List.distinct
+      Jobs = jobs
+      Threads = threads
+      Deterministic = opts.ContainsKey "deterministic"
+      EqualSteps = opts.ContainsKey "equal-steps"
+      Numerics = opts.TryFind "numerics"
       Log = fun line -> Console.Out.WriteLine line }
 
 /// Runs an experiment body with the clear errors every script shares; returns the exit code.
@@ -79,6 +113,9 @@ let runScript (experiment: string) (scriptDir: string) (argv: string[]) (body: T
     main (fun () ->
         let options = parse experiment (Path.Combine(scriptDir, "..")) (argv |> Array.tail |> List.ofArray)
         printfn "\n%s" (body options)
+        // What the results say about the papers' claims, from every table of this data set and scale.
+        let data, _ = Table1.chooseData options
+        printfn "%s" (Claims.write (Path.GetDirectoryName(Path.GetFullPath options.OutRoot)) data (Scales.name options.Scale))
         printfn "%s.fsx finished in %.0f s" experiment clock.Elapsed.TotalSeconds)
 
 /// The figure scripts' argument: a results folder of table1 (default: Fashion-MNIST at cpu scale).

@@ -1,13 +1,14 @@
 /// Table 1 of the 2026 paper (every strategy × top-1 at 25/50/75/100% of the backbone's MACs) with Fig. 2 and Fig. 3,
-/// on the data and scale the machine allows. Runs are resumable and shared: finished runs are not redone and the
-/// warm-up is trained once for every strategy that starts with it.
+/// over several seeds, on the data and scale the machine allows. Seed k gives every strategy the same initial
+/// weights, validation split and data order wherever their stages coincide, so strategies are compared by paired
+/// differences over seeds, with 95% confidence intervals and a verdict. Runs go through the local executor (N at a
+/// time), are resumable and shared: finished runs are not redone and a warm-up is trained once per seed.
 module EarlyExit.Experiments.Experiments.Table1
 
 open System
 open System.IO
 open System.Text.Json
 open EarlyExit.Data
-open EarlyExit.Native
 open EarlyExit.Experiments.Recipes
 open EarlyExit.Experiments.Recipes.Builders
 open EarlyExit.Experiments.Runner
@@ -20,19 +21,27 @@ type Options =
       Data: string option
       DataRoot: string option
       Model: string
-      Seed: int
+      Seeds: int list
       OutRoot: string
       Device: string option
       Strategies: Strategy list option
       /// LwF teacher policies to run every LwF strategy with (one row each); the first is the plain name's.
       LwfTeachers: LwfTeachers list
+      /// Runs at a time, and torch threads of each.
+      Jobs: int
+      Threads: int
+      Deterministic: bool
+      /// Every strategy gets the same total of optimiser steps (Cost.equalSteps).
+      EqualSteps: bool
+      /// Kernels forced on every run (None: the numerics guard's choice).
+      Numerics: string option
       Log: string -> unit }
 
 /// The (row name, recipe) pairs of strategies: one per LwF teacher policy for strategies with LwF, the paper's
-/// per-exit policy under the strategy's own name and any other as "NAME (POLICY teacher)".
+/// per-exit policy under the strategy's own name and any other as "NAME-POLICY-teacher".
 let recipesOf (o: Options) (data: string) (strategies: Strategy list) =
     [ for strategy in strategies do
-        let recipe = Scales.recipe o.Scale strategy o.Model data o.Seed
+        let recipe = Scales.recipe o.Scale strategy o.Model data 0
         if not (recipe.Stages |> List.exists (fun s -> Regularisers.usesLwf s.Regulariser)) then yield strategyName strategy, recipe
         else
             for t in o.LwfTeachers do
@@ -52,145 +61,259 @@ let chooseData (o: Options) =
             let fashionFolder = DataCatalog.FolderOf("fashion-mnist", Option.toObj o.DataRoot)
             "fashion-mnist", $"fashion-mnist (CIFAR-100 not found in {cifarFolder}; Fashion-MNIST from {fashionFolder})"
 
-type Row =
-    { Strategy: string
+/// One finished run: one strategy, one seed.
+type SeedRun =
+    { Seed: int
       Info: RunFolder.RunInfo
       Budgets: float option[]
       ExitAccuracy: float[]
       Sweep: Budget.SweepPoint[]
       Outputs: Budget.ExitOutputs }
 
-/// Reads a finished run into a row of the table.
-let loadRow (name: string) (runDir: string) =
+/// A row of a table: one strategy (or grid point) over its seeds.
+type Row =
+    { Strategy: string
+      Runs: SeedRun list }
+
+    member r.Info = r.Runs.Head.Info
+    member r.Seeds = r.Runs |> List.map (fun s -> s.Seed)
+
+/// Reads a finished run.
+let loadRun (runDir: string) (seed: int) =
     let info = RunFolder.readInfo runDir
     let outputs = RunFolder.readOutputs runDir info
     let sweep = Budget.sweep outputs (Budget.thresholds 100)
-    { Strategy = name
+    { Seed = seed
       Info = info
       Budgets = Budget.standardBudgets |> Array.map (Budget.budgetedAccuracy outputs sweep)
       ExitAccuracy = Budget.exitAccuracy outputs
       Sweep = sweep
       Outputs = outputs }
 
-/// Every finished run under DIR/runs, in the order of `order` (others after, by name).
-let loadRows (dir: string) (order: string list) =
+/// The run folder of a row's seed.
+let runDir (dir: string) (name: string) (seed: int) = Path.Combine(dir, "runs", name, $"seed-{seed}")
+
+/// Every finished run under DIR/runs/NAME/seed-K, one row per NAME in the order of `order` (others after, by name);
+/// `seeds` keeps only those seeds (None: all found).
+let loadRows (dir: string) (order: string list) (seeds: int list option) =
     let runs = Path.Combine(dir, "runs")
     if not (Directory.Exists runs) then failwithf "%s: no runs; run experiments/table1.fsx first" runs
     Directory.GetDirectories runs
-    |> Array.filter (fun d -> File.Exists(Path.Combine(d, "metrics.json")))
-    |> Array.map (fun d -> Path.GetFileName d, d)
+    |> Array.map (fun d ->
+        let seedRuns =
+            Directory.GetDirectories(d, "seed-*")
+            |> Array.choose (fun s ->
+                match Int32.TryParse(Path.GetFileName(s).Substring 5) with
+                | true, k when File.Exists(Path.Combine(s, "metrics.json")) && (seeds |> Option.forall (List.contains k)) -> Some(loadRun s k)
+                | _ -> None)
+            |> Array.sortBy (fun r -> r.Seed)
+            |> List.ofArray
+        Path.GetFileName d, seedRuns)
+    |> Array.filter (fun (_, rs) -> not rs.IsEmpty)
     |> Array.sortBy (fun (n, _) -> (match List.tryFindIndex ((=) n) order with Some i -> i | None -> 1000), n)
-    |> Array.map (fun (n, d) -> loadRow n d)
+    |> Array.map (fun (n, rs) -> { Strategy = n; Runs = rs })
     |> Array.toList
+
+/// Accuracy at budget b of every seed that has a threshold within it: (seed, accuracy).
+let budgetValues (r: Row) (b: int) = r.Runs |> List.choose (fun s -> s.Budgets[b] |> Option.map (fun v -> s.Seed, v))
+let exitValues (r: Row) (e: int) = r.Runs |> List.map (fun s -> s.Seed, s.ExitAccuracy[e])
+let budgetSummary (r: Row) (b: int) = budgetValues r b |> List.map snd |> Statistics.summarize
+let exitSummary (r: Row) (e: int) = exitValues r e |> List.map snd |> Statistics.summarize
+
+/// The paired difference r − baseline at budget b over the seeds both have.
+let deltaAt (r: Row) (baseline: Row) (b: int) = Statistics.paired (budgetValues r b) (budgetValues baseline b)
 
 let fig3Thresholds = [ 0.5; 0.6; 0.7; 0.8; 0.9; 0.95; 0.99 ]
 
-/// One line naming what produced a figure or a table row.
-let provenanceOf (r: Row) =
-    $"{r.Info.Data}, scale {r.Info.Scale}, {r.Info.Device}, {r.Info.NumericsShort}, seed {r.Info.Seed}, code {r.Info.CodeVersion}"
-
-/// Writes a table as CSV with the provenance of each row in its own columns (data, scale, device, seed, code version).
-let writeCsv (path: string) (header: string list) (body: string list list) (rows: Row list) =
-    let csvHeader = header @ [ "data"; "scale"; "device"; "seed"; "code version"; "cpu and kernels" ]
-    let csvBody = List.map2 (fun (row: string list) (r: Row) -> row @ [ r.Info.Data; r.Info.Scale; r.Info.Device; string r.Info.Seed; r.Info.CodeVersion; r.Info.Numerics ]) body rows
-    Markdown.writeAtomic path (Markdown.csv csvHeader csvBody)
-
-/// Fig. 2: accuracy against average MACs, one curve per method.
-let writeFig2 (dir: string) (title: string) (rows: Row list) =
-    Plots.accuracyVsMacs (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" (provenanceOf rows.Head) [ for r in rows -> r.Strategy, r.Sweep ]
-
-/// Fig. 3: the share of samples leaving at each exit for several thresholds, one figure per method.
-let writeFig3 (dir: string) (title: string) (rows: Row list) =
-    for r in rows do
-        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios: {r.Strategy}, {title}" (provenanceOf r) r.Outputs.Exits
-            [ for t in fig3Thresholds -> t.ToString(Globalization.CultureInfo.InvariantCulture), (Budget.pointAt r.Outputs t).ExitRatios ]
-
 /// The CPUs and kernels that produced the rows (one line each; several when runs were made on different machines).
 let numericsOf (rows: Row list) =
-    match rows |> List.map (fun r -> r.Info.Numerics) |> List.distinct with
+    let all = rows |> List.collect (fun r -> r.Runs |> List.map (fun s -> r.Strategy, s.Info.Numerics))
+    match all |> List.map snd |> List.distinct with
     | [ one ] -> one
-    | several -> String.Join(" | ", several |> List.map (fun n -> $"{n} (runs: {String.Join(',', rows |> List.filter (fun r -> r.Info.Numerics = n) |> List.map (fun r -> r.Strategy))})"))
+    | several ->
+        String.Join(" | ", several |> List.map (fun n -> $"""{n} (runs: {String.Join(",", all |> List.filter (fun (_, x) -> x = n) |> List.map fst |> List.distinct)})"""))
 
-/// Runs (or reuses) one recipe per (name, strategy) in DIR/runs/NAME, sharing stage prefixes through DIR/prefix-cache.
-let runAll (o: Options) (data: string) (dir: string) (recipes: (string * Recipe) list) =
-    [ for (name, recipe) in recipes ->
-        let recipe = match o.DataRoot with
-                     | Some r -> { recipe with Data = { recipe.Data with Root = Some r } }
-                     | None -> recipe
-        let runDir = Path.Combine(dir, "runs", name)
-        let options: Interpreter.RunOptions =
-            { OutDir = runDir
-              Resume = true
-              PrefixCache = Some(Path.Combine(dir, "prefix-cache"))
-              Scale = Scales.name o.Scale
-              Device = o.Device
-              Log = fun l -> o.Log $"[{name}] {l}" }
-        Interpreter.run options recipe |> ignore
-        loadRow name runDir ]
+/// One line naming what produced a figure.
+let provenanceOf (rows: Row list) =
+    let r = rows.Head
+    let seeds = rows |> List.collect (fun r -> r.Seeds) |> List.distinct |> List.sort
+    let seedText = String.Join(",", seeds)
+    $"{r.Info.Data}, scale {r.Info.Scale}, {r.Info.Device}, {r.Info.NumericsShort}, seeds {seedText}, code {r.Info.CodeVersion}"
+
+/// Mean training cost of a row: epochs, optimiser steps, training MACs (from every seed that recorded it) and the
+/// runs' own wall time (a stage reused from the prefix cache costs its MACs but no time).
+let costOf (r: Row) =
+    let costs = r.Runs |> List.choose (fun s -> s.Info.Cost)
+    let mean f = if costs.IsEmpty then nan else costs |> List.averageBy f
+    {| Epochs = mean (fun c -> float c.Epochs)
+       Steps = mean (fun c -> float c.Steps)
+       TrainingMacs = mean (fun c -> c.TrainingMacs)
+       Seconds = r.Runs |> List.averageBy (fun s -> s.Info.WallSeconds) |}
+
+let private inv = Globalization.CultureInfo.InvariantCulture
+let private num (format: string) (v: float) = if Double.IsNaN v then "–" else v.ToString(format, inv)
+
+/// The table in long form as CSV: one line per row and quantity (budgets, exits, paired differences), with n, mean,
+/// standard deviation, the 95% CI half-width, every seed's value, and the provenance columns.
+let writeCsv (path: string) (rows: Row list) (extra: (Row -> (string * Statistics.Summary) list)) =
+    let header = [ "row"; "quantity"; "n"; "mean"; "std"; "ci95 half-width"; "per-seed values (seed:value)"; "data"; "scale"; "device"; "threads"; "code version"; "cpu and kernels" ]
+    let line (r: Row) (q: string) (s: Statistics.Summary) (values: (int * float) list) =
+        [ r.Strategy; q; string s.N; num "G6" s.Mean; num "G6" s.Std; num "G6" s.HalfWidth
+          String.Join(";", values |> List.map (fun (k, v) -> $"""{k}:{v.ToString("G6", inv)}"""))
+          r.Info.Data; r.Info.Scale; r.Info.Device; string r.Info.Threads; r.Info.CodeVersion; r.Info.Numerics ]
+    let body =
+        [ for r in rows do
+            for b, f in Array.indexed Budget.standardBudgets do
+                let v = budgetValues r b
+                yield line r $"accuracy at {int (100.0 * f)}%% budget" (Statistics.summarize (List.map snd v)) v
+            for e in 0 .. r.Runs.Head.ExitAccuracy.Length - 1 do
+                let v = exitValues r e
+                yield line r $"accuracy of exit {e + 1}" (Statistics.summarize (List.map snd v)) v
+            for q, s in extra r do
+                yield line r q s (s.Values |> List.mapi (fun i v -> i, v)) ]
+    Markdown.writeAtomic path (Markdown.csv header body)
+
+/// Fig. 2: accuracy against average MACs, one mean curve per method with its 95% band over seeds.
+let writeFig2 (dir: string) (title: string) (rows: Row list) =
+    let curves =
+        [ for r in rows ->
+            let points = Budget.thresholds 100 |> Array.length
+            let at k = r.Runs |> List.map (fun s -> s.Sweep[k])
+            let macs = Array.init points (fun k -> at k |> List.averageBy (fun p -> p.AverageMacs))
+            let acc = Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).Mean)
+            let hw = Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).HalfWidth)
+            $"{r.Strategy} (n={r.Runs.Length})", macs, acc, hw ]
+    Plots.accuracyVsMacsBands (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" (provenanceOf rows) curves
+
+/// Fig. 3: the mean share of samples leaving at each exit over seeds, for several thresholds, one figure per method.
+let writeFig3 (dir: string) (title: string) (rows: Row list) =
+    for r in rows do
+        let exits = r.Runs.Head.Outputs.Exits
+        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios (mean over {r.Runs.Length} seeds): {r.Strategy}, {title}" (provenanceOf [ r ]) exits
+            [ for t in fig3Thresholds ->
+                let ratios = r.Runs |> List.map (fun s -> (Budget.pointAt s.Outputs t).ExitRatios)
+                t.ToString(inv), Array.init exits (fun e -> ratios |> List.averageBy (fun x -> x[e])) ]
 
 /// Results folder of an experiment: OUT/MODEL-DATA-SCALE.
 let resultsFolder (o: Options) (data: string) = Path.Combine(o.OutRoot, $"{o.Model}-{data}-{Scales.name o.Scale}")
+
+/// Runs (or reuses) every (name, recipe) for every seed in DIR/runs/NAME/seed-K through the executor, sharing stage
+/// prefixes through DIR/prefix-cache; returns the rows in the order given. A failed run stops with its log's tail.
+let runAll (o: Options) (dir: string) (recipes: (string * Recipe) list) =
+    let recipes = if o.EqualSteps then List.zip (List.map fst recipes) (Cost.equalSteps (List.map snd recipes)) else recipes
+    let jobs =
+        [ for seed in o.Seeds do
+            for (name, recipe) in recipes ->
+                let recipe =
+                    { recipe with
+                        Seed = seed
+                        Deterministic = o.Deterministic
+                        Data = (match o.DataRoot with
+                                | Some r -> { recipe.Data with Root = Some r }
+                                | None -> recipe.Data) }
+                { Executor.Name = name; Executor.Seed = seed; Executor.Recipe = recipe; Executor.RunDir = runDir dir name seed } ]
+    let options: Executor.Options =
+        { Jobs = o.Jobs; Threads = o.Threads; PrefixCache = Some(Path.Combine(dir, "prefix-cache")); Scale = Scales.name o.Scale
+          Device = o.Device; Numerics = o.Numerics; SweepDir = Path.Combine(dir, "sweep"); Log = o.Log }
+    let outcomes = Executor.run options jobs
+    match outcomes |> List.filter (fun x -> x.ExitCode <> 0) with
+    | [] -> ()
+    | failed ->
+        let what = failed |> List.map (fun f -> $"{f.Job.Name} seed {f.Job.Seed} (exit code {f.ExitCode}):\n{f.Tail}") |> String.concat "\n\n"
+        raise (Interpreter.RunError $"{failed.Length} of {outcomes.Length} runs failed; the others are kept, and running again resumes:\n{what}")
+    loadRows dir (List.map fst recipes) (Some o.Seeds)
+
+/// The footer every table carries.
+let provenanceText (o: Options) (dataNote: string) (data: string) (rows: Row list) (script: string) =
+    let first = rows.Head.Info
+    let threads = rows |> List.collect (fun r -> r.Runs |> List.map (fun s -> s.Info.Threads)) |> List.distinct |> List.map string
+    let seeds = String.Join(",", o.Seeds)
+    let threadsText = String.Join(",", threads)
+    $"Data: {dataNote}. Scale: {Scales.name o.Scale} ({(Scales.settings o.Scale o.Model data).Description}). " +
+    $"Model: {o.Model}. Seeds: {seeds} (n = {o.Seeds.Length}). Device: {first.Device}; torch threads per run: {threadsText}" +
+    (if o.Deterministic then "; deterministic mode" else "") + (if o.EqualSteps then "; equal steps (every strategy gets the largest total of epochs)" else "") +
+    $". Code: {first.CodeVersion}. Numerics: {numericsOf rows}. " +
+    $"MACs: conv+linear, one multiply-add = 1; the 100%% budget is the backbone without internal classifiers ({first.BackboneMacs:N0} MACs); " +
+    "training MACs count 3× the forward MACs of the exits a stage computes per training image (backward = 2× forward), plus LwF teachers, validation passes and the Fisher. " +
+    "Generated " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + $" UTC by experiments/{script}."
+
+/// The table of per-exit accuracies, mean ± 95% CI half-width.
+let exitTable (rows: Row list) =
+    let exits = rows |> List.map (fun r -> r.Runs.Head.ExitAccuracy.Length) |> List.max
+    Markdown.table ([ "row"; "n" ] @ [ for e in 1..exits -> $"exit {e}" ])
+        [ for r in rows ->
+            [ r.Strategy; string r.Runs.Length ]
+            @ [ for e in 0 .. exits - 1 -> if e < r.Runs.Head.ExitAccuracy.Length then Statistics.format 100.0 (exitSummary r e) else "" ] ]
 
 let run (o: Options) =
     let data, dataNote = chooseData o
     let dir = resultsFolder o data
     o.Log $"table 1 on {dataNote}, scale {Scales.name o.Scale}: {(Scales.settings o.Scale o.Model data).Description}"
-    o.Log $"results in {dir}"
+    o.Log $"""seeds {String.Join(",", o.Seeds)}; {o.Jobs} run(s) at a time, {o.Threads} torch thread(s) each; results in {dir}"""
     let preset = Presets.forModel o.Model
     let strategies = defaultArg o.Strategies (allStrategies preset)
-    let rows =
-        runAll o data dir (recipesOf o data strategies)
-    let first = rows.Head.Info
-    let provenance =
-        $"Data: {dataNote}. Scale: {Scales.name o.Scale} ({(Scales.settings o.Scale o.Model data).Description}). " +
-        $"Model: {o.Model}. Device: {first.Device}. Seed: {o.Seed}. Code: {first.CodeVersion}. Numerics: {numericsOf rows}. " +
-        $"MACs: conv+linear, one multiply-add = 1; the 100%% budget is the backbone without internal classifiers ({first.BackboneMacs:N0} MACs). " +
-        "Generated " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC by experiments/table1.fsx."
-    let separate25 = rows |> List.tryFind (fun r -> r.Strategy = "separate") |> Option.bind (fun r -> r.Budgets[0])
+    let rows = runAll o dir (recipesOf o data strategies)
+    let separate = rows |> List.tryFind (fun r -> r.Strategy = "separate")
     let published = Map.ofList publishedDeltaVsSeparateAt25
-    let header = [ "strategy"; "25%"; "50%"; "75%"; "100%"; "Δ vs separate @25% (ours)"; "Δ @25% (paper, CIFAR-100)"; "accuracy per exit"; "train time (s)" ]
+    let header = [ "strategy"; "n"; "25%"; "50%"; "75%"; "100%"; "Δ vs separate @25% (paired, 95% CI)"; "verdict"; "Δ @25% (paper, CIFAR-100)"; "epochs"; "steps"; "training TMACs"; "train time (s)" ]
     let body =
         [ for r in rows ->
-            let delta =
-                match r.Budgets[0], separate25 with
-                | Some a, Some s when r.Strategy <> "separate" -> (if a >= s then "+" else "") + Markdown.f2 (100.0 * (a - s))
-                | _ -> "–"
-            [ r.Strategy
-              yield! r.Budgets |> Array.map Budget.percent
-              delta
+            let delta, verdict =
+                match separate with
+                | Some s when r.Strategy <> "separate" ->
+                    let d = deltaAt r s 0
+                    Statistics.formatSigned 100.0 d, (if d.N = 0 then "–" else Statistics.verdictName (Statistics.verdict d))
+                | _ -> "–", ""
+            let c = costOf r
+            [ r.Strategy; string r.Runs.Length
+              yield! [ for b in 0..3 -> Statistics.format 100.0 (budgetSummary r b) ]
+              delta; verdict
               (match published.TryFind r.Strategy with
                | Some d -> $"+{Markdown.f2 d}"
                | None -> "")
-              (r.ExitAccuracy |> Array.map (fun a -> Markdown.f2 (100.0 * a)) |> String.concat " / ")
-              (r.Info.WallSeconds.ToString("F0", Globalization.CultureInfo.InvariantCulture)) ] ]
+              num "F0" c.Epochs; num "F0" c.Steps; num "F2" (c.TrainingMacs / 1e12); num "F0" c.Seconds ] ]
+    let provenance = provenanceText o dataNote data rows "table1.fsx"
     let md =
         "# Table 1: top-1 accuracy (%) under a compute budget\n\n" +
-        "Accuracy at the last confidence threshold (100 evenly spaced in [0, 1], strict >) whose average MACs per sample " +
-        "stay within 25/50/75/100% of the backbone; \"–\" where no threshold fits.\n\n" +
-        Markdown.table header body + "\n" + provenance + "\n"
+        "Mean ± half-width of the 95% confidence interval over seeds (Student t; n seeds, one run each). Accuracy at the last " +
+        "confidence threshold (100 evenly spaced in [0, 1], strict >) whose average MACs per sample stay within 25/50/75/100% " +
+        "of the backbone; \"–\" where no threshold fits. Δ vs separate: the mean of the paired differences (same seed) with its " +
+        "95% CI; verdict: better or worse where the CI excludes 0, indistinguishable where it does not.\n\n" +
+        Markdown.table header body + "\n## Accuracy per exit (%)\n\n" + exitTable rows + "\n" + provenance + "\n"
     Markdown.writeAtomic (Path.Combine(dir, "table1.md")) md
-    writeCsv (Path.Combine(dir, "table1.csv")) header body rows
+    let deltas (r: Row) =
+        match separate with
+        | Some s when r.Strategy <> "separate" -> [ for b, f in Array.indexed Budget.standardBudgets -> $"Δ vs separate at {int (100.0 * f)}%% budget (paired)", deltaAt r s b ]
+        | _ -> []
+    writeCsv (Path.Combine(dir, "table1.csv")) rows deltas
+    let summaryJson (s: Statistics.Summary) = {| n = s.N; mean = s.Mean; std = s.Std; ci95HalfWidth = s.HalfWidth; values = s.Values |}
     let json =
         {| data = data
            dataNote = dataNote
            scale = Scales.name o.Scale
            model = o.Model
-           device = first.Device
-           seed = o.Seed
-           codeVersion = first.CodeVersion
+           seeds = o.Seeds
+           device = rows.Head.Info.Device
+           codeVersion = rows.Head.Info.CodeVersion
            numerics = numericsOf rows
-           backboneMacs = first.BackboneMacs
-           exitMacs = first.ExitMacs
+           deterministic = o.Deterministic
+           equalSteps = o.EqualSteps
+           backboneMacs = rows.Head.Info.BackboneMacs
+           exitMacs = rows.Head.Info.ExitMacs
            budgets = Budget.standardBudgets
            rows =
             rows
             |> List.map (fun r ->
                 {| strategy = r.Strategy
-                   budgetedAccuracy = r.Budgets |> Array.map Option.toNullable
-                   exitAccuracy = r.ExitAccuracy
-                   trainSeconds = r.Info.WallSeconds
-                   curve = r.Sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |}) |}) |}
-    Markdown.writeAtomic (Path.Combine(dir, "table1.json")) (JsonSerializer.Serialize(json, JsonSerializerOptions(WriteIndented = true)))
+                   n = r.Runs.Length
+                   seeds = r.Seeds
+                   budgetedAccuracy = [ for b in 0..3 -> {| budget = Budget.standardBudgets[b]; summary = summaryJson (budgetSummary r b); perSeed = budgetValues r b |> List.map (fun (k, v) -> {| seed = k; value = v |}) |} ]
+                   exitAccuracy = [ for e in 0 .. r.Runs.Head.ExitAccuracy.Length - 1 -> summaryJson (exitSummary r e) ]
+                   deltaVsSeparate = deltas r |> List.map (fun (q, s) -> {| quantity = q; summary = summaryJson s; verdict = Statistics.verdictName (Statistics.verdict s) |})
+                   cost = costOf r
+                   curves = r.Runs |> List.map (fun s -> {| seed = s.Seed; curve = s.Sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |}) |}) |}) |}
+    let options = JsonSerializerOptions(WriteIndented = true, NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
+    Markdown.writeAtomic (Path.Combine(dir, "table1.json")) (JsonSerializer.Serialize(json, options))
     let title = $"{o.Model} on {data}, {Scales.name o.Scale} scale"
     writeFig2 dir title rows
     writeFig3 dir title (rows |> List.filter (fun r -> r.Strategy.StartsWith "sequential"))
