@@ -1,0 +1,81 @@
+/// Statistics over seeds, the seed syntax, the cost convention and --equal-steps, on examples worked by hand.
+module EarlyExit.Tests.Golden.StatisticsTests
+
+open Expecto
+open EarlyExit.Experiments.Reports
+open EarlyExit.Experiments.Recipes
+open EarlyExit.Experiments.Recipes.Builders
+open EarlyExit.Experiments.Runner
+
+let private close (tol: float) (actual: float) (expected: float) (what: string) =
+    Expect.isLessThanOrEqual (abs (actual - expected)) tol $"{what}: {actual} against {expected}"
+
+let statistics =
+    testList "statistics over seeds (worked by hand)" [
+        test "Student t quantiles t(0.975, df) as printed in tables: 12.706, 4.303, 2.776, 2.262, 2.042" {
+            for df, expected in [ 1, 12.7062; 2, 4.3027; 4, 2.7764; 9, 2.2622; 30, 2.0423 ] do
+                close 5e-4 (Statistics.tQuantile df 0.975) expected $"df {df}"
+        }
+        test "a paired CI by hand: differences .02, .01, .05 -> mean .02667, s .02082, half-width 4.3027·s/√3 = .05171" {
+            let a = [ 0, 0.80; 1, 0.82; 2, 0.85; 7, 0.99 ]   // seed 7 has no partner: left out
+            let b = [ 0, 0.78; 1, 0.81; 2, 0.80 ]
+            let d = Statistics.paired a b
+            Expect.equal d.N 3 "three pairs"
+            close 1e-9 d.Mean (0.08 / 3.0) "mean"
+            close 1e-6 d.Std 0.0208167 "sample standard deviation"
+            close 1e-5 d.HalfWidth 0.0517116 "half-width"
+            Expect.equal (Statistics.verdict d) Statistics.Indistinguishable "the interval contains 0"
+            Expect.equal (Statistics.claimVerdict true d) "inconclusive" "so a claim is inconclusive"
+            Expect.equal (Statistics.formatSigned 100.0 d) "+2.67 ± 5.17" "printed in points"
+        }
+        test "verdicts: an interval above 0 is better (a positive claim reproduced), below 0 worse (reversed); one seed decides nothing" {
+            let up = Statistics.summarize [ 0.03; 0.04; 0.05 ]
+            let down = Statistics.summarize [ -0.03; -0.04; -0.05 ]
+            Expect.equal (Statistics.verdict up, Statistics.claimVerdict true up, Statistics.claimVerdict false up) (Statistics.Better, "reproduced", "reversed") "above 0"
+            Expect.equal (Statistics.verdict down, Statistics.claimVerdict true down) (Statistics.Worse, "reversed") "below 0"
+            let one = Statistics.summarize [ 0.5 ]
+            Expect.equal (Statistics.verdict one, Statistics.format 100.0 one) (Statistics.TooFewSeeds, "50.00") "n = 1: a mean, no interval"
+        }
+    ]
+
+let seeds =
+    testList "--seeds" [
+        test "a count or a list" {
+            Expect.equal (EarlyExit.Experiments.Cli.Parse.seeds "3") (Ok [ 0; 1; 2 ]) "3 seeds"
+            Expect.equal (EarlyExit.Experiments.Cli.Parse.seeds "0,2,5") (Ok [ 0; 2; 5 ]) "a list"
+        }
+        test "empty, zero, negative, duplicated or not numbers: a clear error" {
+            for bad, says in [ "", "give a list of seeds"; "0", "at least one seed"; "-1,2", "must not be negative"; "0,1,0", "seed 0 appears twice"; "x", "neither a number" ] do
+                match EarlyExit.Experiments.Cli.Parse.seeds bad with
+                | Ok v -> failtestf "'%s' accepted as %A" bad v
+                | Error e -> Expect.stringContains e says $"'{bad}'"
+        }
+    ]
+
+let cost =
+    testList "training cost" [
+        test "stage MACs: 3x forward up to the deepest exit, teachers' forwards, validation passes, the Fisher (worked by hand)" {
+            // Exits cost 10, 30, 60. Stage: loss at exit 2, protects exit 1 with LwF (per-exit teacher).
+            let s = { (joint 3 (Scales.settings Scales.Smoke "resnet34" "fashion-mnist").Stages).Head with
+                        LossExits = [ 2, 1.0 ]; Protects = [ 1 ]; Regulariser = Lwf 0.5; Exit = 2 }
+            // 100 images × (3·30 + 10) + 10 validation images × 2 passes × 30 + 5 Fisher samples × 3 × 30
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] PerExitTeachers s 100L 10L 2 5L) (10000.0 + 600.0 + 450.0) "MACs"
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] PerExitTeachers { s with Regulariser = Ewc 1.0 } 100L 0L 0 0L) 9000.0 "EWC: no teacher"
+        }
+        test "--equal-steps: every strategy gets the largest total of epochs, split in proportion to its stages' caps" {
+            let recipes = [ for st in allStrategies (Presets.forModel "resnet34") -> Scales.recipe Scales.Cpu st "resnet34" "fashion-mnist" 0 ]
+            let total (r: Recipe) = r.Stages |> List.sumBy (fun s -> s.MaxEpochs)
+            let target = recipes |> List.map total |> List.max
+            let equal = Cost.equalSteps recipes
+            for r, e in List.zip recipes equal do
+                Expect.equal (total e) target $"{r.Name}: {target} epochs in all"
+                Expect.isTrue (e.Stages |> List.forall (fun s -> s.MaxEpochs >= 1)) "every stage at least one epoch"
+                Expect.equal (e.Stages |> List.map (fun s -> s.Name)) (r.Stages |> List.map (fun s -> s.Name)) "same stages"
+            let seqEwc = equal |> List.find (fun r -> r.Name.StartsWith "sequential-ewc")
+            Expect.equal seqEwc.Stages (recipes |> List.find (fun r -> r.Name.StartsWith "sequential-ewc")).Stages "the longest is unchanged"
+            let j = equal |> List.find (fun r -> r.Name.StartsWith "joint")
+            Expect.equal j.Stages.Head.MaxEpochs target "joint's one stage takes it all"
+        }
+    ]
+
+let all = testList "comparisons over seeds" [ statistics; seeds; cost ]
