@@ -96,10 +96,10 @@ let rssMiB () =
     p.Refresh()
     float p.WorkingSet64 / float (1 <<< 20)
 
-let sections = [ "numerics"; "allocator"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory" ]
+let sections = [ "numerics"; "allocator"; "threads"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory" ]
 
 /// Runs the probe's training-throughput mode under this process's kernels: images/s and minor page faults per step.
-let probeThroughput (backend: string) (threads: int) (steps: int) (env: (string * string) list) =
+let probeThroughput (backend: string) (threads: string) (steps: int) (env: (string * string) list) =
     let struct (code, out, err) =
         NumericsGuard.RunProbe([ "throughput"; "--backend"; backend; "--threads"; string threads; "--steps"; string steps ], dict env |> Collections.Generic.Dictionary)
     match code, out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{") with
@@ -114,7 +114,7 @@ usage: dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smo
 
   --quick            fewer steps and 5 repeats (a few minutes here); the default is 9 repeats (~15 minutes)
   --smoke            one repeat of a few steps (seconds): checks that every figure is produced; its numbers mean nothing
-  --only SECTIONS    comma-separated subset of: numerics, allocator, trainer, regularisers, fisher, inference, pipeline, memory
+  --only SECTIONS    comma-separated subset of: numerics, allocator, threads, trainer, regularisers, fisher, inference, pipeline, memory
                      (a partial run writes nothing)
   --out DIR          where bench.md and bench.json go (default results/bench)
   --numerics NAME    force the convolution kernels of this process (default: what the numerics check chose)
@@ -190,7 +190,7 @@ let main argv =
                           | Some v -> v.Outcome
                           | None -> "not checked"
             let chosen = if backend.Name = numerics.kernels then "; the kernels in use" else ""
-            match probeThroughput backend.Name threads stepsN [] with
+            match probeThroughput backend.Name (string threads) stepsN [] with
             | Ok (ips, _) ->
                 info $"training images/s with {backend.Name} kernels" ips $"(cpu-scale ResNet, batch 128, {threads} thread(s), median of {stepsN} steps; check {outcome}{chosen})"
             | Error e ->
@@ -203,8 +203,8 @@ let main argv =
         let stepsA = if smoke then 2 elif quick then 10 else 20
         let pairs =
             [ for r in 1..repeats ->
-                let system () = probeThroughput numerics.kernels threads stepsA [ NativeAllocator.Variable, "system" ]
-                let tuned () = probeThroughput numerics.kernels threads stepsA [ NativeAllocator.Variable, "tuned" ]
+                let system () = probeThroughput numerics.kernels (string threads) stepsA [ NativeAllocator.Variable, "system" ]
+                let tuned () = probeThroughput numerics.kernels (string threads) stepsA [ NativeAllocator.Variable, "tuned" ]
                 let s, t = if r % 2 = 1 then (let s = system () in s, tuned ()) else (let t = tuned () in system (), t)
                 match s, t with
                 | Ok s, Ok t -> Some(s, t)
@@ -222,6 +222,40 @@ let main argv =
             let ratios = pairs |> List.map (fun ((is, _), (it, _)) -> sprintf "%.2f" (it / is)) |> String.concat " "
             info "training images/s: EarlyExit's allocator settings / glibc's defaults" speed
                 $"(glibc's defaults: {each (fun ((i, _), _) -> i)}; EarlyExit's: {each (fun (_, (i, _)) -> i)} images/s; runs {ratios})"
+
+    // 0c. Threads: N one-thread runs at once against one run on N threads (the executor's default against one big run),
+    // and the slowdown of a run with the default thread choice (auto) beside a busy process; each in probe processes.
+    if runs "threads" && device.``type`` = DeviceType.CPU then
+        let cores = Environment.ProcessorCount
+        let stepsT = if smoke then 2 elif quick then 8 else 16
+        let rounds = if smoke then 1 else min repeats 3
+        let ips r = match r with
+                    | Ok (i, _) -> i
+                    | Error _ -> nan
+        let one threads env = ips (probeThroughput numerics.kernels threads stepsT env)
+        let together () =
+            [ for _ in 1..cores -> Threading.Tasks.Task.Run(fun () -> one "1" []) ] |> List.sumBy (fun t -> t.Result)
+        let busyProcess () =
+            let p = Process.Start(ProcessStartInfo("sh", [| "-c"; "while :; do :; done" |]))
+            Threading.Thread.Sleep 500
+            p
+        let parallelRatios = [ for _ in 1..rounds -> let single = one (string cores) [] in together () / single ]
+        let slowdowns, fixedSlowdowns =
+            [ for _ in 1..rounds ->
+                let alone, aloneFixed = one "auto" [], one (string cores) []
+                use busy = busyProcess ()
+                let beside, besideFixed =
+                    try one "auto" [], one (string cores) []
+                    finally busy.Kill true
+                alone / beside, aloneFixed / besideFixed ] |> List.unzip
+        let each xs = xs |> List.map (sprintf "%.2f") |> String.concat " "
+        let p = median parallelRatios
+        add $"throughput of {cores} one-thread runs at once / one run on {cores} threads" p ">= 1.5" (p >= 1.5)
+            $"(the executor's default; cpu-scale ResNet, batch 128, {numerics.kernels} kernels; runs {each parallelRatios})"
+        let s = median slowdowns
+        add "slowdown of a training run beside a busy process, default threads (auto)" s "<= 2" (s <= 2.0)
+            $"(alone / beside one process spinning on a core; auto takes the cores minus the runnable processes at start; runs {each slowdowns})"
+        info $"slowdown of a training run beside a busy process, fixed at {cores} threads" (median fixedSlowdowns) $"(OpenMP threads wait for a sibling the busy process descheduled; runs {each fixedSlowdowns})"
 
     // 1. Trainer step vs a bare loop, in alternating order (so that drift in machine load favours neither).
     if runs "trainer" then

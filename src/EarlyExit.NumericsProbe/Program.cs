@@ -34,7 +34,8 @@ namespace EarlyExit.NumericsProbe
 
             TorchNativeLoader.LoadNatives();
             backend.Apply();  // before any convolution runs
-            if (int.TryParse(Arg("--threads"), out var threads) && threads > 0) set_num_threads(threads);
+            if (Arg("--threads") is "auto") set_num_threads(TorchThreads.Auto(out _));
+            else if (int.TryParse(Arg("--threads"), out var threads) && threads > 0) set_num_threads(threads);
 
             if (mode == "check")
             {

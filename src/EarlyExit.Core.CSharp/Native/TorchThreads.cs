@@ -64,11 +64,17 @@ namespace EarlyExit.Native
                 Status = $"{torch.get_num_threads()} (OMP_NUM_THREADS={omp}; {cores} cores)";
             else
             {
-                int busy = OthersRunnable();
-                int chosen = Math.Max(1, cores - busy);
+                int chosen = Auto(out int busy);
                 torch.set_num_threads(chosen);
                 Status = $"{chosen} (auto: {cores} cores, {busy} other runnable process(es) at start)";
             }
+        }
+
+        /// The automatic choice: the cores minus the other processes runnable now, at least 1.
+        public static int Auto(out int othersRunnable)
+        {
+            othersRunnable = OthersRunnable();
+            return Math.Max(1, Environment.ProcessorCount - othersRunnable);
         }
     }
 }
