@@ -48,10 +48,10 @@ type StepClock(device: torch.Device) =
             if batch >= warmupSteps then times.Add clock.Elapsed.TotalSeconds
             clock.Restart()
 
-/// The cpu-scale ResNet of Table 1 (width 16, [2,2,2,2], exits after blocks 1,2,4,6,8) on Fashion-MNIST's shape.
+/// The cpu-scale ResNet of Table 1 (width 8, [2,2,2,2], exits after blocks 1,2,4,6,8) on Fashion-MNIST's shape.
 let model (device: torch.Device) =
     torch.manual_seed 0L |> ignore
-    let net = ModelRegistry.Create("resnet34", ModelOptions(NumClasses = 10, InputShape = [| 1L; 28L; 28L |], BaseWidth = 16, Blocks = [| 2; 2; 2; 2 |], ExitPositions = [| 1; 2; 4; 6; 8 |]))
+    let net = ModelRegistry.Create("resnet34", ModelOptions(NumClasses = 10, InputShape = [| 1L; 28L; 28L |], BaseWidth = 8, Blocks = [| 2; 2; 2; 2 |], ExitPositions = [| 1; 2; 4; 6; 8 |]))
     net.``to``(device) |> ignore
     net
 

@@ -93,8 +93,8 @@ let doctor (r: ParseResults<DoctorArgs>) =
     let device = Devices.Choose()
     printfn "device: %s" (Devices.Describe device)
     let load = try (IO.File.ReadAllText "/proc/loadavg").Split(' ') |> Array.take 3 |> String.concat " " with _ -> "unknown"
-    printfn "cores: %d; torch threads: %d (OMP_NUM_THREADS=%s); load average: %s"
-        Environment.ProcessorCount (TorchSharp.torch.get_num_threads ())
+    printfn "cores: %d; torch threads: %s (OMP_NUM_THREADS=%s); load average: %s"
+        Environment.ProcessorCount TorchThreads.Status
         (match Environment.GetEnvironmentVariable "OMP_NUM_THREADS" with null -> "unset" | v -> v) load
     printfn "CUDA available: %b" (Devices.CudaAvailable())
     0

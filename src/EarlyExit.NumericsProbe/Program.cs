@@ -62,7 +62,7 @@ namespace EarlyExit.NumericsProbe
             manual_seed(0);
             var options = model.StartsWith("msdnet")
                 ? new ModelOptions { NumClasses = 10, InputShape = new long[] { 1, 28, 28 }, BaseWidth = 8, Blocks = new[] { 5 } }
-                : new ModelOptions { NumClasses = 10, InputShape = new long[] { 1, 28, 28 }, BaseWidth = 16, Blocks = new[] { 2, 2, 2, 2 }, ExitPositions = new[] { 1, 2, 4, 6, 8 } };
+                : new ModelOptions { NumClasses = 10, InputShape = new long[] { 1, 28, 28 }, BaseWidth = 8, Blocks = new[] { 2, 2, 2, 2 }, ExitPositions = new[] { 1, 2, 4, 6, 8 } };
             using var net = ModelRegistry.Create(model, options);
             net.train();
             using var optimizer = optim.AdamW(net.parameters(), lr: 1e-3);

@@ -26,7 +26,7 @@ let seeds (text: string) : Result<int list, string> =
     elif not (t.Contains ",") then
         match Int32.TryParse t with
         | true, n when n >= 1 -> Ok [ 0 .. n - 1 ]
-        | true, n -> Error $"--seeds {n}: give at least one seed"
+        | true, n -> Error $"--seeds {n}: a number is how many seeds (3 means 0,1,2); give at least one (for seed {n} alone: --seed {n}, or --seeds {n},)"
         | _ -> Error $"--seeds: '{text}' is neither a number of seeds nor a comma-separated list"
     else
         match intList "--seeds" t with
