@@ -6,7 +6,15 @@ open EarlyExit.Experiments.Evaluation.Budget
 /// One curve per method: (average MACs in millions, accuracy in %) over the threshold sweep.
 /// Every figure carries its provenance (data, scale, device, seed, code version) under the title.
 let private titled (plt: ScottPlot.Plot) (title: string) (provenance: string) =
-    plt.Title(title + "\n" + provenance)
+    // The provenance wrapped at its commas into lines that fit the figure's width.
+    let lines =
+        provenance.Split(", ")
+        |> Array.fold (fun (acc: string list) part ->
+            match acc with
+            | last :: rest when last.Length + part.Length + 2 <= 110 -> (last + ", " + part) :: rest
+            | _ -> part :: acc) []
+        |> List.rev
+    plt.Title(title + "\n" + String.concat "\n" lines)
     plt.Axes.Title.Label.FontSize <- 13.0f
 
 let accuracyVsMacs (path: string) (title: string) (provenance: string) (curves: (string * SweepPoint[]) list) =

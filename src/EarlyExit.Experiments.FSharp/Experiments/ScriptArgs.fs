@@ -11,7 +11,7 @@ exception ScriptArgError of string
 
 /// Options with a value; `numerics` is applied by experiments/Load.fsx before torch first runs and read here again
 /// for the runs the executor starts.
-let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics" ]
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics"; "stage-epochs" ]
 /// Options without a value.
 let flags = [ "deterministic"; "equal-steps" ]
 
@@ -94,6 +94,7 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
       Deterministic = opts.ContainsKey "deterministic"
       EqualSteps = opts.ContainsKey "equal-steps"
       Numerics = opts.TryFind "numerics"
+      StageEpochs = (if opts.ContainsKey "stage-epochs" then Some(positive "stage-epochs" 1) else None)
       Log = fun line -> Console.Out.WriteLine line }
 
 /// Runs an experiment body with the clear errors every script shares; returns the exit code.

@@ -35,13 +35,26 @@ type Options =
       EqualSteps: bool
       /// Kernels forced on every run (None: the numerics guard's choice).
       Numerics: string option
+      /// A second setting: epochs of every stage after the warm-up (None: the scale's).
+      StageEpochs: int option
       Log: string -> unit }
+
+/// The scale's settings as the options adjust them (a second setting).
+let adjust (o: Options) = match o.StageEpochs with
+                          | Some n -> Scales.withStageEpochs n
+                          | None -> id
+
+/// The recipe of a strategy for these options.
+let recipeOf (o: Options) (strategy: Strategy) (data: string) = Scales.recipeWith (adjust o) o.Scale strategy o.Model data 0
+
+/// The scale's description for these options.
+let describeScale (o: Options) (data: string) = (adjust o (Scales.settings o.Scale o.Model data)).Description
 
 /// The (row name, recipe) pairs of strategies: one per LwF teacher policy for strategies with LwF, the paper's
 /// per-exit policy under the strategy's own name and any other as "NAME-POLICY-teacher".
 let recipesOf (o: Options) (data: string) (strategies: Strategy list) =
     [ for strategy in strategies do
-        let recipe = Scales.recipe o.Scale strategy o.Model data 0
+        let recipe = recipeOf o strategy data
         if not (recipe.Stages |> List.exists (fun s -> Regularisers.usesLwf s.Regulariser)) then yield strategyName strategy, recipe
         else
             for t in o.LwfTeachers do
@@ -229,7 +242,7 @@ let provenanceText (o: Options) (dataNote: string) (data: string) (rows: Row lis
     let threads = rows |> List.collect (fun r -> r.Runs |> List.map (fun s -> s.Info.Threads)) |> List.distinct |> List.map string
     let seeds = String.Join(",", o.Seeds)
     let threadsText = String.Join(",", threads)
-    $"Data: {dataNote}. Scale: {Scales.name o.Scale} ({(Scales.settings o.Scale o.Model data).Description}). " +
+    $"Data: {dataNote}. Scale: {Scales.name o.Scale} ({describeScale o data}). " +
     $"Model: {o.Model}. Seeds: {seeds} (n = {o.Seeds.Length}). Device: {first.Device}; torch threads per run: {threadsText}" +
     (if o.Deterministic then "; deterministic mode" else "") + (if o.EqualSteps then "; equal steps (every strategy gets the largest total of epochs)" else "") +
     $". Code: {first.CodeVersion}. Numerics: {numericsOf rows}. " +
@@ -248,7 +261,7 @@ let exitTable (rows: Row list) =
 let run (o: Options) =
     let data, dataNote = chooseData o
     let dir = resultsFolder o data
-    o.Log $"table 1 on {dataNote}, scale {Scales.name o.Scale}: {(Scales.settings o.Scale o.Model data).Description}"
+    o.Log $"table 1 on {dataNote}, scale {Scales.name o.Scale}: {describeScale o data}"
     o.Log $"""seeds {String.Join(",", o.Seeds)}; {o.Jobs} run(s) at a time, {o.Threads} torch thread(s) each; results in {dir}"""
     let preset = Presets.forModel o.Model
     let strategies = defaultArg o.Strategies (allStrategies preset)

@@ -108,9 +108,9 @@ let withLwfTeachers (teachers: LwfTeachers) (recipe: Recipe) =
     if teachers = PerExitTeachers then recipe
     else { recipe with LwfTeachers = teachers; Name = recipe.Name + $"-{Names.lwfTeachers teachers}-teacher" }
 
-/// The recipe of a strategy at a scale.
-let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (seed: int) : Recipe =
-    let s = settings scale model data
+/// The recipe of a strategy at a scale, with the scale's settings adjusted by `adjust` (a second setting).
+let recipeWith (adjust: ScaleSettings -> ScaleSettings) (scale: Scale) (strategy: Strategy) (model: string) (data: string) (seed: int) : Recipe =
+    let s = adjust (settings scale model data)
     let m = Validation.exitCount s.Model
     { Name = $"{strategyName strategy}-{model}-{EarlyExit.Data.DataCatalog.Normalise data}-{name scale}"
       Model = s.Model
@@ -121,3 +121,12 @@ let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (s
       Seed = seed
       Deterministic = false
       Stages = stagesOf strategy m s.Stages }
+
+/// The recipe of a strategy at a scale.
+let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (seed: int) : Recipe =
+    recipeWith id scale strategy model data seed
+
+/// A second setting: every stage that does not train a backbone from scratch gets `epochs` epochs (the warm-up and
+/// joint keep the scale's).
+let withStageEpochs (epochs: int) (s: ScaleSettings) =
+    { s with Stages = { s.Stages with MaxEpochs = epochs }; Description = s.Description + $"; second setting: {epochs} epochs for every stage after the warm-up" }
