@@ -106,6 +106,9 @@ let private runCli (cache: string) (env: (string * string) list) (args: string l
     psi.RedirectStandardError <- true
     psi.Environment["XDG_CACHE_HOME"] <- cache
     for k in [ NumericsGuard.Variable; NumericsGuard.SimulateVariable; "ONEDNN_MAX_CPU_ISA"; "DNNL_MAX_CPU_ISA"; NativeAllocator.Variable; "MALLOC_TOP_PAD_" ] do psi.Environment.Remove k |> ignore
+    // A fixed thread count: verdicts are cached per thread count, and the automatic choice follows the load (the
+    // other tests of this suite run beside these), so two runs with auto threads may look for different verdicts.
+    psi.Environment[TorchThreads.Variable] <- "2"
     for k, v in env do psi.Environment[k] <- v
     use p = Process.Start psi
     let out = p.StandardOutput.ReadToEndAsync()
@@ -114,6 +117,10 @@ let private runCli (cache: string) (env: (string * string) list) (args: string l
     p.ExitCode, out.Result, err
 
 let private ladderHere () = NumericsBackend.Ladder(CpuInfo.Read()) |> names
+/// Whether this process's own guard found the default kernels broken on this machine (then a simulated fault on them
+/// may be preceded by the real one).
+let private defaultBrokenHere () =
+    NumericsGuard.Current.Checked |> Seq.exists (fun c -> c.Backend = "default" && not c.Passed)
 let private oneDnnBackends () = ladderHere () |> List.filter (fun n -> n <> "no-onednn")
 
 let guard =
@@ -124,7 +131,11 @@ let guard =
             Expect.equal code 0 $"doctor succeeds:\n{out}{err}"
             let lines = err.Split('\n') |> Array.filter (fun l -> l.StartsWith "numerics:")
             Expect.equal lines.Length 1 $"one line on standard error:\n{err}"
-            Expect.stringContains lines[0] "default: failed (simulated fault)" "what it found"
+            // The simulation scales a gradient of kernels that really run: where the default kernels are broken
+            // (this process's own guard found so), their real failure or crash may come first, and is what to say.
+            if defaultBrokenHere () then
+                Expect.isTrue (lines[0].Contains "default: failed" || lines[0].Contains "default: crashed") $"what it found: {lines[0]}"
+            else Expect.stringContains lines[0] "default: failed (simulated fault)" "what it found"
             let used = out.Split('\n') |> Array.find (fun l -> l.StartsWith "convolution kernels in use: ")
             let chosen = used.Substring("convolution kernels in use: ".Length).Split(' ')[0]
             Expect.notEqual chosen "default" "switched"
@@ -142,7 +153,10 @@ let guard =
             let code, out, err = runCli dir.Path [ NumericsGuard.SimulateVariable, String.Join(",", oneDnnBackends ()) ] [ "doctor" ]
             Expect.equal code 0 $"doctor succeeds:\n{out}{err}"
             Expect.stringContains out "convolution kernels in use: no-onednn" "oneDNN off"
-            for b in oneDnnBackends () do Expect.stringContains out $"{b}: failed (simulated fault)" $"{b} tried and failed"
+            for b in oneDnnBackends () do
+                if b = "default" && defaultBrokenHere () then
+                    Expect.isTrue (out.Contains "default: failed" || out.Contains "default: crashed") "default tried and failed"
+                else Expect.stringContains out $"{b}: failed (simulated fault)" $"{b} tried and failed"
         }
         test "no backend passes: exit code 1 and one message that lists what was tried and how to force one" {
             use dir = new TempDir()

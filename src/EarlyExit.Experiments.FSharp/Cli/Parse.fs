@@ -26,7 +26,8 @@ let seeds (text: string) : Result<int list, string> =
     elif not (t.Contains ",") then
         match Int32.TryParse t with
         | true, n when n >= 1 -> Ok [ 0 .. n - 1 ]
-        | true, n -> Error $"--seeds {n}: a number is how many seeds (3 means 0,1,2); give at least one (for seed {n} alone: --seed {n}, or --seeds {n},)"
+        | true, 0 -> Error "--seeds 0: a number is how many seeds (3 means 0,1,2); give at least one (for seed 0 alone: --seed 0, or --seeds 0,)"
+        | true, n -> Error $"--seeds {n}: a number is how many seeds (3 means 0,1,2); give at least one; seeds must not be negative"
         | _ -> Error $"--seeds: '{text}' is neither a number of seeds nor a comma-separated list"
     else
         match intList "--seeds" t with
