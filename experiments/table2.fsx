@@ -3,7 +3,9 @@
 //
 //   dotnet build -c Release && dotnet fsi experiments/table2.fsx [--scale smoke|cpu|paper] [--data ...] [--model ...]
 //
-// Same options and behaviour as table1.fsx (resumable, warm-up shared); writes results/table2/<model>-<data>-<scale>/.
+// Same options and behaviour as table1.fsx (--seeds, --jobs, --threads, --deterministic, --equal-steps, --numerics;
+// resumable, warm-up shared, cells mean ± 95% CI over seeds); writes results/table2/<model>-<data>-<scale>/ and the
+// λ and warm-up lines of claims-DATA-SCALE.md.
 #load "Load.fsx"
 
 open EarlyExit.Experiments.Experiments
