@@ -1,6 +1,7 @@
 /// Statistics over seeds, the seed syntax, the cost convention and --equal-steps, on examples worked by hand.
 module EarlyExit.Tests.Golden.StatisticsTests
 
+open System
 open Expecto
 open EarlyExit.Experiments.Reports
 open EarlyExit.Experiments.Recipes
@@ -79,4 +80,38 @@ let cost =
         }
     ]
 
-let all = testList "comparisons over seeds" [ statistics; seeds; cost ]
+let scriptOptions =
+    let parse args = EarlyExit.Experiments.Experiments.ScriptArgs.parse "table2" "/tmp" args
+    let refused args =
+        try parse args |> ignore; failtestf "%A accepted" args
+        with EarlyExit.Experiments.Experiments.ScriptArgs.ScriptArgError msg -> msg
+    testList "experiment script options" [
+        test "Table 2's --regularisers picks a half of the grid: six runs each, λ or ρ with and without the warm-up" {
+            let o = parse [ "--regularisers"; "ewc"; "--seeds"; "3"; "--stage-epochs"; "4" ]
+            Expect.equal o.Regularisers (Some [ "ewc" ]) "parsed"
+            Expect.equal (o.Seeds, o.StageEpochs) ([ 0; 1; 2 ], Some 4) "with the other options"
+            let names regs = EarlyExit.Experiments.Experiments.Table2.gridOf regs |> List.map snd
+            Expect.equal (names (Some [ "ewc" ]))
+                [ "ewc-lambda10-warmup"; "ewc-lambda100-warmup"; "ewc-lambda1000-warmup"
+                  "ewc-lambda10-nowarmup"; "ewc-lambda100-nowarmup"; "ewc-lambda1000-nowarmup" ] "EWC half"
+            Expect.equal (names (Some [ "lwf" ]) |> List.length) 6 "LwF half"
+            Expect.equal (names (Some [ "lwf"; "ewc" ])) (names None) "both: the whole grid, in its order"
+            Expect.equal (names None |> List.length) 12 "twelve"
+        }
+        test "an unknown regulariser, an empty list, --stage-epochs 0 and an unknown option are clear errors" {
+            Expect.stringContains (refused [ "--regularisers"; "si" ]) "unknown regulariser 'si' (ewc or lwf)" "unknown"
+            Expect.stringContains (refused [ "--regularisers"; "," ]) "give ewc, lwf" "empty"
+            Expect.stringContains (refused [ "--stage-epochs"; "0" ]) "--stage-epochs 0: give a positive integer" "zero epochs"
+            Expect.stringContains (refused [ "--lambdas"; "1" ]) "unexpected argument '--lambdas'" "unknown option"
+        }
+        test "each table refuses the other's choice of runs, saying which option to use" {
+            let o = parse [ "--regularisers"; "lwf" ]
+            let msg = try EarlyExit.Experiments.Experiments.Table1.run o |> ignore; "" with :? ArgumentException as e -> e.Message
+            Expect.stringContains msg "Table 1 takes --strategies" "Table 1"
+            let o2 = { parse [ "--strategies"; "joint" ] with Regularisers = None }
+            let msg2 = try EarlyExit.Experiments.Experiments.Table2.run o2 |> ignore; "" with :? ArgumentException as e -> e.Message
+            Expect.stringContains msg2 "--regularisers ewc or lwf" "Table 2"
+        }
+    ]
+
+let all = testList "comparisons over seeds" [ statistics; seeds; cost; scriptOptions ]

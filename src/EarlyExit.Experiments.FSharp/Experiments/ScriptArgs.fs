@@ -1,5 +1,5 @@
 /// The options every experiment script takes: --scale --data --data-root --model --seeds (or --seed) --jobs --threads
-/// --out --device --numerics --deterministic --equal-steps.
+/// --out --device --numerics --deterministic --equal-steps --stage-epochs (and Table 2's --regularisers).
 module EarlyExit.Experiments.Experiments.ScriptArgs
 
 open System
@@ -11,7 +11,7 @@ exception ScriptArgError of string
 
 /// Options with a value; `numerics` is applied by experiments/Load.fsx before torch first runs and read here again
 /// for the runs the executor starts.
-let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics"; "stage-epochs" ]
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics"; "stage-epochs"; "regularisers" ]
 /// Options without a value.
 let flags = [ "deterministic"; "equal-steps" ]
 
@@ -95,6 +95,14 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
       EqualSteps = opts.ContainsKey "equal-steps"
       Numerics = opts.TryFind "numerics"
       StageEpochs = (if opts.ContainsKey "stage-epochs" then Some(positive "stage-epochs" 1) else None)
+      Regularisers =
+        opts.TryFind "regularisers"
+        |> Option.map (fun list ->
+            let names = list.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) |> List.ofArray
+            match names |> List.tryFind (fun n -> n <> "ewc" && n <> "lwf") with
+            | Some bad -> raise (ScriptArgError $"--regularisers: unknown regulariser '{bad}' (ewc or lwf)")
+            | None when names.IsEmpty -> raise (ScriptArgError "--regularisers: give ewc, lwf or ewc,lwf")
+            | None -> List.distinct names)
       Log = fun line -> Console.Out.WriteLine line }
 
 /// Runs an experiment body with the clear errors every script shares; returns the exit code.

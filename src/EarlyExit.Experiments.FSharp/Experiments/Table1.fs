@@ -37,6 +37,8 @@ type Options =
       Numerics: string option
       /// A second setting: epochs of every stage after the warm-up (None: the scale's).
       StageEpochs: int option
+      /// Table 2 only: the regularisers whose half of the grid to run ("ewc", "lwf"; None: both).
+      Regularisers: string list option
       Log: string -> unit }
 
 /// The scale's settings as the options adjust them (a second setting).
@@ -259,6 +261,8 @@ let exitTable (rows: Row list) =
             @ [ for e in 0 .. exits - 1 -> if e < r.Runs.Head.ExitAccuracy.Length then Statistics.format 100.0 (exitSummary r e) else "" ] ]
 
 let run (o: Options) =
+    if o.Regularisers.IsSome then
+        invalidArg "regularisers" "--regularisers chooses a half of Table 2's grid (table2.fsx); Table 1 takes --strategies"
     let data, dataNote = chooseData o
     let dir = resultsFolder o data
     o.Log $"table 1 on {dataNote}, scale {Scales.name o.Scale}: {describeScale o data}"

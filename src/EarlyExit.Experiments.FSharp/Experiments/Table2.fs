@@ -20,15 +20,27 @@ let grid () =
         for l in lambdas -> (if warm then Sequential(Ewc l) else SequentialNoWarmup(Ewc l)), $"ewc-lambda{l}-{w}"
         for r in rhos -> (if warm then Sequential(Lwf r) else SequentialNoWarmup(Lwf r)), $"lwf-rho{r}-{w}" ]
 
+/// The grid rows of the regularisers asked for (None: all twelve).
+let gridOf (regularisers: string list option) =
+    let keep (strategy: Strategy) =
+        match regularisers, strategy with
+        | None, _ -> true
+        | Some rs, (Sequential(Ewc _) | SequentialNoWarmup(Ewc _)) -> List.contains "ewc" rs
+        | Some rs, (Sequential(Lwf _) | SequentialNoWarmup(Lwf _)) -> List.contains "lwf" rs
+        | Some _, _ -> false
+    grid () |> List.filter (fst >> keep)
+
 let run (o: Table1.Options) =
+    if o.Strategies.IsSome then
+        invalidArg "strategies" "Table 2 runs its own grid (EWC λ and LwF ρ, with and without the warm-up); choose a half of it with --regularisers ewc or lwf"
     let data, dataNote = Table1.chooseData o
     let dir = Table1.resultsFolder o data
     o.Log $"""table 2 (ablation) on {dataNote}, scale {Scales.name o.Scale}, seeds {String.Join(",", o.Seeds)}; results in {dir}"""
-    let rows = Table1.runAll o dir [ for (s, name) in grid () -> name, Table1.recipeOf o s data ]
+    let rows = Table1.runAll o dir [ for (s, name) in gridOf o.Regularisers -> name, Table1.recipeOf o s data ]
     let byName = rows |> List.map (fun r -> r.Strategy, r) |> Map.ofList
     let header = [ "run"; "reg."; "strength"; "W.U."; "n"; "25%"; "50%"; "75%"; "100%"; "accuracy per exit (means)" ]
     let body =
-        [ for (strategy, name) in grid () do
+        [ for (strategy, name) in gridOf o.Regularisers do
             match byName.TryFind name with
             | None -> ()
             | Some r ->
