@@ -60,7 +60,7 @@ let run (o: Table1.Options) =
         "# Table 2: ablation over the regulariser, its strength and the warm-up\n\n" +
         "Top-1 accuracy (%) within 25/50/75/100% of the backbone's MACs, mean ± half-width of the 95% confidence interval over " +
         "seeds (W.U.: warm-up of the backbone with its final exit). The paired comparisons the paper draws from this grid are " +
-        "in ../../claims.md.\n\n" +
+        $"in ../../claims-{data}-{Scales.name o.Scale}.md.\n\n" +
         Markdown.table header body + "\n## Accuracy per exit (%)\n\n" + Table1.exitTable rows + "\n" + provenance + "\n"
     Markdown.writeAtomic (Path.Combine(dir, "table2.md")) md
     Table1.writeCsv (Path.Combine(dir, "table2.csv")) rows (fun _ -> [])
