@@ -42,9 +42,10 @@ type Options =
       Log: string -> unit }
 
 /// The scale's settings as the options adjust them (a second setting).
-let adjust (o: Options) = match o.StageEpochs with
-                          | Some n -> Scales.withStageEpochs n
-                          | None -> id
+let adjust (o: Options) =
+    match o.StageEpochs with
+    | Some n -> Scales.withStageEpochs n
+    | None -> id
 
 /// The recipe of a strategy for these options.
 let recipeOf (o: Options) (strategy: Strategy) (data: string) = Scales.recipeWith (adjust o) o.Scale strategy o.Model data 0

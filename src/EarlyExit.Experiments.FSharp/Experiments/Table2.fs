@@ -36,11 +36,12 @@ let run (o: Table1.Options) =
     let data, dataNote = Table1.chooseData o
     let dir = Table1.resultsFolder o data
     o.Log $"""table 2 (ablation) on {dataNote}, scale {Scales.name o.Scale}, seeds {String.Join(",", o.Seeds)}; results in {dir}"""
-    let rows = Table1.runAll o dir [ for (s, name) in gridOf o.Regularisers -> name, Table1.recipeOf o s data ]
+    let runs = gridOf o.Regularisers
+    let rows = Table1.runAll o dir [ for (s, name) in runs -> name, Table1.recipeOf o s data ]
     let byName = rows |> List.map (fun r -> r.Strategy, r) |> Map.ofList
     let header = [ "run"; "reg."; "strength"; "W.U."; "n"; "25%"; "50%"; "75%"; "100%"; "accuracy per exit (means)" ]
     let body =
-        [ for (strategy, name) in gridOf o.Regularisers do
+        [ for (strategy, name) in runs do
             match byName.TryFind name with
             | None -> ()
             | Some r ->
