@@ -14,6 +14,7 @@ open EarlyExit.Inference
 open EarlyExit.Losses
 open EarlyExit.Models
 open EarlyExit.Native
+open EarlyExit.Regularisers
 open EarlyExit.Training
 open EarlyExit.Experiments.Recipes
 open EarlyExit.Experiments.Runner
@@ -267,7 +268,7 @@ let main argv =
                     bareLoop netA data.Train steps batch device
                 let trainer () =
                     use netB = model device
-                    use regs = new RegularizerState()
+                    use regs = new RegulariserSet()
                     let clock = StepClock device
                     let faults = NativeAllocator.MinorPageFaults()
                     StageTrainer.Run(netB, basePlan "joint" netB.ExitCount steps batch 1 false, data, regs, device, clock) |> ignore
@@ -288,29 +289,40 @@ let main argv =
     // 2-4. Sequential stage μ = M with EWC, with LwF, and plain; the Fisher against a training pass.
     use net = model device
     let m = net.ExitCount
-    use regs = new RegularizerState()
+    // The state stage μ = M reads: EWC's Fisher of exits 1..M−1 and the anchor, and LwF teachers under each policy
+    // (per-exit: one per earlier exit; previous-stage: the one of exit M−1). The two sets share the EWC regulariser.
+    let ewcReg = RegulariserRegistry.Create("ewc") :?> EwcRegulariser
+    let lwfPerExit = RegulariserRegistry.Create("lwf", readOnlyDict [ "teachers", "per-exit" ]) :?> LwfRegulariser
+    let lwfPrevious = RegulariserRegistry.Create("lwf", readOnlyDict [ "teachers", "previous-stage" ]) :?> LwfRegulariser
+    use regsPerExit = new RegulariserSet([ ewcReg :> IRegulariser; lwfPerExit ])
+    use regsPrevious = new RegulariserSet([ ewcReg :> IRegulariser; lwfPrevious ])
     let needsStage = runs "regularisers" || runs "fisher" || runs "pipeline"
     if needsStage then
         for nu in 1 .. m - 1 do
             let f = FisherInformation.Compute(net, nu, data.Train, FisherEstimator.PerSampleEmpirical, 512, 128, 0, device)
-            regs.Ewc.Accumulate(nu, f)
+            ewcReg.State.Accumulate(nu, f)
             for t in f.Values do t.Dispose()
-            regs.Teachers[nu] <- net.FrozenCopy()
-        regs.Ewc.SetAnchor net
+            lwfPerExit.Teachers[nu] <- net.FrozenCopy()
+        lwfPrevious.Teachers[m - 1] <- net.FrozenCopy()
+        ewcReg.State.SetAnchor net
     /// Stage μ = M of a sequential recipe, `stepsPerEpoch` steps, with or without EWC and LwF.
     let stagePlanOf (stepsPerEpoch: int) (lambda: float) (rho: float) (teachers: LwfTeacherPolicy) =
         let heads = if rho > 0.0 then [| for k in 1..m -> $"head{k}" |] else [| $"head{m}" |]
         let groups = Array.append [| for k in 1..m -> $"segment{k}" |] heads
+        let uses = [| if lambda > 0.0 then RegulariserUse("ewc", lambda)
+                      if rho > 0.0 then RegulariserUse("lwf", rho) |]
         StagePlan(
             Name = "seq", LossExits = [| m |], LossWeights = [| 1.0 |],
             TrainableGroups = groups,
-            EwcLambda = lambda, LwfRho = rho, LwfTeachers = teachers, StageExit = m, ProtectedExits = [| 1 .. m - 1 |],
+            Regularisers = uses, StageExit = m, ProtectedExits = [| 1 .. m - 1 |],
             BatchSize = batch, MaxEpochs = 1, MaxStepsPerEpoch = stepsPerEpoch, CropPadding = 0, HorizontalFlip = false,
-            Schedule = LrSchedule.Constant, LearningRate = 1e-4, EvalBatchSize = 256)
+            Schedule = LrSchedule.Constant, LearningRate = 1e-4, EvalBatchSize = 256),
+        teachers
     let stagePlan = stagePlanOf steps
-    let stepOf (plan: StagePlan) =
+    let stepOf (plan: StagePlan, teachers: LwfTeacherPolicy) =
         let clock = StepClock device
         let snapshot = net.state_dict() |> Seq.map (fun kv -> kv.Key, kv.Value.clone()) |> Seq.toList
+        let regs = if teachers = LwfTeacherPolicy.PerExit then regsPerExit else regsPrevious
         StageTrainer.Run(net, plan, data, regs, device, clock) |> ignore
         use _ = torch.no_grad()
         let sd = net.state_dict()
@@ -446,7 +458,7 @@ let main argv =
                     GC.WaitForPendingFinalizers()
                     counts.Add(torch.Tensor.TotalCount, rssMiB ()) }
         use netM = model device
-        use regsM = new RegularizerState()
+        use regsM = new RegulariserSet()
         let p = basePlan "memory" netM.ExitCount (if smoke then 1 elif quick then 3 else 10) 64 10 true
         StageTrainer.Run(netM, p, data, regsM, device, memoryObserver) |> ignore
         let (t1, r1m), (t10, r10m) = counts[0], counts[counts.Count - 1]

@@ -59,10 +59,24 @@ let cost =
         test "stage MACs: 3x forward up to the deepest exit, teachers' forwards, validation passes, the Fisher (worked by hand)" {
             // Exits cost 10, 30, 60. Stage: loss at exit 2, protects exit 1 with LwF (per-exit teacher).
             let s = { (joint 3 (Scales.settings Scales.Smoke "resnet34" "fashion-mnist").Stages).Head with
-                        LossExits = [ 2, 1.0 ]; Protects = [ 1 ]; Regulariser = Lwf 0.5; Exit = 2 }
+                        LossExits = [ 2, 1.0 ]; Protects = [ 1 ]; Regularisers = [ lwf 0.5 ]; Exit = 2 }
+            let recipe = { Scales.recipe Scales.Smoke Joint "resnet34" "fashion-mnist" 0 with
+                             RegulariserSettings = Map.empty |> Penalties.withSetting "ewc" "samples" "5" }
             // 100 images × (3·30 + 10) + 10 validation images × 2 passes × 30 + 5 Fisher samples × 3 × 30
-            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] PerExitTeachers s 100L 10L 2 5L) (10000.0 + 600.0 + 450.0) "MACs"
-            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] PerExitTeachers { s with Regulariser = Ewc 1.0 } 100L 0L 0 0L) 9000.0 "EWC: no teacher"
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] recipe [ "ewc" ] s 100L 10L 2 1000 10) (10000.0 + 600.0 + 450.0) "MACs"
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] recipe [] { s with Regularisers = [ ewc 1.0 ] } 100L 0L 0 1000 10) 9000.0 "EWC: no teacher"
+            // One previous-stage teacher runs up to the deepest protected exit only.
+            let prev = Settings.withLwfTeachers PreviousStageTeacher recipe
+            let s3 = { s with LossExits = [ 3, 1.0 ]; Protects = [ 1; 2 ]; Exit = 3 }
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] recipe [] s3 1L 0L 0 1000 10) (180.0 + 10.0 + 30.0) "per-exit teachers: 10 + 30"
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] prev [] s3 1L 0L 0 1000 10) (180.0 + 30.0) "previous-stage teacher: 30"
+            // The exact Fisher: one forward and C backward passes per sample (1 + 2·10 = 21×); the sampled one adds a forward (4×).
+            let exact = Settings.withFisher "exact" 5 recipe
+            let sampled = Settings.withFisher "sampled" 5 recipe
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] exact [ "ewc" ] { s with Regularisers = [ ewc 1.0 ] } 0L 0L 0 1000 10) (5.0 * 21.0 * 30.0) "exact Fisher"
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] sampled [ "ewc" ] { s with Regularisers = [ ewc 1.0 ] } 0L 0L 0 1000 10) (5.0 * 4.0 * 30.0) "sampled Fisher"
+            // MAS: one forward and one backward per sample; "samples" 0 means the whole training split.
+            Expect.equal (Cost.stageMacs [| 10L; 30L; 60L |] recipe [ "mas" ] { s with Regularisers = [ mas 1.0 ] } 0L 0L 0 1000 10) (1000.0 * 3.0 * 30.0) "MAS"
         }
         test "--equal-steps: every strategy gets the largest total of epochs, split in proportion to its stages' caps" {
             let recipes = [ for st in allStrategies (Presets.forModel "resnet34") -> Scales.recipe Scales.Cpu st "resnet34" "fashion-mnist" 0 ]

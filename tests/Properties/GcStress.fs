@@ -28,14 +28,19 @@ let run (steps: int) =
     let data = TrainingTests.synthetic 7 4 [| 1L; 12L; 12L |] 256
     torch.manual_seed 7L |> ignore
     use net = ModelRegistry.Create("resnet34", ModelOptions(NumClasses = 4, InputShape = [| 1L; 12L; 12L |], BaseWidth = 4, Blocks = [| 1; 1 |], ExitPositions = [| 1; 2 |]))
-    use regs = new RegularizerState()
+    use regs =
+        new EarlyExit.Regularisers.RegulariserSet(
+            [ EarlyExit.Regularisers.RegulariserRegistry.Create("ewc", readOnlyDict [ "samples", "64" ])
+              EarlyExit.Regularisers.RegulariserRegistry.Create("lwf") ])
     let batch = 32
     let perEpoch = data.Train.Count / batch
     let plan name exits groups stageExit protects epochs lambda rho consolidate =
         StagePlan(Name = name, LossExits = exits, LossWeights = Array.create exits.Length 1.0, TrainableGroups = groups,
-                  StageExit = stageExit, ProtectedExits = protects, EwcLambda = lambda, LwfRho = rho, BatchSize = batch,
-                  MaxEpochs = epochs, Mix = MixSettings(), CropPadding = 2, HorizontalFlip = true, Schedule = LrSchedule.Cosine,
-                  ConsolidateEwcAfter = consolidate, SnapshotTeacherAfter = consolidate, FisherSamples = 64, EvalBatchSize = 64, Seed = 7)
+                  StageExit = stageExit, ProtectedExits = protects,
+                  Regularisers = [| if lambda > 0.0 then EarlyExit.Regularisers.RegulariserUse("ewc", lambda)
+                                    if rho > 0.0 then EarlyExit.Regularisers.RegulariserUse("lwf", rho) |],
+                  BatchSize = batch, MaxEpochs = epochs, Mix = MixSettings(), CropPadding = 2, HorizontalFlip = true, Schedule = LrSchedule.Cosine,
+                  ConsolidateAfter = (if consolidate then [| "ewc"; "lwf" |] else [||]), EvalBatchSize = 64, Seed = 7)
     StageTrainer.Run(net, plan "exit1" [| 1 |] [| "segment1"; "head1" |] 1 [||] 1 0.0 0.0 true, data, regs, torch.CPU) |> ignore
     let epochs = max 1 (steps / perEpoch)
     StageTrainer.Run(net, plan "exit2" [| 2 |] [| "segment1"; "segment2"; "head1"; "head2" |] 2 [| 1 |] epochs 100.0 0.5 false, data, regs, torch.CPU) |> ignore

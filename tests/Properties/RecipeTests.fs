@@ -26,21 +26,20 @@ let private recipeWith (m: int) (strategy: Strategy) =
       Model = { Defaults.model "resnet34" with Classes = Some 10; Input = Some [ 1L; 28L; 28L ]; Width = Some 4; Blocks = Some [ m ]; Exits = Some [ 1..m ] }
       Data = Defaults.data "fashion-mnist"
       Augment = Defaults.augment
-      Fisher = Defaults.fisher
-      LwfTeachers = PerExitTeachers
+      RegulariserSettings = Map.empty
       Deterministic = false
       Seed = 0
       Stages = stagesOf strategy m settings }
 
 let private strategyGen =
-    Gen.elements [ Joint; Disjoint; Mixed; BranchWise; Separate; Sequential(Ewc 100.0); Sequential(Lwf 0.7); Sequential(EwcAndLwf(10.0, 0.2)); SequentialNoWarmup(Ewc 5.0); SequentialNoWarmup(Lwf 0.5) ]
+    Gen.elements [ Joint; Disjoint; Mixed; BranchWise; Separate; Sequential [ ewc 100.0 ]; Sequential [ lwf 0.7 ]; Sequential [ ewc 10.0; lwf 0.2 ]; SequentialNoWarmup [ ewc 5.0 ]; SequentialNoWarmup [ lwf 0.5 ] ]
 
 let builders =
     testList "builders" [
         testProperty "every builder's stages are valid, for 2 to 8 exits" (Prop.forAll (Arb.fromGen (Gen.zip strategyGen (Gen.choose (2, 8)))) (fun (strategy, m) ->
             Validation.problems (recipeWith m strategy) = []))
 
-        testProperty "sequential builders train exits shallow to deep, each exactly once, after the warm-up" (Prop.forAll (Arb.fromGen (Gen.zip (Gen.elements [ Ewc 100.0; Lwf 0.7; EwcAndLwf(1.0, 1.0) ]) (Gen.choose (2, 8)))) (fun (reg, m) ->
+        testProperty "sequential builders train exits shallow to deep, each exactly once, after the warm-up" (Prop.forAll (Arb.fromGen (Gen.zip (Gen.elements [ [ ewc 100.0 ]; [ lwf 0.7 ]; [ ewc 1.0; lwf 1.0 ]; [ mas 1.0 ] ]) (Gen.choose (2, 8)))) (fun (reg, m) ->
             let stages = (recipeWith m (Sequential reg)).Stages
             let warm = stages.Head
             warm.Name = "warmup" && warm.LossExits = [ m, 1.0 ]
@@ -49,8 +48,8 @@ let builders =
             && (stages.Tail |> List.forall (fun s -> s.Protects = [ 1 .. s.Exit - 1 ]))))
 
         test "sequential EWC freezes earlier heads, LwF trains them; both freeze deeper segments and the final classifier" {
-            let ewc = (recipeWith 4 (Sequential(Ewc 100.0))).Stages[2]   // exit2
-            let lwf = (recipeWith 4 (Sequential(Lwf 0.7))).Stages[2]
+            let ewc = (recipeWith 4 (Sequential [ ewc 100.0 ])).Stages[2]   // exit2
+            let lwf = (recipeWith 4 (Sequential [ lwf 0.7 ])).Stages[2]
             Expect.equal ewc.Trainable [ "segment1"; "segment2"; "head2" ] "EWC stage 2"
             Expect.equal lwf.Trainable [ "segment1"; "segment2"; "head1"; "head2" ] "LwF stage 2"
         }
@@ -62,22 +61,30 @@ let builders =
             Expect.equal mx[1].Trainable [ "segment1"; "segment2"; "segment3"; "head1"; "head2"; "head3" ] "mixed joint stage"
         }
 
-        testProperty "JSON round trip gives the same recipe" (Prop.forAll (Arb.fromGen (Gen.zip3 strategyGen (Gen.choose (2, 6)) (Gen.elements [ PerExitTeachers; PreviousStageTeacher ]))) (fun (strategy, m, teachers) ->
-            let r = { recipeWith m strategy with LwfTeachers = teachers }
+        testProperty "JSON round trip gives the same recipe (settings completed with their defaults)" (Prop.forAll (Arb.fromGen (Gen.zip3 strategyGen (Gen.choose (2, 6)) (Gen.elements [ PerExitTeachers; PreviousStageTeacher ]))) (fun (strategy, m, teachers) ->
+            let r = Settings.withLwfTeachers teachers (recipeWith m strategy) |> Settings.complete
             RecipeJson.parse (RecipeJson.toJson r) = Ok r))
 
-        test "the default LwF teacher policy is not written, so recipes from before the option keep their JSON and cache keys" {
-            let r = recipeWith 3 (Sequential(Lwf 0.7))
-            Expect.isFalse ((RecipeJson.toJson r).Contains "\"teachers\"") "per-exit is the default"
-            Expect.stringContains (RecipeJson.toJson { r with LwfTeachers = PreviousStageTeacher }) "\"teachers\": \"previous-stage\"" "previous-stage is written"
-            Expect.notEqual (Interpreter.prefixKey r 3) (Interpreter.prefixKey { r with LwfTeachers = PreviousStageTeacher } 3) "different policies, different cache keys"
+        testProperty "JSON round trip of schedules: linear, geometric and per-stage strengths" (Prop.forAll (Arb.fromGen (Gen.zip (Gen.choose (3, 6)) (Gen.elements [ "ewc"; "lwf"; "mas" ]))) (fun (m, name) ->
+            [ Strength.Linear(10.0, 1000.0); Strength.Geometric(0.2, 2.0); Strength.PerStage [ for k in 2..m -> float k / 10.0 ]; Strength.Constant 0.5 ]
+            |> List.forall (fun strength ->
+                let r = recipeWith m (Sequential [ penalty name strength ]) |> Settings.complete
+                Validation.problems r = [] && RecipeJson.parse (RecipeJson.toJson r) = Ok r)))
+
+        test "a recipe says the settings of every regulariser it uses, defaults included; another teacher policy changes the cache key" {
+            let r = recipeWith 3 (Sequential [ lwf 0.7 ])
+            Expect.stringContains (RecipeJson.toJson r) "\"teachers\": \"per-exit\"" "the default is written"
+            let prev = Settings.withLwfTeachers PreviousStageTeacher r
+            Expect.stringContains (RecipeJson.toJson prev) "\"teachers\": \"previous-stage\"" "previous-stage is written"
+            Expect.isFalse ((RecipeJson.toJson (recipeWith 3 Joint)).Contains "\"regularisers\": {") "a recipe without regularisers has no settings"
+            Expect.notEqual (Interpreter.prefixKey r 3) (Interpreter.prefixKey prev 3) "different policies, different cache keys"
         }
     ]
 
 let msdnetOptions =
     testList "MSDNet options" [
         test "configurable like the reference: step mode, base, step, growth, scales; recipes keep them through JSON" {
-            let r = recipeWith 3 (Sequential(Lwf 0.2))
+            let r = recipeWith 3 (Sequential [ lwf 0.2 ])
             let m =
                 { Defaults.model "msdnet" with
                     Classes = Some 10
@@ -90,7 +97,7 @@ let msdnetOptions =
                     Step = Some 1
                     GrowthFactors = Some [ 1; 2 ]
                     BottleneckFactors = Some [ 1; 2 ] }
-            let msd = { r with Model = m; Stages = stagesOf (Sequential(Lwf 0.2)) 4 settings }
+            let msd = { r with Model = m; Stages = stagesOf (Sequential [ lwf 0.2 ]) 4 settings } |> Settings.complete
             Expect.equal (Validation.problems msd) [] "valid"
             Expect.equal (RecipeJson.parse (RecipeJson.toJson msd)) (Ok msd) "JSON round trip"
             let config = EarlyExit.Models.ModelRegistry.MsdNetConfigOf(Validation.modelOptions m)
@@ -111,7 +118,7 @@ let private errorsOf (json: string) =
     | Ok _ -> []
     | Error es -> es
 
-let private baseJson () = RecipeJson.toJson (recipeWith 3 (Sequential(Ewc 100.0)))
+let private baseJson () = RecipeJson.toJson (recipeWith 3 (Sequential [ ewc 100.0 ]))
 
 let validation =
     testList "recipe validation" [
@@ -119,9 +126,32 @@ let validation =
             let json = baseJson().Replace("\"batchSize\": 32,", "\"batchSize\": 32, \"lr\": 0.1,")
             Expect.contains (errorsOf json |> List.map (fun e -> e.Split(':')[0])) "stages[0].lr" "path of the unknown key"
         }
-        test "an unknown LwF teacher policy is reported with its path" {
+        test "an unknown setting, value or regulariser is reported with its path" {
             let json = baseJson().Replace("\"stages\":", "\"lwf\": { \"teachers\": \"oldest\" }, \"stages\":")
-            Expect.exists (errorsOf json) (fun e -> e.StartsWith "lwf.teachers: unknown LwF teacher policy 'oldest'") "unknown policy"
+            Expect.exists (errorsOf json) (fun e -> e.StartsWith "regularisers.lwf.teachers: unknown value 'oldest' (per-exit, previous-stage)") "unknown policy (older form)"
+            let json = baseJson().Replace("\"fisher\": \"empirical\"", "\"fisher\": \"exactly\"")
+            Expect.exists (errorsOf json) (fun e -> e.StartsWith "regularisers.ewc.fisher: unknown value 'exactly' (empirical, empirical-naive, squared-minibatch, exact, sampled)") "unknown estimator"
+            let json = baseJson().Replace("\"samples\": 0", "\"sample\": 5")
+            Expect.exists (errorsOf json) (fun e -> e.StartsWith "regularisers.ewc.sample: ewc has no setting 'sample' (known: fisher, samples)") "unknown setting"
+            let json = baseJson().Replace("\"regularisers\": {", "\"regularisers\": { \"si\": { \"c\": 1 },")
+            Expect.exists (errorsOf json) (fun e -> e.StartsWith "regularisers.si: unknown regulariser 'si'; known: ewc, lwf, mas") "unknown regulariser in the settings"
+            let json = baseJson().Replace("\"name\": \"ewc\"", "\"name\": \"ewk\"")
+            Expect.exists (errorsOf json) (fun e -> e.StartsWith "stages[2].regularisers[0].name: unknown regulariser 'ewk'") "unknown regulariser in a stage"
+            let json = baseJson().Replace("\"lambda\": 100", "\"lambda\": \"geometric:10\"")
+            Expect.exists (errorsOf json) (fun e -> e.StartsWith "stages[2].regularisers[0].lambda: geometric: give two numbers") "a schedule needs its numbers"
+        }
+        test "a per-stage list needs one value per regularised stage, and every strength must be positive" {
+            let r = recipeWith 4 (Sequential [ penalty "ewc" (Strength.PerStage [ 1.0; 2.0 ]) ])
+            Expect.exists (Validation.problems r) (fun e -> e.EndsWith "2 values for the stages μ = 2..4; give 3, one per stage") "too short"
+            let r = recipeWith 4 (Sequential [ penalty "lwf" (Strength.Linear(0.5, -1.0)) ])
+            Expect.exists (Validation.problems r) (fun e -> e.Contains "a linear schedule from 0.5 to -1 must stay positive") "negative end"
+        }
+        test "the older single \"regulariser\" form and \"fisher\" section still read, as the list and EWC's settings" {
+            let legacy = baseJson().Replace("\"regularisers\": [\n        {\n          \"name\": \"ewc\",\n          \"lambda\": 100\n        }\n      ]", "\"regulariser\": { \"kind\": \"ewc\", \"lambda\": 100 }")
+            Expect.isTrue (legacy.Contains "\"kind\": \"ewc\"") "the test replaced the list"
+            let legacy = legacy.Replace("\"regularisers\": {\n    \"ewc\": {\n      \"fisher\": \"empirical\",\n      \"samples\": 0\n    }\n  },", "\"fisher\": { \"estimator\": \"per-sample\", \"samples\": 0 },")
+            Expect.isTrue (legacy.Contains "\"estimator\": \"per-sample\"") "the test replaced the settings"
+            Expect.equal (RecipeJson.parse legacy) (Ok(recipeWith 3 (Sequential [ ewc 100.0 ]) |> Settings.complete)) "same recipe"
         }
         test "a wrong type is reported with its path" {
             let json = baseJson().Replace("\"maxEpochs\": 2,", "\"maxEpochs\": \"two\",")
@@ -138,12 +168,12 @@ let validation =
             Expect.contains (Validation.problems bad) "stages[0].train: the stage trains nothing" "nothing trains"
         }
         test "a regulariser with no earlier exit to protect is reported" {
-            let r = recipeWith 3 (Sequential(Ewc 100.0))
-            let bad = { r with Stages = r.Stages |> List.mapi (fun i s -> if i = 1 then { s with Regulariser = Ewc 100.0; Protects = [] } else s) }
-            Expect.exists (Validation.problems bad) (fun e -> e.StartsWith "stages[1].regulariser: ewc(lambda=100) has no earlier exit to protect") "nothing to protect"
+            let r = recipeWith 3 (Sequential [ ewc 100.0 ])
+            let bad = { r with Stages = r.Stages |> List.mapi (fun i s -> if i = 1 then { s with Regularisers = [ ewc 100.0 ]; Protects = [] } else s) }
+            Expect.exists (Validation.problems bad) (fun e -> e.StartsWith "stages[1].regularisers: ewc(lambda=100) has no earlier exit to protect") "nothing to protect"
         }
         test "protecting an exit no earlier stage trained is reported" {
-            let r = recipeWith 3 (Sequential(Lwf 0.5))
+            let r = recipeWith 3 (Sequential [ lwf 0.5 ])
             let bad = { r with Stages = [ r.Stages[0]; r.Stages[2] ] }
             Expect.exists (Validation.problems bad) (fun e -> e.Contains "exit 1 was not trained by an earlier sequential stage") "no teacher"
         }
@@ -231,24 +261,24 @@ let interpreter =
             Expect.isTrue (File.Exists(Path.Combine(dir.File "mixed", "metrics.json"))) "mixed finished"
         }
         test "a cached stage is reused only where it kept what later stages need (EWC Fisher vs LwF teacher)" {
-            let ewc = smokeRecipe (Sequential(Ewc 100.0))
-            let lwf = smokeRecipe (Sequential(Lwf 0.7))
+            let ewc = smokeRecipe (Sequential [ ewc 100.0 ])
+            let lwf = smokeRecipe (Sequential [ lwf 0.7 ])
             Expect.equal (Interpreter.prefixKey ewc 0) (Interpreter.prefixKey lwf 0) "the warm-up is shared"
             Expect.notEqual (Interpreter.prefixKey ewc 1) (Interpreter.prefixKey lwf 1) "exit 1 is not: EWC keeps a Fisher, LwF a teacher"
-            let prev = { lwf with LwfTeachers = PreviousStageTeacher }
-            Expect.equal (Interpreter.prefixKey lwf 1) (Interpreter.prefixKey { prev with LwfTeachers = PerExitTeachers } 1) "the key is a function of the recipe"
+            let prev = Settings.withLwfTeachers PreviousStageTeacher lwf
+            Expect.equal (Interpreter.prefixKey lwf 1) (Interpreter.prefixKey (Settings.withLwfTeachers PerExitTeachers prev) 1) "the key is a function of the recipe"
             Expect.equal (Interpreter.prefixKey lwf 0) (Interpreter.prefixKey prev 0) "both teacher policies share the warm-up"
         }
         test "teachers no later stage reads are released after each stage: the saved states hold exactly the ones still needed" {
             for teachers in [ PerExitTeachers; PreviousStageTeacher ] do
                 use dir = new TempDir()
-                let recipe = { smokeRecipe (Sequential(Lwf 0.7)) with LwfTeachers = teachers }
+                let recipe = Settings.withLwfTeachers teachers (smokeRecipe (Sequential [ lwf 0.7 ]))
                 let out = dir.File "run"
                 Interpreter.run { quiet with OutDir = out } recipe |> ignore
                 let last = recipe.Stages.Length - 1
                 for i, s in List.indexed recipe.Stages do
                     let d = EarlyExit.Training.TensorStore.Load(Path.Combine(out, "stages", $"%02d{i}-{s.Name}.done.regs"))
-                    let held = d["meta/teachers"].data<int64>().ToArray() |> Array.map int |> List.ofArray
+                    let held = d["lwf/teachers"].data<int64>().ToArray() |> Array.map int |> List.ofArray
                     for t in d.Values do t.Dispose()
                     let expected =
                         match teachers with
@@ -259,13 +289,13 @@ let interpreter =
                     Expect.equal (Set.ofList held) (Set.intersect (Set.ofList [ 1 .. max 0 s.Exit ]) (Interpreter.teachersReadAfter recipe i)) "as teachersReadAfter says"
         }
         test "the cache key of a prefix says which teachers it still holds" {
-            let r = smokeRecipe (Sequential(Lwf 0.7))
+            let r = smokeRecipe (Sequential [ lwf 0.7 ])
             Expect.equal (r.Stages |> List.map (fun s -> s.Exit)) [ 0; 1; 2; 3; 4 ] "warm-up, then exits 1..4"
             // Same stages 0..2 and the same teachers kept by them (exits 1 and 2), but later stages that no longer
             // read teacher 1: after stage 2 one recipe still holds it, the other has released it.
             let other = { r with Stages = r.Stages |> List.mapi (fun i s -> if i = 3 then { s with Protects = [ 2 ] } elif i = 4 then { s with Protects = [ 3 ] } else s) }
             for i in 0..2 do
-                Expect.equal (Interpreter.consolidation other.LwfTeachers other.Stages i) (Interpreter.consolidation r.LwfTeachers r.Stages i) $"stage {i} keeps the same"
+                Expect.equal (Interpreter.consolidation other i) (Interpreter.consolidation r i) $"stage {i} keeps the same"
             Expect.notEqual (Interpreter.prefixKey r 2) (Interpreter.prefixKey other 2) "teachers 1 and 2 held vs teacher 2 only"
             Expect.equal (Interpreter.prefixKey r 1) (Interpreter.prefixKey other 1) "after stage 1 both hold teacher 1"
         }
@@ -274,9 +304,9 @@ let interpreter =
                 { Scale = Scales.Smoke; Data = None; DataRoot = None; Model = "resnet34"; Seeds = [ 0 ]; OutRoot = ""; Device = None
                   Strategies = None; LwfTeachers = [ PerExitTeachers; PreviousStageTeacher ]; Jobs = 1; Threads = 1
                   Deterministic = false; EqualSteps = false; Numerics = None; StageEpochs = None; Regularisers = None; Log = ignore }
-            let rows = EarlyExit.Experiments.Experiments.Table1.recipesOf options "fashion-mnist" [ Joint; Sequential(Ewc 100.0); Sequential(Lwf 0.7) ]
+            let rows = EarlyExit.Experiments.Experiments.Table1.recipesOf options "fashion-mnist" [ Joint; Sequential [ ewc 100.0 ]; Sequential [ lwf 0.7 ] ]
             Expect.equal (rows |> List.map fst) [ "joint"; "sequential-ewc"; "sequential-lwf"; "sequential-lwf-previous-stage-teacher" ] "row names"
-            Expect.equal (rows |> List.map (fun (_, r) -> r.LwfTeachers)) [ PerExitTeachers; PerExitTeachers; PerExitTeachers; PreviousStageTeacher ] "policies"
+            Expect.equal (rows |> List.map (fun (_, r) -> Settings.lwfTeachers r)) [ PerExitTeachers; PerExitTeachers; PerExitTeachers; PreviousStageTeacher ] "policies"
             Expect.equal (rows |> List.map (fun (_, r) -> r.Name) |> List.distinct |> List.length) 4 "distinct recipe names (run folders)"
         }
     ]

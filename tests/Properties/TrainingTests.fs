@@ -82,7 +82,7 @@ let private randomTerms (seed: int) =
         let anchor = torch.randn(shape, generator = g)
         theta, fisher, anchor ]
 
-let ewc =
+let ewcPenalty =
     testList "EWC penalty" [
         testProp "zero at the anchor, with zero gradient there" (fun (seed: int) ->
             use scope = torch.NewDisposeScope()
@@ -106,7 +106,7 @@ let ewc =
             abs (rt - t * t * r1) <= 1e-4 * abs (t * t * r1) + 1e-6)
     ]
 
-let lwf =
+let lwfKl =
     testList "LwF KL" [
         testProp "KL(current || teacher) is never negative" (fun (seed: int) ->
             use scope = torch.NewDisposeScope()
@@ -145,15 +145,14 @@ let private settings =
       WarmupEpochs = 1 }
 
 let private strategies =
-    [ Joint; Disjoint; Mixed; BranchWise; Separate; Sequential(Ewc 100.0); Sequential(Lwf 0.7); Sequential(EwcAndLwf(10.0, 0.5)) ]
+    [ Joint; Disjoint; Mixed; BranchWise; Separate; Sequential [ ewc 100.0 ]; Sequential [ lwf 0.7 ]; Sequential [ ewc 10.0; lwf 0.5 ] ]
 
 let private recipeFor (c: SmallResNet) (strategy: Strategy) =
     { Name = "t"
       Model = { Defaults.model "resnet34" with Classes = Some c.Classes; Input = Some(List.ofArray c.Input); Width = Some c.BaseWidth; Blocks = Some(List.ofArray c.Blocks); Exits = Some(List.ofArray c.Exits) }
       Data = Defaults.data "fashion-mnist"
       Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
-      Fisher = { Estimator = PerSample; Samples = 8 }
-      LwfTeachers = PerExitTeachers
+      RegulariserSettings = Map.empty |> Penalties.withSetting "ewc" "samples" "8"
       Deterministic = false
       Seed = c.Seed
       Stages = stagesOf strategy c.Exits.Length settings }
@@ -164,9 +163,9 @@ let lwfTeachers =
             let c = { Blocks = [| 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = 9 }
             let data = synthetic 3 3 c.Input 24
             let final teachers =
-                let recipe = { recipeFor c (Sequential(Lwf 0.5)) with LwfTeachers = teachers }
+                let recipe = Settings.withLwfTeachers teachers (recipeFor c (Sequential [ lwf 0.5 ]))
                 use net = build c
-                use regs = new RegularizerState()
+                use regs = Interpreter.regulariserSet recipe
                 for i in 0 .. recipe.Stages.Length - 1 do
                     StageTrainer.Run(net, Interpreter.plan recipe i None, data, regs, torch.CPU) |> ignore
                 net.state_dict() |> Seq.map (fun kv -> kv.Key, kv.Value.clone()) |> Map.ofSeq
@@ -178,17 +177,23 @@ let lwfTeachers =
         test "the previous-stage policy needs only the deepest protected exit's teacher; per-exit needs all" {
             let c = { Blocks = [| 1; 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2; 3 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = 4 }
             use net = build c
-            use regs = new RegularizerState()
-            regs.Teachers[2] <- net.FrozenCopy()
-            let recipe = recipeFor c (Sequential(Lwf 0.5))
+            let recipe = recipeFor c (Sequential [ lwf 0.5 ])
+            let with' teachers = Settings.withLwfTeachers teachers recipe
+            // Each policy's run holds only the teacher of exit 2.
+            let regsOf teachers =
+                let regs = Interpreter.regulariserSet (with' teachers)
+                regs.Get<EarlyExit.Regularisers.LwfRegulariser>().Teachers[2] <- net.FrozenCopy()
+                regs
+            use regsPrevious = regsOf PreviousStageTeacher
+            use regsPerExit = regsOf PerExitTeachers
             let last = recipe.Stages.Length - 1
-            let plan teachers = Interpreter.plan { recipe with LwfTeachers = teachers } last None
+            let plan teachers = Interpreter.plan (with' teachers) last None
             Expect.sequenceEqual (plan PreviousStageTeacher).ProtectedExits [| 1; 2 |] "the last stage protects exits 1 and 2"
-            StageTrainer.Validate(net, plan PreviousStageTeacher, regs)
-            let e = Expect.throwsC (fun () -> StageTrainer.Validate(net, plan PerExitTeachers, regs)) id
+            StageTrainer.Validate(net, plan PreviousStageTeacher, regsPrevious)
+            let e = Expect.throwsC (fun () -> StageTrainer.Validate(net, plan PerExitTeachers, regsPerExit)) id
             Expect.stringContains e.Message "LwF has no teacher for exit 1" "names the missing teacher"
             // What the interpreter keeps: a teacher after a stage only where a later stage's deepest protected exit is its exit.
-            let kept teachers = [ for i in 0 .. last -> snd (Interpreter.consolidation teachers recipe.Stages i) ]
+            let kept teachers = [ for i in 0 .. last -> List.contains "lwf" (Interpreter.consolidation (with' teachers) i) ]
             Expect.equal (kept PerExitTeachers |> List.filter id |> List.length) 2 "per-exit: exits 1 and 2 keep teachers"
             Expect.equal (kept PreviousStageTeacher |> List.filter id |> List.length) 2 "previous-stage: stage 2 uses teacher 1, stage 3 teacher 2"
         }
@@ -211,7 +216,7 @@ let freezing =
             | Error e -> failwithf "built recipe is invalid: %A" e
             | Ok recipe ->
                 use net = build c
-                use regs = new RegularizerState()
+                use regs = Interpreter.regulariserSet recipe
                 let data = synthetic c.Seed c.Classes c.Input 24
                 recipe.Stages
                 |> List.indexed
@@ -235,9 +240,9 @@ let memory =
                     GC.Collect()
                     GC.WaitForPendingFinalizers()
                 torch.Tensor.TotalCount
-            for strategy, teachers in [ Joint, PerExitTeachers; Disjoint, PerExitTeachers; Sequential(Ewc 10.0), PerExitTeachers
-                                        Sequential(Lwf 0.5), PerExitTeachers; Sequential(Lwf 0.5), PreviousStageTeacher ] do
-                let recipe = { recipeFor c strategy with LwfTeachers = teachers }
+            for strategy, teachers in [ Joint, PerExitTeachers; Disjoint, PerExitTeachers; Sequential [ ewc 10.0 ], PerExitTeachers
+                                        Sequential [ lwf 0.5 ], PerExitTeachers; Sequential [ lwf 0.5 ], PreviousStageTeacher ] do
+                let recipe = Settings.withLwfTeachers teachers (recipeFor c strategy)
                 use net = build c
                 // What one teacher (a frozen copy of the network) holds.
                 let teacherTensors =
@@ -246,17 +251,20 @@ let memory =
                     let held = settle () - before
                     t.Dispose()
                     held
-                use regs = new RegularizerState()
+                use regs = Interpreter.regulariserSet recipe
+                // Importances and anchors of the quadratic regularisers (EWC), counted one tensor each.
+                let quadratic () =
+                    regs.All |> Seq.sumBy (function
+                        | :? EarlyExit.Regularisers.QuadraticRegulariser as q -> q.State.Importance.Count + q.State.Anchor.Count
+                        | _ -> 0)
                 let data = synthetic 1 3 c.Input 24
                 for i, s in List.indexed recipe.Stages do
-                    let (_, lwf) = Interpreter.consolidation recipe.LwfTeachers recipe.Stages i
-                    let fisherBefore, anchorBefore = regs.Ewc.Fisher.Count, regs.Ewc.Anchor.Count
+                    let lwf = List.contains "lwf" (Interpreter.consolidation recipe i)
+                    let quadraticBefore = quadratic ()
                     let before = settle ()
                     StageTrainer.Run(net, Interpreter.plan recipe i None, data, regs, torch.CPU) |> ignore
                     let after = settle ()
-                    let kept =
-                        int64 (regs.Ewc.Fisher.Count - fisherBefore + regs.Ewc.Anchor.Count - anchorBefore)
-                        + (if lwf then teacherTensors else 0L)
+                    let kept = int64 (quadratic () - quadraticBefore) + (if lwf then teacherTensors else 0L)
                     Expect.equal (after - before) kept $"{strategyName strategy} stage {s.Name}: live tensors grow by what consolidation keeps"
         }
     ]
@@ -275,7 +283,7 @@ let resume =
             let final (kill: bool) =
                 use dir = new TempDir()
                 let p = Interpreter.plan recipe 0 (Some dir.Path)
-                use regs = new RegularizerState()
+                use regs = new EarlyExit.Regularisers.RegulariserSet()
                 if kill then
                     use net = build c
                     Expect.throwsT<OperationCanceledException> (fun () -> StageTrainer.Run(net, p, data, regs, torch.CPU, KillAfter 1) |> ignore) "killed"
@@ -308,20 +316,19 @@ let msdnet =
                 for t in Seq.append fast.Values slow.Values do t.Dispose()
         }
         test "sequential EWC and LwF stages leave frozen segments and heads bit-for-bit unchanged" {
-            for strategy in [ Sequential(Ewc 100.0); Sequential(Lwf 0.5) ] do
+            for strategy in [ Sequential [ ewc 100.0 ]; Sequential [ lwf 0.5 ] ] do
                 use net = smallMsdNet ()
-                use regs = new RegularizerState()
                 let data = synthetic 5 3 [| 1L; 20L; 20L |] 24
                 let recipe =
                     { Name = "msd"
                       Model = { Defaults.model "msdnet" with Classes = Some 3; Input = Some [ 1L; 20L; 20L ]; Width = Some 4; Blocks = Some [ 3 ] }
                       Data = Defaults.data "fashion-mnist"
                       Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
-                      Fisher = { Estimator = PerSample; Samples = 8 }
-                      LwfTeachers = PerExitTeachers
+                      RegulariserSettings = Map.empty |> Penalties.withSetting "ewc" "samples" "8"
                       Deterministic = false
                       Seed = 0
                       Stages = stagesOf strategy net.ExitCount settings }
+                use regs = Interpreter.regulariserSet recipe
                 Expect.equal (Validation.problems recipe) [] "valid recipe"
                 for i, s in List.indexed recipe.Stages do
                     let frozen = net.Groups() |> Seq.filter (fun g -> not (List.contains g s.Trainable)) |> Seq.toList
@@ -440,4 +447,4 @@ let nativeScalars =
         }
     ]
 
-let all = testList "training engine" [ gradientOracle; nativeScalars; msdnet; fisher; ewc; lwf; lwfTeachers; freezing; memory; resume ]
+let all = testList "training engine" [ gradientOracle; nativeScalars; msdnet; fisher; ewcPenalty; lwfKl; lwfTeachers; freezing; memory; resume ]

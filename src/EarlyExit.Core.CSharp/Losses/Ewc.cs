@@ -15,16 +15,17 @@ namespace EarlyExit.Losses
     /// </summary>
     public static class Ewc
     {
-        /// <summary>Σ_k F_k (θ_k − θ*_k)². Zero at θ = θ*, never negative for F ≥ 0, quadratic in the displacement.</summary>
+        /// <summary>Σ_k F_k (θ_k − θ*_k)². Zero at θ = θ*, never negative for F ≥ 0, quadratic in the displacement.
+        /// MAS uses the same form with its importances Ω in place of F.</summary>
         public static Tensor Penalty(IReadOnlyList<(Tensor parameter, Tensor fisher, Tensor anchor)> terms)
         {
-            if (terms.Count == 0) throw new ArgumentException("EWC needs at least one parameter with a Fisher to protect");
+            if (terms.Count == 0) throw new ArgumentException("the penalty needs at least one parameter with an importance to protect");
             using var scope = NewDisposeScope();
             Tensor? total = null;
             foreach (var (p, f, a) in terms)
             {
                 if (!p.shape.AsSpan().SequenceEqual(f.shape) || !p.shape.AsSpan().SequenceEqual(a.shape))
-                    throw new ArgumentException($"EWC shapes differ: parameter [{string.Join(", ", p.shape)}], Fisher [{string.Join(", ", f.shape)}], anchor [{string.Join(", ", a.shape)}]");
+                    throw new ArgumentException($"shapes differ: parameter [{string.Join(", ", p.shape)}], importance [{string.Join(", ", f.shape)}], anchor [{string.Join(", ", a.shape)}]");
                 var d = p - a;
                 var term = (f * d * d).sum();
                 total = total is null ? term : total + term;
@@ -34,20 +35,21 @@ namespace EarlyExit.Losses
     }
 
     /// <summary>
-    /// Long-lived EWC state: the Fisher accumulated over the exits trained so far (online EWC) and the anchor θ*.
-    /// Every stored tensor is detached and owned here (not by any dispose scope).
+    /// Long-lived state of a quadratic regulariser: per-parameter importances accumulated over the exits trained so far
+    /// (the Fisher of online EWC, Ω of MAS) and the anchor θ*. Every stored tensor is detached and owned here (not by
+    /// any dispose scope). The penalty of its terms is <see cref="Ewc.Penalty"/>, Σ_k importance_k (θ_k − θ*_k)².
     /// </summary>
-    public sealed class EwcState : IDisposable
+    public sealed class ImportanceState : IDisposable
     {
         private readonly Dictionary<string, Tensor> fisher = new();
         private readonly Dictionary<string, Tensor> anchor = new();
 
-        public IReadOnlyDictionary<string, Tensor> Fisher => fisher;
+        public IReadOnlyDictionary<string, Tensor> Importance => fisher;
         public IReadOnlyDictionary<string, Tensor> Anchor => anchor;
-        /// <summary>Exits whose Fisher has been added, in order.</summary>
+        /// <summary>Exits whose importances have been added, in order.</summary>
         public List<int> Exits { get; } = new();
 
-        /// <summary>Adds the Fisher of one exit to the running sum (tensors are copied and detached).</summary>
+        /// <summary>Adds the importances of one exit to the running sum (tensors are copied and detached).</summary>
         public void Accumulate(int exit, IReadOnlyDictionary<string, Tensor> exitFisher)
         {
             foreach (var (name, f) in exitFisher)
@@ -73,14 +75,14 @@ namespace EarlyExit.Losses
                 if (fisher.ContainsKey(name)) anchor[name] = p.detach().clone().DetachFromDisposeScope();
         }
 
-        /// <summary>The terms of R_EWC(μ): parameters of segments 1..μ−1 that have a Fisher, bound once per stage.</summary>
+        /// <summary>The terms of R(μ): parameters of segments 1..μ−1 that have an importance, bound once per stage.</summary>
         public List<(Tensor parameter, Tensor fisher, Tensor anchor)> Bind(MultiExitNetwork net, int stageExit)
         {
             var terms = new List<(Tensor, Tensor, Tensor)>();
             foreach (var (name, p) in net.SegmentParameters(stageExit - 1))
                 if (fisher.TryGetValue(name, out var f))
                 {
-                    if (!anchor.TryGetValue(name, out var a)) throw new InvalidOperationException($"EWC: parameter {name} has a Fisher but no anchor");
+                    if (!anchor.TryGetValue(name, out var a)) throw new InvalidOperationException($"parameter {name} has an importance but no anchor");
                     terms.Add((p, f.to(p.device), a.to(p.device)));
                 }
             return terms;
@@ -95,7 +97,7 @@ namespace EarlyExit.Losses
         public Dictionary<string, Tensor> ToDictionary(string prefix)
         {
             var d = new Dictionary<string, Tensor>();
-            foreach (var (k, v) in fisher) d[$"{prefix}fisher/{k}"] = v;
+            foreach (var (k, v) in fisher) d[$"{prefix}importance/{k}"] = v;
             foreach (var (k, v) in anchor) d[$"{prefix}anchor/{k}"] = v;
             return d;
         }
@@ -105,7 +107,7 @@ namespace EarlyExit.Losses
             Dispose();
             foreach (var (k, v) in d)
             {
-                if (k.StartsWith(prefix + "fisher/")) fisher[k[(prefix.Length + 7)..]] = v.detach().clone().DetachFromDisposeScope();
+                if (k.StartsWith(prefix + "importance/")) fisher[k[(prefix.Length + 11)..]] = v.detach().clone().DetachFromDisposeScope();
                 else if (k.StartsWith(prefix + "anchor/")) anchor[k[(prefix.Length + 7)..]] = v.detach().clone().DetachFromDisposeScope();
             }
             Exits.Clear(); Exits.AddRange(exits);

@@ -9,31 +9,68 @@ using static TorchSharp.torch;
 
 namespace EarlyExit.Losses
 {
-    /// <summary>How the Fisher of an exit is estimated.</summary>
+    /// <summary>How the Fisher of an exit is estimated. Each is named by what it computes (van de Ven, "On the computation
+    /// of the Fisher information in continual learning", ICLR 2025 blog track, compares them).</summary>
     public enum FisherEstimator
     {
         /// <summary>
-        /// Empirical Fisher, per sample (the paper's eq. 3): mean over samples of (∂ log ŷ_ν(true class) / ∂θ)².
-        /// Per-sample gradients come from layer inputs and output gradients (one backward pass per batch).
+        /// Empirical Fisher, per sample (the 2026 paper's eq. 3, and the default): mean over samples of
+        /// (∂ log ŷ_ν(true class) / ∂θ)². Per-sample gradients come from layer inputs and output gradients (one backward
+        /// pass per batch). Recipe name "empirical".
         /// </summary>
         PerSampleEmpirical,
-        /// <summary>The same quantity with one backward pass per sample: slow and obvious, the test oracle.</summary>
+        /// <summary>The same quantity with one backward pass per sample: slow and obvious, the test oracle. "empirical-naive".</summary>
         PerSampleEmpiricalNaive,
         /// <summary>
         /// The common, different estimator: mean over minibatches of the squared minibatch-mean gradient of log ŷ_ν(true class)
-        /// (as in Avalanche's EWC). Offered for comparison only.
+        /// (as in Avalanche's EWC). Offered for comparison only. "squared-minibatch".
         /// </summary>
         SquaredMinibatchGradient,
+        /// <summary>
+        /// The exact Fisher: mean over samples of the expectation over the model's own predicted distribution,
+        /// Σ_c ŷ_ν(c) (∂ log ŷ_ν(c) / ∂θ)², per sample; one gradient pass per class and batch (C× the empirical one). "exact".
+        /// </summary>
+        Exact,
+        /// <summary>
+        /// The sampled Fisher: per sample one label drawn from the model's predicted distribution (a seeded draw that does
+        /// not depend on batching, <see cref="FisherInformation.SampleLabels"/>), then the squared gradient of its log
+        /// probability; one extra forward pass to draw the labels. "sampled".
+        /// </summary>
+        Sampled,
     }
 
     /// <summary>Fisher information of an exit with respect to the parameters of segments 1..ν, at the current parameters.</summary>
     public static class FisherInformation
     {
-        /// <summary>
-        /// Working set, in floats, of one chunk of per-sample convolution gradients (unfolded input and gradients):
-        /// 2 MiB, the L2 cache of the machines we measured on (2-core AMD EPYC); larger chunks spill to memory.
-        /// </summary>
-        public static long PerSampleChunkFloats { get; set; } = 1L << 19;
+        /// <summary>See <see cref="PerSampleGradients.ChunkFloats"/>.</summary>
+        public static long PerSampleChunkFloats
+        {
+            get => PerSampleGradients.ChunkFloats;
+            set => PerSampleGradients.ChunkFloats = value;
+        }
+
+        /// <summary>The recipe name of an estimator (the EWC regulariser's "fisher" setting).</summary>
+        public static string NameOf(FisherEstimator e) => e switch
+        {
+            FisherEstimator.PerSampleEmpirical => "empirical",
+            FisherEstimator.PerSampleEmpiricalNaive => "empirical-naive",
+            FisherEstimator.SquaredMinibatchGradient => "squared-minibatch",
+            FisherEstimator.Exact => "exact",
+            FisherEstimator.Sampled => "sampled",
+            _ => throw new ArgumentOutOfRangeException(nameof(e)),
+        };
+
+        public static readonly string[] Names = Enum.GetValues<FisherEstimator>().Select(NameOf).ToArray();
+
+        public static FisherEstimator Parse(string name)
+        {
+            foreach (var e in Enum.GetValues<FisherEstimator>())
+                if (NameOf(e) == name) return e;
+            throw new ArgumentException($"unknown Fisher estimator '{name}' ({string.Join(", ", Names)})");
+        }
+
+        /// <summary>Gradient passes per sample of an estimator, beside one forward (for the cost accounting): C for the exact Fisher.</summary>
+        public static double BackwardPassesPerSample(FisherEstimator e, int classes) => e == FisherEstimator.Exact ? classes : 1;
 
         /// <summary>
         /// Computes F(ν) for every parameter of segments 1..<paramref name="exit"/> over the first <paramref name="maxSamples"/>
@@ -47,31 +84,70 @@ namespace EarlyExit.Losses
             net.CheckExit(exit);
             if (batchSize < 1) throw new ArgumentOutOfRangeException(nameof(batchSize), "batch size must be positive");
             device ??= net.parameters().First().device;
-            var order = Enumerable.Range(0, data.Count).ToArray();
-            new Random(seed).Shuffle(order);
-            int n = maxSamples > 0 ? Math.Min(maxSamples, data.Count) : data.Count;
-            if (n == 0) throw new ArgumentException("the Fisher needs at least one sample");
-            var indices = order.AsSpan(0, n).ToArray();
+            if (data.Count == 0) throw new ArgumentException("the Fisher needs at least one sample");
+            return PerSampleGradients.WithSamples(net, exit, data, maxSamples, seed, (indices, targets) => estimator switch
+            {
+                FisherEstimator.PerSampleEmpirical => Empirical(net, exit, data, indices, null, batchSize, device, targets),
+                FisherEstimator.PerSampleEmpiricalNaive => NaivePerSample(net, exit, data, indices, device, targets),
+                FisherEstimator.SquaredMinibatchGradient => SquaredMinibatch(net, exit, data, indices, batchSize, device, targets),
+                FisherEstimator.Exact => ExactFisher(net, exit, data, indices, batchSize, device, targets),
+                FisherEstimator.Sampled => Empirical(net, exit, data, indices, SampleLabels(net, exit, data, indices, batchSize, seed, device), batchSize, device, targets),
+                _ => throw new ArgumentOutOfRangeException(nameof(estimator)),
+            });
+        }
 
+        /// <summary>
+        /// One label per sample drawn from exit ν's predicted distribution (network in eval mode): sample i gets the class
+        /// where the cumulative probability first exceeds a uniform number derived from (seed, i) by a stable hash, so the
+        /// draw does not depend on the batch a sample is in. Aligned with <paramref name="indices"/>.
+        /// </summary>
+        public static long[] SampleLabels(MultiExitNetwork net, int exit, ImageDataset data, int[] indices, int batchSize, int seed, Device? device = null)
+        {
+            device ??= net.parameters().First().device;
+            var labels = new long[indices.Length];
             bool wasTraining = net.training;
-            var targets = net.SegmentParameters(exit).ToList();
-            var savedRequiresGrad = targets.Select(t => t.parameter.requires_grad).ToArray();
             net.eval();
             try
             {
-                return estimator switch
+                for (int start = 0; start < indices.Length; start += batchSize)
                 {
-                    FisherEstimator.PerSampleEmpirical => FastPerSample(net, exit, data, indices, batchSize, device, targets),
-                    FisherEstimator.PerSampleEmpiricalNaive => NaivePerSample(net, exit, data, indices, device, targets),
-                    FisherEstimator.SquaredMinibatchGradient => SquaredMinibatch(net, exit, data, indices, batchSize, device, targets),
-                    _ => throw new ArgumentOutOfRangeException(nameof(estimator)),
-                };
+                    using var scope = NewDisposeScope();
+                    using var noGrad = no_grad();
+                    var idx = indices.AsSpan(start, Math.Min(batchSize, indices.Length - start));
+                    var p = nn.functional.softmax(net.ForwardExit(data.Images(idx, device), exit), 1).to(float64).cpu();
+                    var probs = p.data<double>().ToArray();
+                    int classes = (int)p.shape[1];
+                    for (int i = 0; i < idx.Length; i++)
+                    {
+                        double u = Uniform(seed, idx[i]), cumulative = 0;
+                        int label = classes - 1;
+                        for (int c = 0; c < classes; c++)
+                        {
+                            cumulative += probs[i * classes + c];
+                            if (u < cumulative) { label = c; break; }
+                        }
+                        labels[start + i] = label;
+                    }
+                    EarlyExit.Native.NativeScalars.ReleaseDeferred();
+                }
             }
             finally
             {
-                for (int i = 0; i < targets.Count; i++) targets[i].parameter.requires_grad = savedRequiresGrad[i];
-                net.zero_grad();
                 net.train(wasTraining);
+            }
+            return labels;
+        }
+
+        /// <summary>A uniform number in [0, 1) from (seed, sample index), the same in every process (SplitMix64).</summary>
+        public static double Uniform(int seed, int sample)
+        {
+            unchecked
+            {
+                ulong z = ((ulong)(uint)seed << 32 | (uint)sample) + 0x9E3779B97F4A7C15UL;
+                z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+                z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+                z ^= z >> 31;
+                return (z >> 11) * (1.0 / (1UL << 53));
             }
         }
 
@@ -98,9 +174,7 @@ namespace EarlyExit.Losses
                     if (p.grad is { } g) sums[name].add_(g * g);
                 EarlyExit.Native.NativeScalars.ReleaseDeferred();
             }
-            using (var count = indices.Length.ToScalar())
-                foreach (var s in sums.Values) s.div_(count);
-            return sums;
+            return PerSampleGradients.Mean(sums, indices.Length);
         }
 
         static Dictionary<string, Tensor> SquaredMinibatch(MultiExitNetwork net, int exit, ImageDataset data, int[] indices, int batchSize, Device device,
@@ -124,185 +198,36 @@ namespace EarlyExit.Losses
                 batches++;
                 EarlyExit.Native.NativeScalars.ReleaseDeferred();
             }
-            using (var count = batches.ToScalar())
-                foreach (var s in sums.Values) s.div_(count);
-            return sums;
+            return PerSampleGradients.Mean(sums, batches);
         }
 
-        /// <summary>A layer whose parameters get per-sample gradients from its input and output gradient.</summary>
-        sealed class Capture
-        {
-            public required nn.Module<Tensor, Tensor> Module;
-            public required string WeightName;
-            public string? BiasName;
-            public Tensor? Input;
-            public Tensor? Output;
-            public int Calls;
-        }
-
-        static Dictionary<string, Tensor> FastPerSample(MultiExitNetwork net, int exit, ImageDataset data, int[] indices, int batchSize, Device device,
+        /// <summary>Per-sample empirical Fisher with the data's labels, or with the given ones (aligned with indices).</summary>
+        static Dictionary<string, Tensor> Empirical(MultiExitNetwork net, int exit, ImageDataset data, int[] indices, long[]? labels, int batchSize, Device device,
             List<(string name, Parameter parameter)> targets)
         {
-            // Map every parameter of segments 1..exit to a supported leaf layer.
-            var captures = new List<Capture>();
-            var covered = new HashSet<string>();
-            for (int mu = 1; mu <= exit; mu++)
+            var position = labels is null ? null : indices.Select((sample, k) => (sample, k)).ToDictionary(t => t.sample, t => t.k);
+            var sums = PerSampleGradients.Sum(net, exit, data, indices, batchSize, device, targets, PerSampleReduction.Square, (logits, idx) =>
             {
-                string prefix = $"segments.{mu - 1}.";
-                foreach (var (name, module) in net.Segment(mu).named_modules())
-                {
-                    if (module.children().Any() || !module.parameters(recurse: false).Any()) continue;
-                    string full = prefix + name + ".";
-                    switch (module)
-                    {
-                        case Conv2d conv:
-                            if (conv.groups != 1 || conv.padding_mode != PaddingModes.Zeros || conv.padding_type is not null)
-                                throw new NotSupportedException($"per-sample Fisher: convolution {full.TrimEnd('.')} (groups {conv.groups}, padding mode {conv.padding_mode}) is not supported; use {nameof(FisherEstimator.PerSampleEmpiricalNaive)}");
-                            captures.Add(new Capture { Module = conv, WeightName = full + "weight", BiasName = conv.bias is null ? null : full + "bias" });
-                            break;
-                        case Linear lin:
-                            captures.Add(new Capture { Module = lin, WeightName = full + "weight", BiasName = lin.bias is null ? null : full + "bias" });
-                            break;
-                        case BatchNorm2d bn:
-                            if (!bn.affine) continue;
-                            if (!bn.track_running_stats) throw new NotSupportedException($"per-sample Fisher: BatchNorm {full.TrimEnd('.')} has no running statistics");
-                            captures.Add(new Capture { Module = bn, WeightName = full + "weight", BiasName = full + "bias" });
-                            break;
-                        default:
-                            throw new NotSupportedException($"per-sample Fisher: layer {full.TrimEnd('.')} of type {module.GetType().Name} is not supported; use {nameof(FisherEstimator.PerSampleEmpiricalNaive)}");
-                    }
-                    covered.Add(full + "weight");
-                    if (captures[^1].BiasName is { } b) covered.Add(b);
-                }
-            }
-            var missing = targets.Select(t => t.name).Where(n => !covered.Contains(n)).ToList();
-            if (missing.Count > 0)
-                throw new NotSupportedException($"per-sample Fisher: parameters outside supported layers: {string.Join(", ", missing)}; use {nameof(FisherEstimator.PerSampleEmpiricalNaive)}");
-
-            var byName = targets.ToDictionary(t => t.name, t => t.parameter);
-            var sums = targets.ToDictionary(t => t.name, t => zeros_like(t.parameter).DetachFromDisposeScope());
-            var removers = new List<Action>();
-            foreach (var c in captures)
-            {
-                var cap = c;
-                var remover = c.Module.register_forward_hook((m, input, output) =>
-                {
-                    cap.Calls++;
-                    // Modules run inner dispose scopes: keep what we need past them, and dispose it after the batch.
-                    // The caller gets a view and may dispose it (nn.Sequential does); the original stays ours, and the
-                    // gradient with respect to it is the gradient with respect to the layer's output.
-                    cap.Input = input.detach().DetachFromDisposeScope();
-                    cap.Output = output.DetachFromDisposeScope();
-                    return output.view_as(output);
-                });
-                removers.Add(() => remover.remove());
-            }
-            try
-            {
-                for (int start = 0; start < indices.Length; start += batchSize)
-                {
-                    using var scope = NewDisposeScope();
-                    var idx = indices.AsSpan(start, Math.Min(batchSize, indices.Length - start));
-                    foreach (var c in captures) c.Calls = 0;
-                    // The input requires grad so that a graph exists even where every parameter is frozen.
-                    var x = data.Images(idx, device).requires_grad_(true);
-                    var y = data.LabelTensor(idx, device);
-                    // Σ_i log ŷ(y_i): samples are independent (BatchNorm in eval mode), so the gradient of the sum with
-                    // respect to sample i's layer output is sample i's own gradient.
-                    var total = LogLikelihoodSum(net, exit, x, y);
-                    foreach (var c in captures)
-                        if (c.Calls != 1)
-                            throw new NotSupportedException($"per-sample Fisher: layer {c.WeightName[..^7]} ran {c.Calls} times in one forward pass; use {nameof(FisherEstimator.PerSampleEmpiricalNaive)}");
-                    var outputs = captures.Select(c => c.Output!).ToList();
-                    var grads = autograd.grad(new[] { total }, outputs, retain_graph: false, create_graph: false, allow_unused: true);
-                    using var noGrad = no_grad();
-                    for (int k = 0; k < captures.Count; k++)
-                    {
-                        var c = captures[k];
-                        var g = grads[k];
-                        if (g is null || g.IsInvalid) continue;
-                        AccumulateSquared(c, c.Input!.detach(), g.detach(), sums);
-                    }
-                    ReleaseCaptures(captures);
-                    EarlyExit.Native.NativeScalars.ReleaseDeferred();
-                }
-            }
-            finally
-            {
-                ReleaseCaptures(captures);
-                foreach (var r in removers) r();
-            }
-            using (var count = indices.Length.ToScalar())
-                foreach (var s in sums.Values) s.div_(count);
-            return sums;
+                // Σ_i log ŷ(y_i): its gradient with respect to sample i's layer outputs is sample i's own.
+                var y = labels is null ? data.LabelTensor(idx, device) : tensor(idx.Select(i => labels[position![i]]).ToArray(), device: device);
+                return new[] { nn.functional.log_softmax(logits, 1).gather(1, y.unsqueeze(1)).sum() };
+            }, "per-sample Fisher");
+            return PerSampleGradients.Mean(sums, indices.Length);
         }
 
-        static void ReleaseCaptures(List<Capture> captures)
+        /// <summary>Σ_c of √ŷ(c)·log ŷ(c) summed over the batch, one objective per class: the square of its per-sample
+        /// gradient is ŷ(c)(∂ log ŷ(c))², and their sum over c the exact Fisher of the sample.</summary>
+        static Dictionary<string, Tensor> ExactFisher(MultiExitNetwork net, int exit, ImageDataset data, int[] indices, int batchSize, Device device,
+            List<(string name, Parameter parameter)> targets)
         {
-            foreach (var c in captures)
+            var sums = PerSampleGradients.Sum(net, exit, data, indices, batchSize, device, targets, PerSampleReduction.Square, (logits, idx) =>
             {
-                c.Input?.Dispose();
-                c.Output?.Dispose();
-                c.Input = null; c.Output = null;
-            }
-        }
-
-        /// <summary>Adds Σ_i (per-sample gradient_i)² of the layer's parameters to the sums.</summary>
-        static void AccumulateSquared(Capture c, Tensor a, Tensor g, Dictionary<string, Tensor> sums)
-        {
-            long n = a.shape[0];
-            switch (c.Module)
-            {
-                case Linear:
-                    {
-                        if (a.dim() != 2) throw new NotSupportedException($"per-sample Fisher: linear layer {c.WeightName} with input of {a.dim()} dimensions");
-                        sums[c.WeightName].add_((g * g).t().mm(a * a));
-                        if (c.BiasName is { } b) sums[b].add_((g * g).sum(0L));
-                        break;
-                    }
-                case Conv2d conv:
-                    {
-                        long cout = conv.out_channels;
-                        long k = a.shape[1] * conv.kernel_size[0] * conv.kernel_size[1];
-                        long l = g.shape[2] * g.shape[3];
-                        var gm = g.reshape(n, cout, l);
-                        // Per-sample gradients G_i U_iᵀ (Cout × K) from the unfolded input U_i (K × L), squared and summed.
-                        // Unfold, product and square run on a few samples at a time, so that the unfolded input and the
-                        // per-sample gradients (chunk × (Cout·K + K·L) floats) stay in cache: unfolding the whole batch
-                        // (9× the activations of a 3×3 conv) and materialising N × Cout × K made this 3–8× slower
-                        // (bench: results/bench, figure "per-sample Fisher").
-                        long chunk = Math.Clamp(PerSampleChunkFloats / Math.Max(1, cout * k + k * l), 1, n);
-                        var acc = zeros(cout, k, dtype: a.dtype, device: a.device);
-                        for (long s = 0; s < n; s += chunk)
-                        {
-                            long len = Math.Min(chunk, n - s);
-                            using var inner = NewDisposeScope();
-                            var u = nn.functional.unfold(a.narrow(0, s, len), (conv.kernel_size[0], conv.kernel_size[1]),
-                                (conv.dilation[0], conv.dilation[1]), (conv.padding[0], conv.padding[1]), (conv.stride[0], conv.stride[1]));
-                            var perSample = gm.narrow(0, s, len).bmm(u.transpose(1, 2));
-                            acc.add_(perSample.mul_(perSample).sum(0L));
-                        }
-                        sums[c.WeightName].add_(acc.reshape(sums[c.WeightName].shape));
-                        if (c.BiasName is { } b)
-                        {
-                            var gb = g.sum(new long[] { 2, 3 });
-                            sums[b].add_((gb * gb).sum(0L));
-                        }
-                        break;
-                    }
-                case BatchNorm2d bn:
-                    {
-                        var mean = bn.running_mean!.reshape(1, -1, 1, 1);
-                        using var eps = bn.eps.ToScalar();
-                        var invStd = bn.running_var!.add(eps).rsqrt().reshape(1, -1, 1, 1);
-                        var xhat = (a - mean) * invStd;
-                        var gw = (g * xhat).sum(new long[] { 2, 3 });
-                        var gb = g.sum(new long[] { 2, 3 });
-                        sums[c.WeightName].add_((gw * gw).sum(0L));
-                        sums[c.BiasName!].add_((gb * gb).sum(0L));
-                        break;
-                    }
-            }
+                var logp = nn.functional.log_softmax(logits, 1);
+                var weight = logp.detach().exp().sqrt();
+                var weighted = logp * weight;
+                return Enumerable.Range(0, (int)logits.shape[1]).Select(c => weighted.select(1, c).sum()).ToArray();
+            }, "exact Fisher");
+            return PerSampleGradients.Mean(sums, indices.Length);
         }
     }
 }

@@ -7,6 +7,7 @@ using System.Text.Json;
 using EarlyExit.Data;
 using EarlyExit.Losses;
 using EarlyExit.Models;
+using EarlyExit.Regularisers;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -24,16 +25,13 @@ namespace EarlyExit.Training
         public required double[] LossWeights { get; init; }
         /// <summary>Groups ("segment3", "head2", ...) that train; every other group is frozen.</summary>
         public required string[] TrainableGroups { get; init; }
-        /// <summary>EWC strength λ (0: off). Protects the parameters of segments 1..μ−1 with μ = <see cref="StageExit"/>.</summary>
-        public double EwcLambda { get; init; }
-        /// <summary>LwF strength ρ (0: off). Protects the distributions of <see cref="ProtectedExits"/>.</summary>
-        public double LwfRho { get; init; }
         /// <summary>μ of a sequential stage (the exit being added); 0 when the stage is not sequential.</summary>
         public int StageExit { get; init; }
         /// <summary>Exits ν whose knowledge the regularisers protect (ν &lt; μ).</summary>
         public int[] ProtectedExits { get; init; } = Array.Empty<int>();
-        /// <summary>Where the LwF targets come from: one teacher per protected exit (the paper) or the previous stage's network.</summary>
-        public LwfTeacherPolicy LwfTeachers { get; init; } = LwfTeacherPolicy.PerExit;
+        /// <summary>The regularisers whose penalties this stage adds to the loss, in this order, each with its strength here
+        /// (the recipe's schedule resolved for μ): loss = Σ_e w_e CE_e + Σ_r strength_r · R_r.</summary>
+        public RegulariserUse[] Regularisers { get; init; } = Array.Empty<RegulariserUse>();
         public double LearningRate { get; init; } = 1e-3;
         public double WeightDecay { get; init; }
         public LrSchedule Schedule { get; init; } = LrSchedule.Cosine;
@@ -52,13 +50,9 @@ namespace EarlyExit.Training
         public string? CheckpointDirectory { get; init; }
         /// <summary>Batch size of validation passes.</summary>
         public int EvalBatchSize { get; init; } = 256;
-        /// <summary>After the stage: add the Fisher of <see cref="StageExit"/> to the EWC state and move the anchor θ* there.</summary>
-        public bool ConsolidateEwcAfter { get; init; }
-        /// <summary>After the stage: keep a frozen copy of the network as the LwF teacher of <see cref="StageExit"/>.</summary>
-        public bool SnapshotTeacherAfter { get; init; }
-        public FisherEstimator FisherEstimator { get; init; } = FisherEstimator.PerSampleEmpirical;
-        /// <summary>Cap on the training samples the Fisher uses (0: all).</summary>
-        public int FisherSamples { get; init; }
+        /// <summary>The regularisers that consolidate after this stage, by name: they keep what later stages read about
+        /// exit <see cref="StageExit"/> (EWC: its Fisher and the anchor; LwF: a frozen teacher).</summary>
+        public string[] ConsolidateAfter { get; init; } = Array.Empty<string>();
 
         /// <summary>Exits whose mean validation accuracy early stopping watches: the trained and the protected ones.</summary>
         public int[] MonitorExits => LossExits.Concat(ProtectedExits).Distinct().OrderBy(e => e).ToArray();
@@ -85,78 +79,21 @@ namespace EarlyExit.Training
         void OnEpochEnd(StagePlan plan, EpochReport report) { }
     }
 
-    /// <summary>The regularisers' long-lived state, shared by the stages of a recipe.</summary>
-    public sealed class RegularizerState : IDisposable
-    {
-        public EwcState Ewc { get; } = new();
-        /// <summary>Frozen copies of the network as it was when exit ν finished (LwF teachers), by ν.</summary>
-        public Dictionary<int, MultiExitNetwork> Teachers { get; } = new();
-
-        public void Dispose()
-        {
-            Ewc.Dispose();
-            foreach (var t in Teachers.Values) t.Dispose();
-            Teachers.Clear();
-        }
-
-        /// <summary>Writes the Fishers, anchors and teachers to one tensor file.</summary>
-        public void Save(string path)
-        {
-            var d = Ewc.ToDictionary("ewc/");
-            d["meta/ewc_exits"] = tensor(Ewc.Exits.Select(e => (long)e).ToArray());
-            d["meta/teachers"] = tensor(Teachers.Keys.OrderBy(k => k).Select(e => (long)e).ToArray());
-            foreach (var (nu, t) in Teachers)
-                foreach (var (k, v) in TensorStore.StateOf(t, $"teacher{nu}/")) d[k] = v;
-            TensorStore.Save(path, d);
-            d["meta/ewc_exits"].Dispose();
-            d["meta/teachers"].Dispose();
-        }
-
-        /// <summary>Reads what <see cref="Save"/> wrote; teachers are rebuilt as frozen siblings of <paramref name="net"/>.</summary>
-        public void Load(string path, MultiExitNetwork net)
-        {
-            Dispose();
-            var d = TensorStore.Load(path);
-            try
-            {
-                var exits = d["meta/ewc_exits"].data<long>().Select(e => (int)e).ToArray();
-                Ewc.LoadFrom(d, "ewc/", exits);
-                var device = net.parameters().First().device;
-                foreach (var nu in d["meta/teachers"].data<long>())
-                {
-                    var teacher = net.CreateSibling();
-                    TensorStore.LoadInto(teacher, d, $"teacher{nu}/");
-                    teacher.to(device);
-                    foreach (var p in teacher.parameters()) p.requires_grad = false;
-                    teacher.eval();
-                    Teachers[(int)nu] = teacher;
-                }
-                if (device.type != DeviceType.CPU)
-                {
-                    // EWC tensors live beside the parameters they protect.
-                    Ewc.MoveTo(device);
-                }
-            }
-            finally
-            {
-                foreach (var t in d.Values) t.Dispose();
-            }
-        }
-    }
-
     /// <summary>
     /// The training loop of one stage. Fixed structure; what varies is in the <see cref="StagePlan"/>:
     /// which exits give a loss, which groups train (the rest frozen: no gradient, not in the optimiser, BatchNorm in
-    /// eval mode), and which regularisers (EWC, LwF, both) apply. One dispose scope per batch.
+    /// eval mode), and which regularisers apply. The loop's points, for regularisers (<see cref="IRegulariser"/>):
+    /// stage start (bind), each batch's loss (penalty), after backward, after the optimiser step, stage end
+    /// (consolidate, after the best epoch is restored); for observers: stage start, batch, epoch end.
+    /// One dispose scope per batch.
     /// </summary>
     public static class StageTrainer
     {
-        public static StageResult Run(MultiExitNetwork net, StagePlan plan, DataSplits data, RegularizerState regs, Device device,
+        public static StageResult Run(MultiExitNetwork net, StagePlan plan, DataSplits data, RegulariserSet regs, Device device,
             ITrainingObserver? observer = null)
         {
             Validate(net, plan, regs);
             var trainable = new HashSet<string>(plan.TrainableGroups);
-            var frozenGroups = net.Groups().Where(g => !trainable.Contains(g)).ToList();
             var trainParams = new List<Parameter>();
             foreach (var g in net.Groups())
                 foreach (var (_, p) in net.GroupParameters(g))
@@ -166,12 +103,30 @@ namespace EarlyExit.Training
                 }
 
             using var optimizer = optim.AdamW(trainParams, lr: plan.LearningRate, weight_decay: plan.WeightDecay);
-            var ewcTerms = plan.EwcLambda > 0 ? regs.Ewc.Bind(net, plan.StageExit) : null;
+            var context = new StageContext(net, plan, data, device);
+            var penalties = new List<(RegulariserUse use, IStagePenalty penalty)>();
+            try
+            {
+                foreach (var use in plan.Regularisers) penalties.Add((use, regs[use.Name].Bind(context)));
+                var result = RunEpochs(net, plan, data, device, observer, trainable, optimizer, penalties, regs);
+                foreach (var name in plan.ConsolidateAfter) regs[name].Consolidate(context);
+                return result;
+            }
+            finally
+            {
+                foreach (var (_, penalty) in penalties) penalty.Dispose();
+            }
+        }
 
+        static StageResult RunEpochs(MultiExitNetwork net, StagePlan plan, DataSplits data, Device device, ITrainingObserver? observer,
+            HashSet<string> trainable, OptimizerHelper optimizer, List<(RegulariserUse use, IStagePenalty penalty)> penalties, RegulariserSet regs)
+        {
+            var frozenGroups = net.Groups().Where(g => !trainable.Contains(g)).ToList();
             int forwardUpTo = plan.LossExits.Concat(plan.ProtectedExits).Max();
             var needed = new bool[forwardUpTo];
             foreach (var e in plan.LossExits) needed[e - 1] = true;
-            if (plan.LwfRho > 0) foreach (var e in plan.ProtectedExits) needed[e - 1] = true;
+            if (plan.Regularisers.Any(u => regs[u.Name].Kind.ReadsProtectedExits))
+                foreach (var e in plan.ProtectedExits) needed[e - 1] = true;
 
             var history = new List<EpochReport>();
             int startEpoch = 0, badEpochs = 0, bestEpoch = -1;
@@ -221,19 +176,11 @@ namespace EarlyExit.Training
 
                     var logits = net.ForwardSelected(x, needed);
                     var loss = WeightedLoss(logits, plan, targets);
-                    if (ewcTerms is not null)
+                    var batch = new BatchContext(x, logits, targets, epoch, b);
+                    foreach (var (use, penalty) in penalties)
                     {
-                        using var lambda = plan.EwcLambda.ToScalar();
-                        loss = loss + Ewc.Penalty(ewcTerms).mul(lambda);
-                    }
-                    if (plan.LwfRho > 0)
-                    {
-                        var current = new List<Tensor>();
-                        List<Tensor> teacher;
-                        using (no_grad()) teacher = TeacherLogits(regs, plan, x);
-                        foreach (var nu in plan.ProtectedExits) current.Add(logits[nu - 1]!);
-                        using var rho = plan.LwfRho.ToScalar();
-                        loss = loss + Lwf.Penalty(current, teacher).mul(rho);
+                        using var strength = use.Strength.ToScalar();
+                        loss = loss + penalty.Penalty(batch).mul(strength);
                     }
 
                     double value = loss.item<float>();
@@ -241,7 +188,9 @@ namespace EarlyExit.Training
                         throw new NonFiniteLossException(NonFiniteMessage(plan.Name, epoch, b, value));
                     optimizer.zero_grad();
                     loss.backward();
+                    foreach (var (_, penalty) in penalties) penalty.AfterBackward(batch);
                     optimizer.step();
+                    foreach (var (_, penalty) in penalties) penalty.AfterStep(batch);
                     lossSum += value;
                     steps++;
                     observer?.OnBatch(plan, epoch, b, stepsPerEpoch, value);
@@ -272,19 +221,6 @@ namespace EarlyExit.Training
                 TensorStore.LoadInto(net, bestState);
                 DisposeAll(bestState);
             }
-            if (plan.ConsolidateEwcAfter)
-            {
-                var fisher = FisherInformation.Compute(net, plan.StageExit, data.Train, plan.FisherEstimator, plan.FisherSamples,
-                    Math.Min(plan.EvalBatchSize, 128), plan.Seed, device);
-                regs.Ewc.Accumulate(plan.StageExit, fisher);
-                foreach (var f in fisher.Values) f.Dispose();
-                regs.Ewc.SetAnchor(net);
-            }
-            if (plan.SnapshotTeacherAfter)
-            {
-                if (regs.Teachers.Remove(plan.StageExit, out var old)) old.Dispose();
-                regs.Teachers[plan.StageExit] = net.FrozenCopy();
-            }
             return new StageResult(plan.Name, bestEpoch, best, history.Count, stoppedEarly, history);
         }
 
@@ -310,18 +246,6 @@ namespace EarlyExit.Training
                 h = (h ^ (uint)epoch) * 16777619;
                 return (int)(h & 0x7fffffff);
             }
-        }
-
-        /// <summary>The LwF targets' logits of the protected exits, in the order of <see cref="StagePlan.ProtectedExits"/>.</summary>
-        static List<Tensor> TeacherLogits(RegularizerState regs, StagePlan plan, Tensor x)
-        {
-            if (plan.LwfTeachers == LwfTeacherPolicy.PerExit)
-                return plan.ProtectedExits.Select(nu => regs.Teachers[nu].ForwardExit(x, nu)).ToList();
-            int deepest = plan.ProtectedExits.Max();
-            var needed = new bool[deepest];
-            foreach (var nu in plan.ProtectedExits) needed[nu - 1] = true;
-            var all = regs.Teachers[deepest].ForwardSelected(x, needed);
-            return plan.ProtectedExits.Select(nu => all[nu - 1]!).ToList();
         }
 
         static Tensor WeightedLoss(Tensor?[] logits, StagePlan plan, Tensor targets)
@@ -351,7 +275,7 @@ namespace EarlyExit.Training
         }
 
         /// <summary>Refuses a plan that cannot run, with the reason, before any native call.</summary>
-        public static void Validate(MultiExitNetwork net, StagePlan plan, RegularizerState regs)
+        public static void Validate(MultiExitNetwork net, StagePlan plan, RegulariserSet regs)
         {
             var problems = new List<string>();
             int m = net.ExitCount;
@@ -366,18 +290,18 @@ namespace EarlyExit.Training
             if (plan.BatchSize < 1) problems.Add("batch size must be positive");
             if (plan.MaxEpochs < 1) problems.Add("at least one epoch is needed");
             if (plan.LearningRate <= 0 || !double.IsFinite(plan.LearningRate)) problems.Add("learning rate must be positive");
-            if (plan.EwcLambda < 0 || plan.LwfRho < 0) problems.Add("regulariser strengths must be non-negative");
-            if ((plan.EwcLambda > 0 || plan.LwfRho > 0) && plan.ProtectedExits.Length == 0) problems.Add("a regulariser needs an earlier exit to protect");
-            if (plan.EwcLambda > 0)
+            if (plan.Regularisers.Any(u => !(u.Strength > 0) || !double.IsFinite(u.Strength))) problems.Add("regulariser strengths must be positive and finite");
+            if (plan.Regularisers.Length > 0 && plan.ProtectedExits.Length == 0) problems.Add("a regulariser needs an earlier exit to protect");
+            foreach (var g in plan.Regularisers.GroupBy(u => u.Name).Where(g => g.Count() > 1)) problems.Add($"regulariser '{g.Key}' is listed twice");
+            foreach (var use in plan.Regularisers)
             {
-                if (plan.StageExit < 2) problems.Add("EWC needs a sequential stage μ ≥ 2");
-                else if (regs.Ewc.Fisher.Count == 0) problems.Add("EWC has no Fisher yet (no earlier exit finished)");
+                if (!regs.Contains(use.Name)) problems.Add($"the run has no regulariser '{use.Name}'");
+                else if (plan.ProtectedExits.Length > 0) problems.AddRange(regs[use.Name].Problems(net, plan));
             }
-            if (plan.LwfRho > 0 && plan.ProtectedExits.Length > 0)
+            foreach (var name in plan.ConsolidateAfter)
             {
-                var teachersNeeded = plan.LwfTeachers == LwfTeacherPolicy.PerExit ? plan.ProtectedExits : new[] { plan.ProtectedExits.Max() };
-                foreach (var nu in teachersNeeded)
-                    if (!regs.Teachers.ContainsKey(nu)) problems.Add($"LwF has no teacher for exit {nu}");
+                if (!regs.Contains(name)) problems.Add($"the run has no regulariser '{name}' to consolidate");
+                if (plan.StageExit < 1) problems.Add($"{name} can consolidate only after a stage that adds an exit (μ ≥ 1)");
             }
             if (problems.Count > 0) throw new ArgumentException($"stage '{plan.Name}': " + string.Join("; ", problems));
         }

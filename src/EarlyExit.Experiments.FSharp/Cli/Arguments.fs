@@ -72,8 +72,11 @@ type TrainArgs =
     | Jobs of count: int
     | Deterministic
     | [<Hidden>] Parent_Pid of pid: int
-    | Lambda of lambda: float
-    | Rho of rho: float
+    | Lambda of lambda: string
+    | Rho of rho: string
+    | Strength of spec: string
+    | Fisher of estimator: string
+    | Setting of spec: string
     | Lwf_Teachers of policy: string
     | Data_Root of dir: string
     | [<Mandatory>] Out of dir: string
@@ -86,7 +89,7 @@ type TrainArgs =
         member a.Usage =
             match a with
             | Recipe _ -> "train from a JSON recipe (see `--save-recipe` for the format)"
-            | Strategy _ -> "joint, disjoint, mixed, branchwise, separate, sequential-ewc, sequential-lwf (and -nowarmup variants)"
+            | Strategy _ -> "joint, disjoint, mixed, branchwise, separate, or sequential-R with registered regularisers R (sequential-ewc, sequential-lwf, sequential-mas, sequential-ewc-lwf; -nowarmup: without the warm-up)"
             | Model _ -> "model family (default resnet34)"
             | Data _ -> "cifar100, cifar10 or fashion-mnist (default fashion-mnist)"
             | Scale _ -> "smoke (seconds), cpu (minutes on a 2-core CPU) or paper (default: paper on a GPU, cpu otherwise); with --recipe, only the name recorded in the run's provenance"
@@ -95,8 +98,11 @@ type TrainArgs =
             | Jobs _ -> "with --seeds: runs at a time (default: the number of cores, each on --threads threads, default 1)"
             | Deterministic -> "deterministic mode: the same code, seed and thread count give the same bits (a resume under other threads or kernels is refused)"
             | Parent_Pid _ -> "end when this process ends (the executor's runs)"
-            | Lambda _ -> "EWC strength (default: the paper's preset for the model)"
-            | Rho _ -> "LwF strength (default: the paper's preset for the model)"
+            | Lambda _ -> "EWC strength λ: a number (default: the paper's preset for the model) or a schedule over the stages μ = 2..M: linear:FIRST,LAST, geometric:FIRST,RATIO (λ_μ = FIRST·RATIO^(μ−2)), or one value per stage a,b,c"
+            | Rho _ -> "LwF strength ρ, as --lambda (default: the paper's preset)"
+            | Strength _ -> "NAME=STRENGTH for any regulariser (mas=1, mas=geometric:1,2); repeatable"
+            | Fisher _ -> "EWC's Fisher estimator: empirical (the paper's, default), exact, sampled, squared-minibatch, empirical-naive"
+            | Setting _ -> "NAME.KEY=VALUE, a regulariser setting (ewc.samples=2000, lwf.teachers=previous-stage, mas.samples=500); repeatable"
             | Lwf_Teachers _ -> "per-exit (the paper: one frozen copy per earlier exit, default) or previous-stage (classic LwF: one copy, one teacher forward per step)"
             | Data_Root _ -> "folder of the data sets"
             | Out _ -> "run folder (checkpoints, log, metrics.json)"

@@ -14,10 +14,44 @@ open EarlyExit.Experiments.Cli.Arguments
 let defaultScale () =
     if Devices.CudaAvailable() then Scales.Paper else Scales.Cpu
 
+/// The strengths given on the command line: --lambda (EWC), --rho (LwF), --strength NAME=S.
+let strengthsOf (r: ParseResults<TrainArgs>) : Result<Map<string, Strength>, string list> =
+    let given =
+        [ for l in r.GetResults TrainArgs.Lambda -> "--lambda", "ewc", l
+          for x in r.GetResults TrainArgs.Rho -> "--rho", "lwf", x
+          for spec in r.GetResults TrainArgs.Strength ->
+              match spec.Split('=', 2) with
+              | [| name; value |] -> "--strength", name.Trim(), value
+              | _ -> "--strength", "", spec ]
+    let parsed =
+        [ for flag, name, value in given ->
+            if name = "" then Error $"{flag} {value}: give NAME=STRENGTH, e.g. mas=1"
+            elif (Penalties.kind name).IsNone then Error $"{flag} {name}=...: unknown regulariser '{name}'; known: {EarlyExit.Regularisers.RegulariserRegistry.KnownNames}"
+            else Strength.parse value |> Result.map (fun s -> name, s) |> Result.mapError (fun e -> $"{flag}: {e}") ]
+    match parsed |> List.choose (function Error e -> Some e | Ok _ -> None) with
+    | [] -> Ok(parsed |> List.choose (function Ok p -> Some p | Error _ -> None) |> Map.ofList)
+    | errors -> Error errors
+
+/// The settings given on the command line: --fisher E, --setting NAME.KEY=VALUE, --lwf-teachers P.
+let settingsOf (r: ParseResults<TrainArgs>) : Result<(string * string * string) list, string list> =
+    let parsed =
+        [ for e in r.GetResults TrainArgs.Fisher -> Ok("ewc", "fisher", e)
+          for t in r.GetResults TrainArgs.Lwf_Teachers -> Ok("lwf", "teachers", t)
+          for spec in r.GetResults TrainArgs.Setting ->
+              match spec.Split('=', 2) with
+              | [| key; value |] when key.Contains '.' ->
+                  let dot = key.IndexOf '.'
+                  Ok(key.Substring(0, dot).Trim(), key.Substring(dot + 1).Trim(), value.Trim())
+              | _ -> Error $"--setting {spec}: give NAME.KEY=VALUE, e.g. ewc.samples=2000" ]
+    match parsed |> List.choose (function Error e -> Some e | Ok _ -> None) with
+    | [] -> Ok(parsed |> List.choose (function Ok p -> Some p | Error _ -> None))
+    | errors -> Error errors
+
 let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string list> =
     match r.TryGetResult TrainArgs.Recipe with
-    | Some _ when r.Contains TrainArgs.Lwf_Teachers ->
-        Error [ "--lwf-teachers goes with --strategy; in a recipe file, set \"lwf\": { \"teachers\": ... }" ]
+    | Some _ when [ r.Contains TrainArgs.Lwf_Teachers; r.Contains TrainArgs.Lambda; r.Contains TrainArgs.Rho; r.Contains TrainArgs.Strength
+                    r.Contains TrainArgs.Fisher; r.Contains TrainArgs.Setting ] |> List.exists id ->
+        Error [ "--lambda, --rho, --strength, --fisher, --setting and --lwf-teachers go with --strategy; in a recipe file, set the stages' \"regularisers\" and the recipe's \"regularisers\" settings (see --save-recipe)" ]
     | Some file ->
         RecipeJson.load file |> Result.map (fun recipe -> recipe, "recipe")
     | None ->
@@ -32,16 +66,37 @@ let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string 
         | _, None -> Error [ "give --recipe FILE, or --strategy NAME (with --model, --data, --scale)" ]
         | Ok scale, Some name ->
             let preset = Builders.Presets.forModel model
+            match strengthsOf r, settingsOf r with
+            | Error e, _ | _, Error e -> Error e
+            | Ok strengths, Ok settings ->
             let teachers =
                 match r.TryGetResult TrainArgs.Lwf_Teachers with
                 | Some s -> Names.parseLwfTeachers s
                 | None -> Ok PerExitTeachers
-            match Builders.parseStrategy preset name (r.TryGetResult TrainArgs.Lambda) (r.TryGetResult TrainArgs.Rho), teachers with
+            let usedBy =
+                function
+                | Builders.Sequential ps | Builders.SequentialNoWarmup ps -> ps |> List.map (fun p -> p.Name)
+                | _ -> []
+            // A strength or a setting of a regulariser the strategy does not use would do nothing: say so.
+            let unused strategy =
+                Seq.append (Map.keys strengths) (settings |> List.map (fun (n, _, _) -> n))
+                |> Seq.filter (fun n -> not (List.contains n (usedBy strategy))) |> Seq.distinct |> List.ofSeq
+            match Builders.parseStrategy preset name strengths, teachers with
             | Error e, _ | _, Error e -> Error [ e ]
+            | Ok strategy, _ when not (unused strategy).IsEmpty ->
+                let usedText = match usedBy strategy with
+                               | [] -> "no regulariser"
+                               | us -> String.Join(", ", us)
+                Error [ for n in unused strategy -> $"strategy {Builders.strategyName strategy} uses {usedText}: a strength or setting of {n} would have no effect" ]
             | Ok strategy, Ok teachers ->
                 try
                     let recipe = Scales.recipe scale strategy model data (r.GetResult(TrainArgs.Seed, 0))
                     let recipe = Scales.withLwfTeachers teachers recipe
+                    let recipe =
+                        { recipe with
+                            RegulariserSettings =
+                                settings |> List.fold (fun m (name, key, value) -> m |> Penalties.withSetting name key value) recipe.RegulariserSettings }
+                        |> Settings.complete
                     let recipe =
                         match r.TryGetResult TrainArgs.Data_Root with
                         | Some root -> { recipe with Data = { recipe.Data with Root = Some root } }

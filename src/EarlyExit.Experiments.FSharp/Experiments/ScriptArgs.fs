@@ -77,7 +77,7 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
         |> Option.map (fun list ->
             let preset = EarlyExit.Experiments.Recipes.Builders.Presets.forModel model
             [ for name in list.Split(',', StringSplitOptions.RemoveEmptyEntries) ->
-                match EarlyExit.Experiments.Recipes.Builders.parseStrategy preset name None None with
+                match EarlyExit.Experiments.Recipes.Builders.parseStrategy preset name Map.empty with
                 | Ok s -> s
                 | Error e -> raise (ScriptArgError $"--strategies: {e}") ])
       LwfTeachers =

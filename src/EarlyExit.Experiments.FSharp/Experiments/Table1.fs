@@ -58,11 +58,31 @@ let describeScale (o: Options) (data: string) = (adjust o (Scales.settings o.Sca
 let recipesOf (o: Options) (data: string) (strategies: Strategy list) =
     [ for strategy in strategies do
         let recipe = recipeOf o strategy data
-        if not (recipe.Stages |> List.exists (fun s -> Regularisers.usesLwf s.Regulariser)) then yield strategyName strategy, recipe
+        if not (recipe.Stages |> List.exists (Penalties.uses "lwf")) then yield strategyName strategy, recipe
         else
             for t in o.LwfTeachers do
                 let label = if t = PerExitTeachers then strategyName strategy else $"{strategyName strategy}-{Names.lwfTeachers t}-teacher"
                 yield label, Scales.withLwfTeachers t recipe ]
+
+/// "EWC", "LwF", "MAS", "EWC+LwF": how tables name a stage's regularisers.
+let regulariserLabel (ps: Penalty list) =
+    ps |> List.map (fun p -> match p.Name with
+                             | "ewc" -> "EWC"
+                             | "lwf" -> "LwF"
+                             | other -> other.ToUpperInvariant())
+    |> String.concat "+"
+
+/// "λ=100", "ρ=0.7", "λ=geometric:10,2": the strengths as tables show them.
+let strengthLabel (ps: Penalty list) =
+    ps
+    |> List.map (fun p ->
+        let symbol = match Penalties.kind p.Name |> Option.map (fun k -> k.StrengthName) with
+                     | Some "lambda" -> "λ"
+                     | Some "rho" -> "ρ"
+                     | Some other -> other
+                     | None -> "strength"
+        $"{symbol}={Strength.format p.Strength}")
+    |> String.concat ", "
 
 /// The paper's published differences at the 25% budget (2026 paper, section 3.2, CIFAR-100), beside ours.
 let publishedDeltaVsSeparateAt25 = [ "sequential-ewc", 4.25; "sequential-lwf", 4.46 ]

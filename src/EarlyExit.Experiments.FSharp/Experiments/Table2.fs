@@ -17,16 +17,15 @@ let rhos = [ 0.2; 0.5; 0.7 ]
 let grid () =
     [ for warm in [ true; false ] do
         let w = if warm then "warmup" else "nowarmup"
-        for l in lambdas -> (if warm then Sequential(Ewc l) else SequentialNoWarmup(Ewc l)), $"ewc-lambda{l}-{w}"
-        for r in rhos -> (if warm then Sequential(Lwf r) else SequentialNoWarmup(Lwf r)), $"lwf-rho{r}-{w}" ]
+        for l in lambdas -> (if warm then Sequential [ ewc l ] else SequentialNoWarmup [ ewc l ]), $"ewc-lambda{l}-{w}"
+        for r in rhos -> (if warm then Sequential [ lwf r ] else SequentialNoWarmup [ lwf r ]), $"lwf-rho{r}-{w}" ]
 
 /// The grid rows of the regularisers asked for (None: all twelve).
 let gridOf (regularisers: string list option) =
     let keep (strategy: Strategy) =
         match regularisers, strategy with
         | None, _ -> true
-        | Some rs, (Sequential(Ewc _) | SequentialNoWarmup(Ewc _)) -> List.contains "ewc" rs
-        | Some rs, (Sequential(Lwf _) | SequentialNoWarmup(Lwf _)) -> List.contains "lwf" rs
+        | Some rs, (Sequential ps | SequentialNoWarmup ps) -> ps |> List.forall (fun p -> List.contains p.Name rs)
         | Some _, _ -> false
     grid () |> List.filter (fst >> keep)
 
@@ -47,10 +46,8 @@ let run (o: Table1.Options) =
             | Some r ->
                 let reg, strength, warm =
                     match strategy with
-                    | Sequential(Ewc l) -> "EWC", $"λ={l}", "✓"
-                    | SequentialNoWarmup(Ewc l) -> "EWC", $"λ={l}", "✗"
-                    | Sequential(Lwf p) -> "LwF", $"ρ={p}", "✓"
-                    | SequentialNoWarmup(Lwf p) -> "LwF", $"ρ={p}", "✗"
+                    | Sequential ps -> Table1.regulariserLabel ps, Table1.strengthLabel ps, "✓"
+                    | SequentialNoWarmup ps -> Table1.regulariserLabel ps, Table1.strengthLabel ps, "✗"
                     | other -> strategyName other, "", ""
                 yield
                     [ r.Strategy; reg; strength; warm; string r.Runs.Length

@@ -1,6 +1,7 @@
 /// The strategies of both papers as recipe builders, and the papers' hyper-parameters as presets.
 module EarlyExit.Experiments.Recipes.Builders
 
+open System
 open EarlyExit.Experiments.Recipes
 
 /// What every stage of a built recipe shares.
@@ -19,10 +20,18 @@ type Strategy =
     | Mixed
     | BranchWise
     | Separate
-    | Sequential of Regulariser
+    /// Sequential (2026) with these regularisers (none: plain sequential training).
+    | Sequential of Penalty list
     /// Sequential without the warm-up of the backbone (the ablation of Table 2).
-    | SequentialNoWarmup of Regulariser
+    | SequentialNoWarmup of Penalty list
 
+/// A regulariser of the registry with a constant strength, or a schedule.
+let penalty (name: string) (strength: Strength) = { Name = name; Strength = strength }
+let ewc (lambda: float) = penalty "ewc" (Strength.Constant lambda)
+let lwf (rho: float) = penalty "lwf" (Strength.Constant rho)
+let mas (lambda: float) = penalty "mas" (Strength.Constant lambda)
+
+/// "sequential-ewc", "sequential-ewc-lwf", "sequential-mas-nowarmup": the regularisers' names in their order.
 let strategyName =
     function
     | Joint -> "joint"
@@ -30,15 +39,8 @@ let strategyName =
     | Mixed -> "mixed"
     | BranchWise -> "branchwise"
     | Separate -> "separate"
-    | Sequential NoRegulariser -> "sequential"
-    | Sequential (Ewc _) -> "sequential-ewc"
-    | Sequential (Lwf _) -> "sequential-lwf"
-    | Sequential (EwcAndLwf _) -> "sequential-ewc-lwf"
-    | SequentialNoWarmup r -> (match r with
-                               | Ewc _ -> "sequential-ewc-nowarmup"
-                               | Lwf _ -> "sequential-lwf-nowarmup"
-                               | EwcAndLwf _ -> "sequential-ewc-lwf-nowarmup"
-                               | NoRegulariser -> "sequential-nowarmup")
+    | Sequential ps -> String.concat "-" ("sequential" :: (ps |> List.map (fun p -> p.Name)))
+    | SequentialNoWarmup ps -> String.concat "-" ("sequential" :: (ps |> List.map (fun p -> p.Name))) + "-nowarmup"
 
 let private segments (ks: int seq) = ks |> Seq.map Names.segment |> Seq.toList
 let private heads (ks: int seq) = ks |> Seq.map Names.head |> Seq.toList
@@ -48,7 +50,7 @@ let private stage (s: StageSettings) name loss trainable =
     { Name = name
       LossExits = loss
       Trainable = trainable
-      Regulariser = NoRegulariser
+      Regularisers = []
       Exit = 0
       Protects = []
       Optimiser = s.Optimiser
@@ -82,17 +84,17 @@ let branchwise (m: int) (s: StageSettings) =
 let separate (m: int) (s: StageSettings) =
     [ for mu in 1..m -> { stage s $"exit{mu}" (uniform [ 1..mu ]) (segments [ 1..mu ] @ heads [ 1..mu ]) with Exit = mu } ]
 
-/// Sequential (2026): [warm-up;] then for μ = 1..M train segments 1..μ and head μ on CE(μ) plus the regulariser
-/// protecting exits 1..μ−1; deeper segments and the final classifier frozen. With LwF the earlier heads train too
-/// (its gradients reach them); with EWC they stay frozen.
-let sequentialWith (withWarmup: bool) (reg: Regulariser) (m: int) (s: StageSettings) =
-    let earlierHeadsTrain = Regularisers.usesLwf reg
+/// Sequential (2026): [warm-up;] then for μ = 1..M train segments 1..μ and head μ on CE(μ) plus the regularisers
+/// protecting exits 1..μ−1; deeper segments and the final classifier frozen. With a regulariser that reads the earlier
+/// exits' outputs (LwF) the earlier heads train too (its gradients reach them); otherwise (EWC, MAS) they stay frozen.
+let sequentialWith (withWarmup: bool) (regs: Penalty list) (m: int) (s: StageSettings) =
+    let earlierHeadsTrain = regs |> List.exists (fun p -> Penalties.kind p.Name |> Option.exists (fun k -> k.ReadsProtectedExits))
     let stageOf mu =
         let trainable = segments [ 1..mu ] @ (if earlierHeadsTrain then heads [ 1..mu ] else heads [ mu ])
         { stage s $"exit{mu}" [ mu, 1.0 ] trainable with
             Exit = mu
-            Regulariser = (if mu = 1 then NoRegulariser else reg)
-            Protects = (if mu = 1 || reg = NoRegulariser then [] else [ 1 .. mu - 1 ]) }
+            Regularisers = (if mu = 1 then [] else regs)
+            Protects = (if mu = 1 || regs.IsEmpty then [] else [ 1 .. mu - 1 ]) }
     (if withWarmup then [ warmup m s ] else []) @ [ for mu in 1..m -> stageOf mu ]
 
 let sequential reg m s = sequentialWith true reg m s
@@ -123,24 +125,45 @@ module Presets =
     let forModel (name: string) =
         if name.StartsWith "msdnet" then msdnet else resnet34
 
-/// Parses a strategy name; regularised names take the model's preset strength unless one is given.
-let parseStrategy (preset: Presets.Paper) (name: string) (lambda: float option) (rho: float option) : Result<Strategy, string> =
-    let l = defaultArg lambda preset.Lambda
-    let r = defaultArg rho preset.Rho
+/// The strength a regulariser gets when none is given: the paper's preset for EWC (λ) and LwF (ρ), else the
+/// regulariser's own default.
+let defaultStrength (preset: Presets.Paper) (name: string) =
+    match name with
+    | "ewc" -> preset.Lambda
+    | "lwf" -> preset.Rho
+    | other -> Penalties.kind other |> Option.map (fun k -> k.DefaultStrength) |> Option.defaultValue 1.0
+
+let private knownStrategies () =
+    let regs = EarlyExit.Regularisers.RegulariserRegistry.Kinds |> Seq.map (fun k -> $"sequential-{k.Name}") |> String.concat ", "
+    $"joint, disjoint, mixed, branchwise, separate, sequential, {regs}, sequential-ewc-lwf and the like (several regularisers joined by '-'), each sequential one also with -nowarmup"
+
+/// Parses a strategy name: "sequential-R1[-R2...][-nowarmup]" names registered regularisers (ewc, lwf, mas, ...);
+/// each takes its strength from `strengths` or else `defaultStrength`.
+let parseStrategy (preset: Presets.Paper) (name: string) (strengths: Map<string, Strength>) : Result<Strategy, string> =
+    let strengthOf r = strengths |> Map.tryFind r |> Option.defaultWith (fun () -> Strength.Constant(defaultStrength preset r))
+    let sequentialOf (rest: string) =
+        let parts, warm =
+            let ps = rest.Split('-', StringSplitOptions.RemoveEmptyEntries) |> List.ofArray
+            match List.rev ps with
+            | "nowarmup" :: before -> List.rev before, false
+            | _ -> ps, true
+        match parts |> List.tryFind (fun p -> (Penalties.kind p).IsNone) with
+        | Some bad -> Error $"unknown strategy '{name}': '{bad}' is not a registered regulariser ({EarlyExit.Regularisers.RegulariserRegistry.KnownNames}); known strategies: {knownStrategies ()}"
+        | None when List.distinct parts <> parts -> Error $"strategy '{name}' names a regulariser twice"
+        | None ->
+            let ps = parts |> List.map (fun r -> penalty r (strengthOf r))
+            Ok(if warm then Sequential ps else SequentialNoWarmup ps)
     match name.Trim().ToLowerInvariant() with
     | "joint" -> Ok Joint
     | "disjoint" | "two-stage" -> Ok Disjoint
     | "mixed" -> Ok Mixed
     | "branchwise" | "branch-wise" -> Ok BranchWise
     | "separate" -> Ok Separate
-    | "sequential" -> Ok(Sequential NoRegulariser)
-    | "sequential-ewc" | "ewc" -> Ok(Sequential(Ewc l))
-    | "sequential-lwf" | "lwf" -> Ok(Sequential(Lwf r))
-    | "sequential-ewc-lwf" -> Ok(Sequential(EwcAndLwf(l, r)))
-    | "sequential-ewc-nowarmup" -> Ok(SequentialNoWarmup(Ewc l))
-    | "sequential-lwf-nowarmup" -> Ok(SequentialNoWarmup(Lwf r))
-    | other ->
-        Error $"unknown strategy '{other}'; known: joint, disjoint, mixed, branchwise, separate, sequential-ewc, sequential-lwf, sequential-ewc-lwf, sequential-ewc-nowarmup, sequential-lwf-nowarmup"
+    | "sequential" -> Ok(Sequential [])
+    | "sequential-nowarmup" -> Ok(SequentialNoWarmup [])
+    | "ewc" | "lwf" | "mas" as r -> sequentialOf r
+    | other when other.StartsWith "sequential-" -> sequentialOf (other.Substring "sequential-".Length)
+    | other -> Error $"unknown strategy '{other}'; known: {knownStrategies ()}"
 
 let allStrategies (preset: Presets.Paper) =
-    [ Joint; Disjoint; Mixed; BranchWise; Separate; Sequential(Ewc preset.Lambda); Sequential(Lwf preset.Rho) ]
+    [ Joint; Disjoint; Mixed; BranchWise; Separate; Sequential [ ewc preset.Lambda ]; Sequential [ lwf preset.Rho ] ]

@@ -84,21 +84,58 @@ type private Reader(errors: ResizeArray<string>) =
     member this.StringList(section, path, key) : string list option =
         this.Array(section, path, key) |> Option.map (List.map (fun (_, c) -> c.Value))
 
-let private readRegulariser (rd: Reader) (s: IConfiguration) (path: string) =
+/// A strength: a number (constant), a text ("linear:10,1000", "geometric:10,2", "100") or an array (one value per stage).
+let private readStrength (rd: Reader) (sec: IConfiguration) (path: string) (key: string) : Strength option =
+    let child = sec.GetSection key
+    if not (child.Exists()) then None
+    elif not (isNull child.Value) then
+        match Strength.parse child.Value with
+        | Ok s -> Some s
+        | Error e -> rd.Fail($"{path}{key}", e); None
+    else rd.FloatList(sec, path, key) |> Option.map Strength.PerStage
+
+/// The list form: "regularisers": [ { "name": "ewc", "lambda": 100 }, { "name": "lwf", "rho": "geometric:0.2,2" } ]
+/// (the strength under the regulariser's own name for it, or "strength").
+let private readPenalties (rd: Reader) (s: IConfiguration) (path: string) : Penalty list =
+    match rd.Array(s, path, "regularisers") with
+    | None -> []
+    | Some items ->
+        [ for (p, c) in items do
+            let name = rd.String(c, p + ".", "name", "")
+            match Penalties.kind name with
+            | None when name = "" -> rd.Fail(p + ".name", "missing")
+            | None -> rd.Fail(p + ".name", $"unknown regulariser '{name}'; known: {EarlyExit.Regularisers.RegulariserRegistry.KnownNames}")
+            | Some k ->
+                let strengthKey = k.StrengthName
+                rd.Known(c, p, [ "name"; "strength"; strengthKey ] |> List.distinct)
+                let strength =
+                    match readStrength rd c (p + ".") strengthKey, readStrength rd c (p + ".") "strength" with
+                    | Some v, None | None, Some v -> Some v
+                    | Some _, Some _ when strengthKey <> "strength" -> rd.Fail(p, $"give {strengthKey} or strength, not both"); None
+                    | Some v, Some _ -> Some v
+                    | None, None -> rd.Fail($"{p}.{strengthKey}", "missing"); None
+                match strength with
+                | Some v -> yield { Name = name; Strength = v }
+                | None -> () ]
+
+/// The older single form: "regulariser": { "kind": "ewc|lwf|ewc+lwf|none", "lambda": L, "rho": R }.
+let private readLegacyRegulariser (rd: Reader) (s: IConfiguration) (path: string) : Penalty list =
     let sec = s.GetSection "regulariser"
-    if not (sec.Exists()) then NoRegulariser
+    if not (sec.Exists()) then []
     else
         let p = path + "regulariser."
         rd.Known(sec, path + "regulariser", [ "kind"; "lambda"; "rho" ])
+        let ewc () = { Name = "ewc"; Strength = Strength.Constant(rd.Float(sec, p, "lambda", 0.0)) }
+        let lwf () = { Name = "lwf"; Strength = Strength.Constant(rd.Float(sec, p, "rho", 0.0)) }
         match rd.String(sec, p, "kind", "none").ToLowerInvariant() with
-        | "none" -> NoRegulariser
-        | "ewc" -> Ewc(rd.Float(sec, p, "lambda", 0.0))
-        | "lwf" -> Lwf(rd.Float(sec, p, "rho", 0.0))
-        | "ewc+lwf" | "both" -> EwcAndLwf(rd.Float(sec, p, "lambda", 0.0), rd.Float(sec, p, "rho", 0.0))
-        | other -> rd.Fail(p + "kind", $"unknown regulariser '{other}' (none, ewc, lwf, ewc+lwf)"); NoRegulariser
+        | "none" -> []
+        | "ewc" -> [ ewc () ]
+        | "lwf" -> [ lwf () ]
+        | "ewc+lwf" | "both" -> [ ewc (); lwf () ]
+        | other -> rd.Fail(p + "kind", $"unknown regulariser '{other}' (none, ewc, lwf, ewc+lwf)"); []
 
 let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
-    rd.Known(s, path.TrimEnd('.'), [ "name"; "lossExits"; "lossWeights"; "train"; "regulariser"; "exit"; "protects"; "optimiser"; "batchSize"; "maxEpochs"; "patience"; "maxStepsPerEpoch" ])
+    rd.Known(s, path.TrimEnd('.'), [ "name"; "lossExits"; "lossWeights"; "train"; "regularisers"; "regulariser"; "exit"; "protects"; "optimiser"; "batchSize"; "maxEpochs"; "patience"; "maxStepsPerEpoch" ])
     let exits = rd.IntList(s, path, "lossExits") |> Option.defaultValue []
     let weights = rd.FloatList(s, path, "lossWeights") |> Option.defaultValue (exits |> List.map (fun _ -> 1.0 / float (max 1 exits.Length)))
     if weights.Length <> exits.Length then rd.Fail(path + "lossWeights", $"{weights.Length} weights for {exits.Length} loss exits")
@@ -112,7 +149,10 @@ let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
     { Name = rd.String(s, path, "name", "")
       LossExits = List.zip exits (if weights.Length = exits.Length then weights else exits |> List.map (fun _ -> 1.0))
       Trainable = rd.StringList(s, path, "train") |> Option.defaultValue []
-      Regulariser = readRegulariser rd s path
+      Regularisers =
+        if s.GetSection("regulariser").Exists() && s.GetSection("regularisers").Exists() then
+            rd.Fail(path + "regulariser", "give regularisers (the list) or regulariser (the older single form), not both"); []
+        else readPenalties rd s path @ readLegacyRegulariser rd s path
       Exit = rd.Int(s, path, "exit", 0)
       Protects = rd.IntList(s, path, "protects") |> Option.defaultValue []
       Optimiser =
@@ -128,7 +168,7 @@ let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
 let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
     let errors = ResizeArray<string>()
     let rd = Reader errors
-    rd.Known(root, "", [ "name"; "seed"; "deterministic"; "model"; "data"; "augment"; "fisher"; "lwf"; "stages" ])
+    rd.Known(root, "", [ "name"; "seed"; "deterministic"; "model"; "data"; "augment"; "regularisers"; "fisher"; "lwf"; "stages" ])
     let m = root.GetSection "model"
     rd.Known(m, "model", [ "name"; "classes"; "input"; "width"; "blocks"; "exits"; "growth"; "stepMode"; "base"; "step"; "grFactor"; "bnFactor" ])
     let input =
@@ -178,20 +218,38 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
         { CropPadding = rd.Int(a, "augment.", "cropPadding", Defaults.augment.CropPadding)
           Flip = rd.Bool(a, "augment.", "flip", Defaults.augment.Flip)
           Mix = mix }
+    // Settings of the regularisers: "regularisers": { "ewc": { "fisher": "exact", "samples": 2000 }, "lwf": { ... } }.
+    // The older sections "fisher" { estimator, samples } and "lwf" { teachers } are read as EWC's and LwF's settings.
+    let mutable settings: Map<string, Map<string, string>> = Map.empty
+    let regs = root.GetSection "regularisers"
+    if regs.Exists() then
+        if not (isNull regs.Value) && regs.Value <> "" then rd.Fail("regularisers", "expected an object of settings per regulariser")
+        for r in regs.GetChildren() do
+            for kv in r.GetChildren() do
+                match rd.Value(r, $"regularisers.{r.Key}.", kv.Key) with
+                | Some v -> settings <- settings |> Penalties.withSetting r.Key kv.Key v
+                | None -> ()
     let f = root.GetSection "fisher"
-    rd.Known(f, "fisher", [ "estimator"; "samples" ])
-    let estimator =
-        match rd.String(f, "fisher.", "estimator", "per-sample").ToLowerInvariant() with
-        | "per-sample" -> PerSample
-        | "per-sample-naive" -> PerSampleNaive
-        | "squared-minibatch" -> SquaredMinibatch
-        | other -> rd.Fail("fisher.estimator", $"unknown estimator '{other}' (per-sample, per-sample-naive, squared-minibatch)"); PerSample
+    if f.Exists() then
+        rd.Known(f, "fisher", [ "estimator"; "samples" ])
+        match rd.Value(f, "fisher.", "estimator") with
+        | Some e ->
+            let name =
+                match e.ToLowerInvariant() with
+                | "per-sample" -> "empirical"
+                | "per-sample-naive" -> "empirical-naive"
+                | other -> other
+            settings <- settings |> Penalties.withSetting "ewc" "fisher" name
+        | None -> ()
+        match rd.Value(f, "fisher.", "samples") with
+        | Some v -> settings <- settings |> Penalties.withSetting "ewc" "samples" v
+        | None -> ()
     let l = root.GetSection "lwf"
-    rd.Known(l, "lwf", [ "teachers" ])
-    let teachers =
-        match Names.parseLwfTeachers (rd.String(l, "lwf.", "teachers", "per-exit")) with
-        | Ok t -> t
-        | Error e -> rd.Fail("lwf.teachers", e); PerExitTeachers
+    if l.Exists() then
+        rd.Known(l, "lwf", [ "teachers" ])
+        match rd.Value(l, "lwf.", "teachers") with
+        | Some t -> settings <- settings |> Penalties.withSetting "lwf" "teachers" t
+        | None -> ()
     let stages =
         match rd.Array(root, "", "stages") with
         | None -> []
@@ -202,8 +260,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
           Model = model
           Data = data
           Augment = augment
-          Fisher = { Estimator = estimator; Samples = rd.Int(f, "fisher.", "samples", 0) }
-          LwfTeachers = teachers
+          RegulariserSettings = settings
           Deterministic = rd.Bool(root, "", "deterministic", false)
           Stages = stages }
     if errors.Count > 0 then Error(List.ofSeq errors)
@@ -220,12 +277,31 @@ let load (path: string) : Result<Recipe, string list> =
         | :? FormatException as e -> Error [ $"{path}: not valid JSON: {e.Message}" ]
         | :? InvalidDataException as e -> Error [ $"{path}: not valid JSON: {e.Message}" ]
 
-let private regulariserJson (w: Utf8JsonWriter) =
+/// A strength as JSON: a number (constant), an array (one value per stage) or a text (linear, geometric).
+let private writeStrength (w: Utf8JsonWriter) (key: string) =
     function
-    | NoRegulariser -> w.WriteString("kind", "none")
-    | Ewc l -> w.WriteString("kind", "ewc"); w.WriteNumber("lambda", l)
-    | Lwf r -> w.WriteString("kind", "lwf"); w.WriteNumber("rho", r)
-    | EwcAndLwf (l, r) -> w.WriteString("kind", "ewc+lwf"); w.WriteNumber("lambda", l); w.WriteNumber("rho", r)
+    | Strength.Constant v -> w.WriteNumber(key, v)
+    | Strength.PerStage vs ->
+        w.WriteStartArray key
+        for v in vs do w.WriteNumberValue v
+        w.WriteEndArray()
+    | other -> w.WriteString(key, Strength.format other)
+
+/// The settings of every regulariser the stages use, complete (defaults filled in), so that a recipe says what ran.
+let private writeSettings (w: Utf8JsonWriter) (r: Recipe) =
+    match Penalties.usedBy r.Stages with
+    | [] -> ()
+    | used ->
+        w.WriteStartObject "regularisers"
+        for name in used do
+            let settings, _ = Penalties.resolve r.RegulariserSettings name
+            w.WriteStartObject name
+            for KeyValue (k, v) in settings |> Seq.sortBy (fun kv -> kv.Key) do
+                match Int64.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture) with
+                | true, n when string n = v -> w.WriteNumber(k, n)
+                | _ -> w.WriteString(k, v)
+            w.WriteEndObject()
+        w.WriteEndObject()
 
 /// The recipe as JSON text (the format `load` reads).
 let toJson (r: Recipe) =
@@ -275,19 +351,7 @@ let toJson (r: Recipe) =
          w.WriteNumber("probability", m.Probability)
          w.WriteEndObject()
      w.WriteEndObject()
-     w.WriteStartObject "fisher"
-     w.WriteString("estimator", (match r.Fisher.Estimator with
-                                 | PerSample -> "per-sample"
-                                 | PerSampleNaive -> "per-sample-naive"
-                                 | SquaredMinibatch -> "squared-minibatch"))
-     w.WriteNumber("samples", r.Fisher.Samples)
-     w.WriteEndObject()
-     // Written only when it differs from the default, so that recipes (and the cache keys of their stages) from
-     // before the option existed stay the same.
-     if r.LwfTeachers <> PerExitTeachers then
-         w.WriteStartObject "lwf"
-         w.WriteString("teachers", Names.lwfTeachers r.LwfTeachers)
-         w.WriteEndObject()
+     writeSettings w r
      w.WriteStartArray "stages"
      for s in r.Stages do
          w.WriteStartObject()
@@ -299,9 +363,13 @@ let toJson (r: Recipe) =
          w.WriteStartArray "train"
          for g in s.Trainable do w.WriteStringValue g
          w.WriteEndArray()
-         w.WriteStartObject "regulariser"
-         regulariserJson w s.Regulariser
-         w.WriteEndObject()
+         w.WriteStartArray "regularisers"
+         for p in s.Regularisers do
+             w.WriteStartObject()
+             w.WriteString("name", p.Name)
+             writeStrength w (Penalties.kind p.Name |> Option.map (fun k -> k.StrengthName) |> Option.defaultValue "strength") p.Strength
+             w.WriteEndObject()
+         w.WriteEndArray()
          w.WriteNumber("exit", s.Exit)
          ints "protects" s.Protects
          w.WriteStartObject "optimiser"

@@ -64,7 +64,11 @@ let problems (r: Recipe) : string list =
           if m.Probability < 0.0 || m.Probability > 1.0 then "augment.mix.probability: must lie in [0, 1]"
           if m.LabelSmoothing < 0.0 || m.LabelSmoothing >= 1.0 then "augment.mix.labelSmoothing: must lie in [0, 1)"
       | None -> ()
-      if r.Fisher.Samples < 0 then "fisher.samples: must be 0 (all) or positive"
+      // Regulariser settings: every named regulariser is registered, every setting known and valid.
+      for KeyValue (name, _) in r.RegulariserSettings do
+          let _, ps = Penalties.resolve r.RegulariserSettings name
+          for p in ps do
+              if p.StartsWith "unknown regulariser" then $"regularisers.{name}: {p}" else $"regularisers.{name}.{p}"
       // Stages
       if r.Stages.IsEmpty then "stages: a recipe needs at least one stage"
       let m = match family with
@@ -86,15 +90,21 @@ let problems (r: Recipe) : string list =
           if s.MaxStepsPerEpoch < 0 then $"{at}.maxStepsPerEpoch: must be 0 (full epochs) or positive"
           for j, (_, w) in List.indexed s.LossExits do
               if w <= 0.0 || Double.IsNaN w then $"{at}.lossWeights[{j}]: weight {w} must be positive"
-          match s.Regulariser with
-          | Ewc l | EwcAndLwf (l, _) when l <= 0.0 -> $"{at}.regulariser.lambda: {l} must be positive"
-          | _ -> ()
-          match s.Regulariser with
-          | Lwf r | EwcAndLwf (_, r) when r <= 0.0 -> $"{at}.regulariser.rho: {r} must be positive"
-          | _ -> ()
-          if s.Regulariser <> NoRegulariser && s.Protects.IsEmpty then
-              $"{at}.regulariser: {Names.regulariser s.Regulariser} has no earlier exit to protect"
-          if s.Regulariser = NoRegulariser && not s.Protects.IsEmpty then
+          for j, p in List.indexed s.Regularisers do
+              match Penalties.kind p.Name with
+              | None -> $"{at}.regularisers[{j}].name: unknown regulariser '{p.Name}'; known: {EarlyExit.Regularisers.RegulariserRegistry.KnownNames}"
+              | Some k ->
+                  match p.Strength with
+                  | Strength.Constant v when not (v > 0.0) || Double.IsInfinity v -> $"{at}.regularisers[{j}].{k.StrengthName}: {v} must be positive"
+                  | Strength.Linear (a, b) when not (a > 0.0 && b > 0.0) -> $"{at}.regularisers[{j}].{k.StrengthName}: a linear schedule from {a} to {b} must stay positive"
+                  | Strength.Geometric (a, q) when not (a > 0.0 && q > 0.0) -> $"{at}.regularisers[{j}].{k.StrengthName}: a geometric schedule ({a}, ratio {q}) must stay positive"
+                  | Strength.PerStage vs when vs |> List.exists (fun v -> not (v > 0.0)) -> $"{at}.regularisers[{j}].{k.StrengthName}: every value of the list must be positive"
+                  | _ -> ()
+          for name in Penalties.names s |> List.countBy id |> List.filter (fun (_, c) -> c > 1) |> List.map fst do
+              $"{at}.regularisers: {name} is listed more than once"
+          if not s.Regularisers.IsEmpty && s.Protects.IsEmpty then
+              $"{at}.regularisers: {Names.penalties s.Regularisers} has no earlier exit to protect"
+          if s.Regularisers.IsEmpty && not s.Protects.IsEmpty then
               $"{at}.protects: exits to protect but no regulariser"
           match m with
           | None -> ()
@@ -108,8 +118,14 @@ let problems (r: Recipe) : string list =
               for j, nu in List.indexed s.Protects do
                   if nu < 1 || nu > m then $"{at}.protects[{j}]: exit {nu} is out of range 1..{m}"
                   elif s.Exit > 0 && nu >= s.Exit then $"{at}.protects[{j}]: exit {nu} is not earlier than the stage's exit {s.Exit}"
-              if s.Regulariser <> NoRegulariser && s.Exit = 0 then
+              if not s.Regularisers.IsEmpty && s.Exit = 0 then
                   $"{at}.exit: a regularised stage must name the exit μ it adds"
+              // A schedule is a function of μ: a list needs one value per stage μ = 2..M.
+              for j, p in List.indexed s.Regularisers do
+                  match p.Strength with
+                  | Strength.PerStage vs when vs.Length <> m - 1 ->
+                      $"{at}.regularisers[{j}]: {vs.Length} values for the stages μ = 2..{m}; give {m - 1}, one per stage"
+                  | _ -> ()
               // Every protected exit needs an earlier stage that finished it (Fisher and anchor, or teacher).
               let finishedBefore = r.Stages |> List.take i |> List.map (fun p -> p.Exit) |> set
               for nu in s.Protects do
@@ -122,7 +138,7 @@ let problems (r: Recipe) : string list =
                   if e >= 1 && e <= m && pathOf e |> List.forall (trainable.Contains >> not) then
                       $"{at}.lossExits: the loss of exit {e} reaches no trainable parameter"
               let reached =
-                  let lwfExits = if Regularisers.usesLwf s.Regulariser then s.Protects else []
+                  let lwfExits = if Penalties.readsProtectedExits s then s.Protects else []
                   (List.map fst s.LossExits @ lwfExits) |> List.filter (fun e -> e >= 1 && e <= m) |> List.collect pathOf |> set
               for g in s.Trainable do
                   if groups.Contains g && not (reached.Contains g) then

@@ -2,11 +2,12 @@
 ///
 /// Convention (stated wherever the figures appear): a training step costs 3× the forward MACs of the exits it computes
 /// (backward ≈ 2× forward), per image; LwF teachers, validation passes and the Fisher's forward and backward passes are
-/// counted too (1×, 1× and 3× forward). Forward MACs of "up to exit μ" are the cumulative MACs of exit μ (segments and
+/// counted too (1×, 1× and 3× forward; the exact Fisher 1 + 2C×, the sampled one 4×). Forward MACs of "up to exit μ" are the cumulative MACs of exit μ (segments and
 /// heads 1..μ), as the budgets use them.
 module EarlyExit.Experiments.Runner.Cost
 
 open EarlyExit.Experiments.Recipes
+open EarlyExit.Regularisers
 
 type StageCost =
     { Stage: string
@@ -22,23 +23,26 @@ type StageCost =
 /// The backward pass as a multiple of the forward pass.
 let backwardMultiple = 2.0
 
-/// Training MACs of one stage: `images` training images through the exits it computes (forward + backward), its
-/// teachers' forwards, `validationPasses` passes over `validationImages`, and the Fisher of `fisherSamples` samples
-/// when the stage consolidates EWC after it. `exitMacs` are cumulative MACs per exit (index μ−1).
-let stageMacs (exitMacs: int64[]) (teachers: LwfTeachers) (stage: Stage) (images: int64) (validationImages: int64)
-              (validationPasses: int) (fisherSamples: int64) : float =
+/// Training MACs of one stage: `images` training images through the exits it computes (forward + backward), the
+/// forwards its regularisers' penalties add (LwF teachers), `validationPasses` passes over `validationImages`, and
+/// the consolidation of each regulariser in `consolidates` after it (the Fisher's passes over its samples of the
+/// `trainImages`). `exitMacs` are cumulative MACs per exit (index μ−1).
+let stageMacs (exitMacs: int64[]) (recipe: Recipe) (consolidates: string list) (stage: Stage) (images: int64) (validationImages: int64)
+              (validationPasses: int) (trainImages: int) (classes: int) : float =
     let upTo = List.max ((stage.LossExits |> List.map fst) @ stage.Protects)
     let forward = float exitMacs[upTo - 1]
-    let teacherForward =
-        if Regularisers.usesLwf stage.Regulariser && not stage.Protects.IsEmpty then
-            match teachers with
-            | PerExitTeachers -> stage.Protects |> List.sumBy (fun nu -> float exitMacs[nu - 1])
-            | PreviousStageTeacher -> float exitMacs[List.max stage.Protects - 1]
-        else 0.0
-    let fisher = if fisherSamples > 0L && stage.Exit > 0 then float fisherSamples * (1.0 + backwardMultiple) * float exitMacs[stage.Exit - 1] else 0.0
-    float images * ((1.0 + backwardMultiple) * forward + teacherForward)
+    let kindOf name = RegulariserRegistry.Get name
+    let settingsOf name = fst (Penalties.resolve recipe.RegulariserSettings name)
+    let protects = ResizeArray stage.Protects
+    let penaltyForward =
+        if stage.Protects.IsEmpty then 0.0
+        else stage.Regularisers |> List.sumBy (fun p -> (kindOf p.Name).PenaltyForwardMacs(settingsOf p.Name, protects, exitMacs))
+    let consolidation =
+        if stage.Exit = 0 then 0.0
+        else consolidates |> List.sumBy (fun n -> (kindOf n).ConsolidationMacs(settingsOf n, stage.Exit, trainImages, classes, exitMacs))
+    float images * ((1.0 + backwardMultiple) * forward + penaltyForward)
     + float validationImages * float validationPasses * forward
-    + fisher
+    + consolidation
 
 /// Totals of a run: epochs, steps, images and MACs over its stages.
 let totals (stages: StageCost list) =

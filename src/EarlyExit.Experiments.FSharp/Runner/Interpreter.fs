@@ -24,6 +24,7 @@ open EarlyExit.Flops
 open EarlyExit.Losses
 open EarlyExit.Models
 open EarlyExit.Native
+open EarlyExit.Regularisers
 open EarlyExit.Training
 open EarlyExit.Experiments.Recipes
 open EarlyExit.Experiments.Reports
@@ -50,49 +51,40 @@ let private json = JsonSerializerOptions(WriteIndented = true)
 
 let private writeAtomic = Markdown.writeAtomic
 
-let private fisherEstimator =
-    function
-    | PerSample -> FisherEstimator.PerSampleEmpirical
-    | PerSampleNaive -> FisherEstimator.PerSampleEmpiricalNaive
-    | SquaredMinibatch -> FisherEstimator.SquaredMinibatchGradient
+/// The complete settings of a regulariser in a recipe.
+let settingsOf (recipe: Recipe) (name: string) = fst (Penalties.resolve recipe.RegulariserSettings name)
 
-/// Exits each stage must consolidate after it ends: EWC (Fisher + anchor) and/or LwF (teacher), derived from
-/// which later stages protect that exit with which regulariser. With one previous-stage teacher, a stage keeps a
-/// teacher only where a later stage's deepest protected exit is its exit.
-let consolidation (teachers: LwfTeachers) (stages: Stage list) (i: int) =
-    let s = stages[i]
-    if s.Exit = 0 then false, false
+/// The earlier exits whose state of regulariser `name` a stage reads (none when it does not use it).
+let stateRead (recipe: Recipe) (name: string) (s: Stage) : int list =
+    if not (Penalties.uses name s) || s.Protects.IsEmpty then []
+    else (RegulariserRegistry.Get name).StateRead(settingsOf recipe name, ResizeArray s.Protects) |> List.ofSeq
+
+/// The regularisers that consolidate after stage i (keep state about its exit: EWC a Fisher and the anchor, LwF a
+/// teacher), in the order of their first use: those a later stage reads that state of. With one previous-stage LwF
+/// teacher, a stage keeps a teacher only where a later stage's deepest protected exit is its exit.
+let consolidation (recipe: Recipe) (i: int) : string list =
+    let s = recipe.Stages[i]
+    if s.Exit = 0 then []
     else
-        let later = stages |> List.skip (i + 1) |> List.filter (fun l -> List.contains s.Exit l.Protects)
-        let ewc = later |> List.exists (fun l -> Regularisers.usesEwc l.Regulariser)
-        let usesTeacher (l: Stage) =
-            match teachers with
-            | PerExitTeachers -> true
-            | PreviousStageTeacher -> List.max l.Protects = s.Exit
-        let lwf = later |> List.exists (fun l -> Regularisers.usesLwf l.Regulariser && usesTeacher l)
-        ewc, lwf
+        let later = recipe.Stages |> List.skip (i + 1)
+        Penalties.usedBy later |> List.filter (fun name -> later |> List.exists (fun l -> List.contains s.Exit (stateRead recipe name l)))
+
+/// The exits whose state of regulariser `name` the stages after stage i read; the rest is released after stage i.
+let stateReadAfter (recipe: Recipe) (name: string) (i: int) =
+    recipe.Stages |> List.skip (i + 1) |> List.collect (stateRead recipe name) |> Set.ofList
 
 /// The exits whose LwF teachers the stages after stage i read: every protected exit (per-exit teachers) or the
 /// deepest one (one previous-stage teacher). Teachers outside this set are released after stage i.
-let teachersReadAfter (recipe: Recipe) (i: int) =
-    recipe.Stages
-    |> List.skip (i + 1)
-    |> List.filter (fun l -> Regularisers.usesLwf l.Regulariser && not l.Protects.IsEmpty)
-    |> List.collect (fun l -> match recipe.LwfTeachers with
-                              | PerExitTeachers -> l.Protects
-                              | PreviousStageTeacher -> [ List.max l.Protects ])
-    |> Set.ofList
+let teachersReadAfter (recipe: Recipe) (i: int) = stateReadAfter recipe "lwf" i
 
-/// The resolved plan of one stage for the C# loop.
+/// The regularisers of a run (those its stages use), each with its recipe settings and no state yet.
+let regulariserSet (recipe: Recipe) =
+    new RegulariserSet(Penalties.usedBy recipe.Stages |> List.map (fun n -> (RegulariserRegistry.Get n).Create(settingsOf recipe n)))
+
+/// The resolved plan of one stage for the C# loop: every schedule resolved for the stage's exit μ.
 let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
     let s = recipe.Stages[i]
-    let ewc, lwf = consolidation recipe.LwfTeachers recipe.Stages i
-    let lambda, rho =
-        match s.Regulariser with
-        | NoRegulariser -> 0.0, 0.0
-        | Ewc l -> l, 0.0
-        | Lwf r -> 0.0, r
-        | EwcAndLwf (l, r) -> l, r
+    let exits = if s.Regularisers.IsEmpty then 0 else Validation.exitCount recipe.Model
     let mix =
         recipe.Augment.Mix
         |> Option.map (fun m ->
@@ -103,13 +95,9 @@ let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
         LossExits = (s.LossExits |> List.map fst |> List.toArray),
         LossWeights = (s.LossExits |> List.map snd |> List.toArray),
         TrainableGroups = List.toArray s.Trainable,
-        EwcLambda = lambda,
-        LwfRho = rho,
         StageExit = s.Exit,
         ProtectedExits = List.toArray s.Protects,
-        LwfTeachers = (match recipe.LwfTeachers with
-                       | PerExitTeachers -> LwfTeacherPolicy.PerExit
-                       | PreviousStageTeacher -> LwfTeacherPolicy.PreviousStage),
+        Regularisers = [| for p in s.Regularisers -> RegulariserUse(p.Name, Strength.at exits s.Exit p.Strength) |],
         LearningRate = s.Optimiser.LearningRate,
         WeightDecay = s.Optimiser.WeightDecay,
         Schedule = (match s.Optimiser.Schedule with
@@ -124,30 +112,36 @@ let plan (recipe: Recipe) (i: int) (checkpointDir: string option) : StagePlan =
         Mix = Option.toObj mix,
         Seed = recipe.Seed + 1000 * i,
         CheckpointDirectory = Option.toObj checkpointDir,
-        ConsolidateEwcAfter = ewc,
-        SnapshotTeacherAfter = lwf,
-        FisherEstimator = fisherEstimator recipe.Fisher.Estimator,
-        FisherSamples = recipe.Fisher.Samples)
+        ConsolidateAfter = List.toArray (consolidation recipe i))
 
 /// Cache key of the state after stages 0..k: everything that determines it (not the recipe's name).
-/// What a stage keeps for later ones (Fisher and anchor, teacher) depends on the stages after it, so it is part of the key.
+/// - Strengths enter resolved for each stage's exit, so a schedule and the constant it takes at a stage share it.
+/// - What a stage keeps for later ones (Fisher and anchor, teacher) depends on the stages after it, so it is part of
+///   the key, with the settings of every regulariser the prefix uses or consolidates (a Fisher's estimator).
+/// - State that later stages no longer read is released after stage k: the key says what is still held.
 let prefixKey (recipe: Recipe) (k: int) =
     let stages = List.take (k + 1) recipe.Stages
-    let trainsWithLwf = stages |> List.exists (fun s -> Regularisers.usesLwf s.Regulariser)
-    // The teacher policy changes the state only through stages that train with LwF (what a stage keeps for later
-    // ones is in `kept`), so prefixes without one (the warm-up) are shared by both policies.
-    let prefix = { recipe with Name = ""; Stages = stages; LwfTeachers = (if trainsWithLwf then recipe.LwfTeachers else PerExitTeachers) }
-    let flags = [ for i in 0..k -> i, consolidation recipe.LwfTeachers recipe.Stages i ]
-    let kept =
-        [ for i, f in flags do
-            match f with
-            | false, false -> ()
-            | ewc, lwf -> $"|{i}:ewc={ewc},lwf={lwf}" ]
-    // Teachers kept by stages 0..k that later stages no longer read are released after stage k.
-    let read = teachersReadAfter recipe k
-    let held = [ for i, (_, lwf) in flags do if lwf && read.Contains recipe.Stages[i].Exit then yield recipe.Stages[i].Exit ]
-    let kept = if held.IsEmpty then kept else kept @ [ "|teachers=" + String.Join(",", held) ]
-    let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix + String.concat "" kept))
+    let consolidated = [ for i in 0..k -> i, consolidation recipe i ]
+    let resolved =
+        stages
+        |> List.map (fun s ->
+            if s.Regularisers.IsEmpty then s
+            else
+                let m = Validation.exitCount recipe.Model
+                { s with Regularisers = s.Regularisers |> List.map (fun p -> { p with Strength = Strength.Constant(Strength.at m s.Exit p.Strength) }) })
+    let prefix = { recipe with Name = ""; Stages = resolved; RegulariserSettings = Map.empty }
+    let involved = Penalties.usedBy stages @ (consolidated |> List.collect snd) |> List.distinct
+    let settingsText =
+        [ for name in involved ->
+            let pairs = settingsOf recipe name |> Seq.sortBy (fun kv -> kv.Key) |> Seq.map (fun kv -> $"{kv.Key}={kv.Value}")
+            $"|{name}{{{String.Join(',', pairs)}}}" ]
+    let kept = [ for i, names in consolidated do if not names.IsEmpty then $"|{i}:" + String.Join(",", names) ]
+    let held =
+        [ for name in involved do
+            let read = stateReadAfter recipe name k
+            let exits = [ for i, names in consolidated do if List.contains name names && read.Contains recipe.Stages[i].Exit then recipe.Stages[i].Exit ]
+            if not exits.IsEmpty then $"|held:{name}=" + String.Join(",", exits) ]
+    let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix + String.concat "" (settingsText @ kept @ held)))
     Convert.ToHexString(bytes).Substring(0, 20).ToLowerInvariant()
 
 /// Loads the data of a recipe: train/validation/test, limited as the recipe says (stratified, seeded).
@@ -164,7 +158,7 @@ let private stageDir (out: string) (i: int) (s: Stage) = Path.Combine(out, "stag
 let private doneFile (out: string) (i: int) (s: Stage) = stageDir out i s + ".done"
 
 /// Writes the state after a stage: model tensors and regulariser state, then the result JSON last.
-let private saveStageState (path: string) (net: MultiExitNetwork) (regs: RegularizerState) (result: obj) =
+let private saveStageState (path: string) (net: MultiExitNetwork) (regs: RegulariserSet) (result: obj) =
     Directory.CreateDirectory(Path.GetDirectoryName path) |> ignore
     TensorStore.Save(path + ".model", TensorStore.StateOf net)
     regs.Save(path + ".regs")
@@ -172,7 +166,7 @@ let private saveStageState (path: string) (net: MultiExitNetwork) (regs: Regular
 
 let private stageStateExists (path: string) = File.Exists(path + ".json") && File.Exists(path + ".model") && File.Exists(path + ".regs")
 
-let private loadStageState (path: string) (net: MultiExitNetwork) (regs: RegularizerState) =
+let private loadStageState (path: string) (net: MultiExitNetwork) (regs: RegulariserSet) =
     let tensors = TensorStore.Load(path + ".model")
     try TensorStore.LoadInto(net, tensors)
     finally for t in tensors.Values do t.Dispose()
@@ -373,17 +367,15 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
     net.``to``(device) |> ignore
     let cost = MacCounter.Count net
     let exitMacs = cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray
-    use regs = new RegularizerState()
+    use regs = regulariserSet recipe
     let writer = torch.utils.tensorboard.SummaryWriter(Path.Combine(out, "tensorboard"))
     let stages = recipe.Stages
     let n = stages.Length
     let stepsPerEpoch (s: Stage) =
         let full = (data.Train.Count + s.BatchSize - 1) / s.BatchSize
         if s.MaxStepsPerEpoch > 0 then min full s.MaxStepsPerEpoch else full
-    let fisherSamples = int64 (if recipe.Fisher.Samples > 0 then min recipe.Fisher.Samples data.Train.Count else data.Train.Count)
     let macsOf (i: int) (s: Stage) (images: int64) (epochs: int) =
-        let ewc, _ = consolidation recipe.LwfTeachers stages i
-        Cost.stageMacs exitMacs recipe.LwfTeachers s images (int64 data.Validation.Count) epochs (if ewc then fisherSamples else 0L)
+        Cost.stageMacs exitMacs recipe (consolidation recipe i) s images (int64 data.Validation.Count) epochs data.Train.Count data.Train.NumClasses
     let reusedStages = Collections.Generic.HashSet<int>()
 
     /// Loads the state after stage i from the prefix cache into the run folder and the network.
@@ -427,13 +419,10 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
         let result =
             try StageTrainer.Run(net, p, data, regs, device, observer)
             with :? NonFiniteLossException as e -> raise (RunError e.Message)
-        // Release the teachers no later stage reads (all of them after the last LwF stage; with one
-        // previous-stage teacher, every one but the newest).
-        let read = teachersReadAfter recipe i
-        for nu in List.ofSeq regs.Teachers.Keys do
-            if not (read.Contains nu) then
-                regs.Teachers[nu].Dispose()
-                regs.Teachers.Remove nu |> ignore
+        // Release the state no later stage reads (LwF: all teachers after the last LwF stage; with one previous-stage
+        // teacher, every one but the newest).
+        for r in regs.All do
+            r.Release(Collections.Generic.HashSet<int>(stateReadAfter recipe r.Kind.Name i))
         let steps = result.History |> Seq.sumBy (fun h -> h.Steps)
         // An epoch's last batch may be smaller: its images are at most the training split.
         let images = result.History |> Seq.sumBy (fun h -> int64 (min (h.Steps * s.BatchSize) data.Train.Count))
@@ -455,6 +444,7 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
         if Directory.Exists dir then Directory.Delete(dir, true)
         let early = if result.StoppedEarly then " (stopped early)" else ""
         log $"stage {i + 1}/{n} '{s.Name}' done: best epoch {result.BestEpoch + 1}, monitored validation accuracy {result.BestMonitor:F4}{early}"
+        if regs.All.Count > 0 then log $"  regularisers: {regs.Describe()}"
 
     let runStages (task: ProgressTask option) =
         for i in firstToRun .. n - 1 do
@@ -514,11 +504,12 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            numerics = numerics
            testImages = data.Test.Count
            testAccuracy = acc
+           regularisers = [ for r in regs.All -> {| name = r.Kind.Name; settings = r.Settings |} ]
            exitMacs = exitMacs
            backboneMacs = cost.BackboneMacs
            macConvention = "conv-linear (one multiply-add = 1)"
            cost =
-            {| convention = "training MACs: 3x the forward MACs of the exits a stage computes per training image (backward = 2x forward), plus LwF teacher forwards (1x), validation passes (1x) and the Fisher (3x)"
+            {| convention = "training MACs: 3x the forward MACs of the exits a stage computes per training image (backward = 2x forward), plus LwF teacher forwards (1x), validation passes (1x) and the Fisher or MAS importances (3x per sample; the exact Fisher 1+2C x, the sampled one 4x)"
                epochs = totals.Epochs
                steps = totals.Steps
                images = totals.Images

@@ -27,7 +27,8 @@ type ScaleSettings =
     { Model: ModelSpec
       Data: DataSpec
       Augment: AugmentSpec
-      Fisher: FisherSpec
+      /// Settings of the regularisers (the Fisher's and MAS's sample caps), used by the recipes whose stages use them.
+      Settings: Map<string, Map<string, string>>
       Stages: StageSettings
       Description: string }
 
@@ -51,6 +52,10 @@ let private modelAt (scale: Scale) (model: string) (input: int64 list) (classes:
     | Cpu, false -> { spec with Width = Some 8; Blocks = Some [ 2; 2; 2; 2 ]; Exits = Some [ 1; 2; 4; 6; 8 ] }
     | Paper, _ -> spec
 
+/// EWC's Fisher and MAS's importances over at most n training samples.
+let private sampleCaps (n: int) =
+    Map.empty |> Penalties.withSetting "ewc" "samples" (string n) |> Penalties.withSetting "mas" "samples" (string n)
+
 let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
     let input, classes = inputOf data
     let preset = Presets.forModel model
@@ -61,7 +66,7 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
         { Model = modelAt scale model input classes
           Data = { Defaults.data data with TrainLimit = 512; TestLimit = 256 }
           Augment = { Defaults.augment with CropPadding = (if isFashion then 2 else 4) }
-          Fisher = { Defaults.fisher with Samples = 128 }
+          Settings = sampleCaps 128
           Stages =
             { Optimiser = { LearningRate = 2e-3; WeightDecay = 0.0; Schedule = Constant }
               BatchSize = 64
@@ -77,7 +82,7 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
           Data = { Defaults.data data with TrainLimit = 16000; TestLimit = 0 }
           // Short schedules learn little from Mixup/CutMix; the cpu scale keeps crop and flip only.
           Augment = { CropPadding = (if isFashion then 2 else 4); Flip = true; Mix = None }
-          Fisher = { Defaults.fisher with Samples = 2000 }
+          Settings = sampleCaps 2000
           Stages =
             { Optimiser = { LearningRate = 2e-3; WeightDecay = 0.0; Schedule = Cosine }
               BatchSize = 128
@@ -92,7 +97,7 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
         { Model = modelAt scale model input classes
           Data = Defaults.data data
           Augment = Defaults.augment
-          Fisher = Defaults.fisher
+          Settings = Map.empty
           Stages =
             { Optimiser = { LearningRate = preset.LearningRate; WeightDecay = 0.0; Schedule = Constant }
               BatchSize = preset.BatchSize
@@ -106,7 +111,7 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
 /// name (and so in its run folder).
 let withLwfTeachers (teachers: LwfTeachers) (recipe: Recipe) =
     if teachers = PerExitTeachers then recipe
-    else { recipe with LwfTeachers = teachers; Name = recipe.Name + $"-{Names.lwfTeachers teachers}-teacher" }
+    else { Settings.withLwfTeachers teachers recipe with Name = recipe.Name + $"-{Names.lwfTeachers teachers}-teacher" } |> Settings.complete
 
 /// The recipe of a strategy at a scale, with the scale's settings adjusted by `adjust` (a second setting).
 let recipeWith (adjust: ScaleSettings -> ScaleSettings) (scale: Scale) (strategy: Strategy) (model: string) (data: string) (seed: int) : Recipe =
@@ -116,11 +121,11 @@ let recipeWith (adjust: ScaleSettings -> ScaleSettings) (scale: Scale) (strategy
       Model = s.Model
       Data = s.Data
       Augment = s.Augment
-      Fisher = s.Fisher
-      LwfTeachers = PerExitTeachers
+      RegulariserSettings = s.Settings
       Seed = seed
       Deterministic = false
       Stages = stagesOf strategy m s.Stages }
+    |> Settings.complete
 
 /// The recipe of a strategy at a scale.
 let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (seed: int) : Recipe =
