@@ -118,16 +118,7 @@ namespace EarlyExit.Losses
                     var probs = p.data<double>().ToArray();
                     int classes = (int)p.shape[1];
                     for (int i = 0; i < idx.Length; i++)
-                    {
-                        double u = Uniform(seed, idx[i]), cumulative = 0;
-                        int label = classes - 1;
-                        for (int c = 0; c < classes; c++)
-                        {
-                            cumulative += probs[i * classes + c];
-                            if (u < cumulative) { label = c; break; }
-                        }
-                        labels[start + i] = label;
-                    }
+                        labels[start + i] = DrawLabel(probs.AsSpan(i * classes, classes), Uniform(seed, idx[i]));
                     EarlyExit.Native.NativeScalars.ReleaseDeferred();
                 }
             }
@@ -136,6 +127,19 @@ namespace EarlyExit.Losses
                 net.train(wasTraining);
             }
             return labels;
+        }
+
+        /// <summary>The class whose cumulative probability first exceeds <paramref name="u"/> (the last class when rounding
+        /// leaves the total below u): inverse-CDF sampling of one draw.</summary>
+        public static int DrawLabel(ReadOnlySpan<double> probabilities, double u)
+        {
+            double cumulative = 0;
+            for (int c = 0; c < probabilities.Length; c++)
+            {
+                cumulative += probabilities[c];
+                if (u < cumulative) return c;
+            }
+            return probabilities.Length - 1;
         }
 
         /// <summary>A uniform number in [0, 1) from (seed, sample index), the same in every process (SplitMix64).</summary>
