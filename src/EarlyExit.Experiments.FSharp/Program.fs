@@ -116,6 +116,14 @@ let main argv =
         | Some (Describe r) -> describe r
         | Some (Data r) -> data r
         | Some (Doctor r) -> doctor r
+        | Some (Schema r) ->
+            let text = EarlyExit.Experiments.Recipes.RecipeSchema.text ()
+            match r.TryGetResult SchemaArgs.Out with
+            | Some file ->
+                EarlyExit.Experiments.Reports.Markdown.writeAtomic file text
+                printfn "schema written to %s" file
+            | None -> printf "%s" text
+            0
         | Some (Eval r) -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256))
         | Some (Train r) ->
             r.TryGetResult Parent_Pid |> Option.iter Train.watchParent

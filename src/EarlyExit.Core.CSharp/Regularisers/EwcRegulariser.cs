@@ -40,8 +40,8 @@ namespace EarlyExit.Regularisers
             public double DefaultStrength => 100;
             public IReadOnlyList<RegulariserSetting> Settings { get; } = new[]
             {
-                new RegulariserSetting("fisher", "empirical", "Fisher estimator: " + string.Join(", ", FisherInformation.Names), RegulariserRegistry.OneOf(FisherInformation.Names)),
-                new RegulariserSetting("samples", "0", "training samples of each Fisher (0: all)", RegulariserRegistry.NonNegativeInt),
+                new RegulariserSetting("fisher", "empirical", "Fisher estimator: " + string.Join(", ", FisherInformation.Names), RegulariserRegistry.OneOf(FisherInformation.Names), FisherInformation.Names),
+                new RegulariserSetting("samples", "0", "training samples of each Fisher (0: all)", RegulariserRegistry.NonNegativeInt, Integer: true),
             };
             public bool ReadsProtectedExits => false;
             public IReadOnlyList<int> StateRead(IReadOnlyDictionary<string, string> settings, IReadOnlyList<int> protects) => protects;

@@ -148,7 +148,7 @@ namespace EarlyExit.Regularisers
             public double DefaultStrength => 0.7;
             public IReadOnlyList<RegulariserSetting> Settings { get; } = new[]
             {
-                new RegulariserSetting("teachers", "per-exit", "per-exit (the paper: one frozen copy per protected exit) or previous-stage (classic LwF: one copy, one teacher forward per step)", RegulariserRegistry.OneOf(PolicyNames)),
+                new RegulariserSetting("teachers", "per-exit", "per-exit (the paper: one frozen copy per protected exit) or previous-stage (classic LwF: one copy, one teacher forward per step)", RegulariserRegistry.OneOf(PolicyNames), PolicyNames),
             };
             public bool ReadsProtectedExits => true;
             public IReadOnlyList<int> StateRead(IReadOnlyDictionary<string, string> settings, IReadOnlyList<int> protects) =>

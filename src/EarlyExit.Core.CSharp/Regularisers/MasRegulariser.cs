@@ -46,7 +46,7 @@ namespace EarlyExit.Regularisers
             public double DefaultStrength => 1;
             public IReadOnlyList<RegulariserSetting> Settings { get; } = new[]
             {
-                new RegulariserSetting("samples", "0", "training samples of each importance estimate (0: all)", RegulariserRegistry.NonNegativeInt),
+                new RegulariserSetting("samples", "0", "training samples of each importance estimate (0: all)", RegulariserRegistry.NonNegativeInt, Integer: true),
             };
             public bool ReadsProtectedExits => false;
             public IReadOnlyList<int> StateRead(IReadOnlyDictionary<string, string> settings, IReadOnlyList<int> protects) => protects;

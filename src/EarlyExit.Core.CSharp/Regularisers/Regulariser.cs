@@ -20,9 +20,11 @@ namespace EarlyExit.Regularisers
     /// </summary>
     public sealed record BatchContext(Tensor Input, Tensor?[] Logits, Tensor Targets, int Epoch, int Batch);
 
-    /// <summary>A setting of a regulariser kind: its name, default value, what it means, and a check of a value
-    /// (null when the value is fine, else the reason it is not).</summary>
-    public sealed record RegulariserSetting(string Name, string Default, string Description, Func<string, string?> Check);
+    /// <summary>A setting of a regulariser kind: its name, default value, what it means, a check of a value (null when
+    /// the value is fine, else the reason it is not), and for the recipe schema the values it takes (null: any that
+    /// passes the check) and whether it is a non-negative integer.</summary>
+    public sealed record RegulariserSetting(string Name, string Default, string Description, Func<string, string?> Check,
+        string[]? Values = null, bool Integer = false);
 
     /// <summary>
     /// What a regulariser is, without any state: its name in recipes, its settings, and what the interpreter needs to

@@ -83,14 +83,16 @@ namespace EarlyExit.Regularisers
         }
 
         // Checks shared by the built-in kinds.
-        internal static string? NonNegativeInt(string v) =>
+        /// <summary>A check that accepts 0 and positive integers.</summary>
+        public static string? NonNegativeInt(string v) =>
             int.TryParse(v, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var n) && n >= 0
                 ? null : $"expected 0 (all) or a positive integer, found '{v}'";
 
-        internal static Func<string, string?> OneOf(params string[] values) =>
+        /// <summary>A check that accepts exactly these values.</summary>
+        public static Func<string, string?> OneOf(params string[] values) =>
             v => values.Contains(v) ? null : $"unknown value '{v}' ({string.Join(", ", values)})";
 
-        internal static int IntSetting(IReadOnlyDictionary<string, string> settings, string key) =>
+        public static int IntSetting(IReadOnlyDictionary<string, string> settings, string key) =>
             int.Parse(settings[key], System.Globalization.CultureInfo.InvariantCulture);
     }
 }

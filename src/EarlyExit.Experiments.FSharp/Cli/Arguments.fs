@@ -123,6 +123,14 @@ type EvalArgs =
             | Json -> "print one JSON object"
             | Timing_Samples _ -> "test images used to time real early-exit inference (default 256; 0 skips timing)"
 
+type SchemaArgs =
+    | Out of file: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Out _ -> "write the schema to this file instead of standard output"
+
 type DoctorArgs =
     | Recheck
     | All
@@ -142,6 +150,7 @@ type CliArgs =
     | [<CliPrefix(CliPrefix.None)>] Doctor of ParseResults<DoctorArgs>
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
+    | [<CliPrefix(CliPrefix.None)>] Schema of ParseResults<SchemaArgs>
 
     interface IArgParserTemplate with
         member a.Usage =
@@ -154,3 +163,4 @@ type CliArgs =
             | Doctor _ -> "show how TorchSharp was loaded, the CPU and the convolution kernels the numerics check chose, threads, load and device"
             | Train _ -> "train a model with a strategy or a recipe; writes a resumable run folder"
             | Eval _ -> "per-exit accuracy, budget table, accuracy-MACs curve and timing of a finished run"
+            | Schema _ -> "the JSON Schema of recipe files (the keys this build reads, and the registered regularisers and their settings)"

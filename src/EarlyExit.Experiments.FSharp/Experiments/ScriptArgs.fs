@@ -1,5 +1,6 @@
 /// The options every experiment script takes: --scale --data --data-root --model --seeds (or --seed) --jobs --threads
-/// --out --device --numerics --deterministic --equal-steps --stage-epochs (and Table 2's --regularisers).
+/// --out --device --numerics --deterministic --equal-steps --stage-epochs (and Table 2's --regularisers, regularisers.fsx's
+/// --parts).
 module EarlyExit.Experiments.Experiments.ScriptArgs
 
 open System
@@ -11,7 +12,7 @@ exception ScriptArgError of string
 
 /// Options with a value; `numerics` is applied by experiments/Load.fsx before torch first runs and read here again
 /// for the runs the executor starts.
-let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics"; "stage-epochs"; "regularisers" ]
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics"; "stage-epochs"; "regularisers"; "parts" ]
 /// Options without a value.
 let flags = [ "deterministic"; "equal-steps" ]
 
@@ -102,6 +103,15 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
             match names |> List.tryFind (fun n -> n <> "ewc" && n <> "lwf") with
             | Some bad -> raise (ScriptArgError $"--regularisers: unknown regulariser '{bad}' (ewc or lwf)")
             | None when names.IsEmpty -> raise (ScriptArgError "--regularisers: give ewc, lwf or ewc,lwf")
+            | None -> List.distinct names)
+      Parts =
+        opts.TryFind "parts"
+        |> Option.map (fun list ->
+            let names = list.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) |> List.ofArray
+            let known = Regularisers.parts
+            match names |> List.tryFind (fun n -> not (List.contains n known)) with
+            | Some bad -> raise (ScriptArgError $"""--parts: unknown part '{bad}' ({String.Join(", ", known)})""")
+            | None when names.IsEmpty -> raise (ScriptArgError $"""--parts: give one or more of {String.Join(", ", known)}""")
             | None -> List.distinct names)
       Log = fun line -> Console.Out.WriteLine line }
 

@@ -39,6 +39,8 @@ type Options =
       StageEpochs: int option
       /// Table 2 only: the regularisers whose half of the grid to run ("ewc", "lwf"; None: both).
       Regularisers: string list option
+      /// regularisers.fsx only: the parts of its grid to run ("schedules", "fisher", "mas"; None: all).
+      Parts: string list option
       Log: string -> unit }
 
 /// The scale's settings as the options adjust them (a second setting).
@@ -284,6 +286,7 @@ let exitTable (rows: Row list) =
 let run (o: Options) =
     if o.Regularisers.IsSome then
         invalidArg "regularisers" "--regularisers chooses a half of Table 2's grid (table2.fsx); Table 1 takes --strategies"
+    if o.Parts.IsSome then invalidArg "parts" "--parts chooses parts of regularisers.fsx's grid; Table 1 takes --strategies"
     let data, dataNote = chooseData o
     let dir = resultsFolder o data
     o.Log $"table 1 on {dataNote}, scale {Scales.name o.Scale}: {describeScale o data}"

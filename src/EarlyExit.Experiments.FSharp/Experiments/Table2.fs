@@ -30,6 +30,7 @@ let gridOf (regularisers: string list option) =
     grid () |> List.filter (fst >> keep)
 
 let run (o: Table1.Options) =
+    if o.Parts.IsSome then invalidArg "parts" "--parts chooses parts of regularisers.fsx's grid; Table 2 takes --regularisers ewc or lwf"
     if o.Strategies.IsSome then
         invalidArg "strategies" "Table 2 runs its own grid (EWC λ and LwF ρ, with and without the warm-up); choose a half of it with --regularisers ewc or lwf"
     let data, dataNote = Table1.chooseData o

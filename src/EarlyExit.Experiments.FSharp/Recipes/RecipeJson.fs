@@ -9,6 +9,20 @@ open System.Text.Json
 open Microsoft.Extensions.Configuration
 open EarlyExit.Experiments.Recipes
 
+/// The keys the reader knows in each object of a recipe (the schema, `earlyexit schema`, lists the same).
+module Keys =
+    let root = [ "name"; "seed"; "deterministic"; "model"; "data"; "augment"; "regularisers"; "fisher"; "lwf"; "stages" ]
+    let model = [ "name"; "classes"; "input"; "width"; "blocks"; "exits"; "growth"; "stepMode"; "base"; "step"; "grFactor"; "bnFactor" ]
+    let data = [ "name"; "root"; "validationFraction"; "trainLimit"; "testLimit" ]
+    let augment = [ "cropPadding"; "flip"; "mix" ]
+    let mix = [ "mixupAlpha"; "cutmixAlpha"; "switchProbability"; "labelSmoothing"; "probability" ]
+    let stage = [ "name"; "lossExits"; "lossWeights"; "train"; "regularisers"; "regulariser"; "exit"; "protects"; "optimiser"; "batchSize"; "maxEpochs"; "patience"; "maxStepsPerEpoch" ]
+    let optimiser = [ "lr"; "weightDecay"; "schedule" ]
+    /// The older forms, still read.
+    let legacyRegulariser = [ "kind"; "lambda"; "rho" ]
+    let legacyFisher = [ "estimator"; "samples" ]
+    let legacyLwf = [ "teachers" ]
+
 type private Reader(errors: ResizeArray<string>) =
     member _.Fail(path: string, msg: string) = errors.Add $"{path}: {msg}"
 
@@ -124,7 +138,7 @@ let private readLegacyRegulariser (rd: Reader) (s: IConfiguration) (path: string
     if not (sec.Exists()) then []
     else
         let p = path + "regulariser."
-        rd.Known(sec, path + "regulariser", [ "kind"; "lambda"; "rho" ])
+        rd.Known(sec, path + "regulariser", Keys.legacyRegulariser)
         let ewc () = { Name = "ewc"; Strength = Strength.Constant(rd.Float(sec, p, "lambda", 0.0)) }
         let lwf () = { Name = "lwf"; Strength = Strength.Constant(rd.Float(sec, p, "rho", 0.0)) }
         match rd.String(sec, p, "kind", "none").ToLowerInvariant() with
@@ -135,12 +149,12 @@ let private readLegacyRegulariser (rd: Reader) (s: IConfiguration) (path: string
         | other -> rd.Fail(p + "kind", $"unknown regulariser '{other}' (none, ewc, lwf, ewc+lwf)"); []
 
 let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
-    rd.Known(s, path.TrimEnd('.'), [ "name"; "lossExits"; "lossWeights"; "train"; "regularisers"; "regulariser"; "exit"; "protects"; "optimiser"; "batchSize"; "maxEpochs"; "patience"; "maxStepsPerEpoch" ])
+    rd.Known(s, path.TrimEnd('.'), Keys.stage)
     let exits = rd.IntList(s, path, "lossExits") |> Option.defaultValue []
     let weights = rd.FloatList(s, path, "lossWeights") |> Option.defaultValue (exits |> List.map (fun _ -> 1.0 / float (max 1 exits.Length)))
     if weights.Length <> exits.Length then rd.Fail(path + "lossWeights", $"{weights.Length} weights for {exits.Length} loss exits")
     let opt = s.GetSection "optimiser"
-    rd.Known(opt, path + "optimiser", [ "lr"; "weightDecay"; "schedule" ])
+    rd.Known(opt, path + "optimiser", Keys.optimiser)
     let schedule =
         match rd.String(opt, path + "optimiser.", "schedule", "cosine").ToLowerInvariant() with
         | "cosine" -> Cosine
@@ -168,9 +182,9 @@ let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
 let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
     let errors = ResizeArray<string>()
     let rd = Reader errors
-    rd.Known(root, "", [ "name"; "seed"; "deterministic"; "model"; "data"; "augment"; "regularisers"; "fisher"; "lwf"; "stages" ])
+    rd.Known(root, "", Keys.root)
     let m = root.GetSection "model"
-    rd.Known(m, "model", [ "name"; "classes"; "input"; "width"; "blocks"; "exits"; "growth"; "stepMode"; "base"; "step"; "grFactor"; "bnFactor" ])
+    rd.Known(m, "model", Keys.model)
     let input =
         rd.Value(m, "model.", "input")
         |> Option.bind (fun v ->
@@ -192,7 +206,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
           GrowthFactors = rd.IntList(m, "model.", "grFactor")
           BottleneckFactors = rd.IntList(m, "model.", "bnFactor") }
     let d = root.GetSection "data"
-    rd.Known(d, "data", [ "name"; "root"; "validationFraction"; "trainLimit"; "testLimit" ])
+    rd.Known(d, "data", Keys.data)
     let data =
         { Name = rd.String(d, "data.", "name", "")
           Root = rd.Value(d, "data.", "root") |> Option.filter (fun v -> v <> "")
@@ -200,13 +214,13 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
           TrainLimit = rd.Int(d, "data.", "trainLimit", 0)
           TestLimit = rd.Int(d, "data.", "testLimit", 0) }
     let a = root.GetSection "augment"
-    rd.Known(a, "augment", [ "cropPadding"; "flip"; "mix" ])
+    rd.Known(a, "augment", Keys.augment)
     let mixSection = a.GetSection "mix"
     let mix =
         if not (mixSection.Exists()) then None
         elif mixSection.Value = "" || mixSection.Value = "none" then None
         else
-            rd.Known(mixSection, "augment.mix", [ "mixupAlpha"; "cutmixAlpha"; "switchProbability"; "labelSmoothing"; "probability" ])
+            rd.Known(mixSection, "augment.mix", Keys.mix)
             let dm = Defaults.mix
             Some
                 { MixupAlpha = rd.Float(mixSection, "augment.mix.", "mixupAlpha", dm.MixupAlpha)
@@ -231,7 +245,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
                 | None -> ()
     let f = root.GetSection "fisher"
     if f.Exists() then
-        rd.Known(f, "fisher", [ "estimator"; "samples" ])
+        rd.Known(f, "fisher", Keys.legacyFisher)
         match rd.Value(f, "fisher.", "estimator") with
         | Some e ->
             let name =
@@ -246,7 +260,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
         | None -> ()
     let l = root.GetSection "lwf"
     if l.Exists() then
-        rd.Known(l, "lwf", [ "teachers" ])
+        rd.Known(l, "lwf", Keys.legacyLwf)
         match rd.Value(l, "lwf.", "teachers") with
         | Some t -> settings <- settings |> Penalties.withSetting "lwf" "teachers" t
         | None -> ()
