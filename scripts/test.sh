@@ -62,6 +62,15 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
   rm -rf "$bench"
 fi
 
+# The Slurm backend on a real single-node cluster started for the test (installs slurm-wlm and munge when missing; needs
+# root or sudo); about a minute.
+if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ] && [ -z "${EARLYEXIT_SKIP_SLURM:-}" ]; then
+  slurmlog=$(mktemp)
+  bash scripts/slurm-test.sh > "$slurmlog" 2>&1
+  report "slurm backend (single-node cluster)" $? "$slurmlog"
+  rm -f "$slurmlog"
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ] || status=1
 exit $status

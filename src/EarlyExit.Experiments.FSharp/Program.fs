@@ -50,7 +50,7 @@ let data (r: ParseResults<DataArgs>) =
     match r.GetSubCommand() with
     | Check c ->
         let name = c.GetResult Name
-        let root = c.TryGetResult Root |> Option.toObj
+        let root = c.TryGetResult DataCheckArgs.Root |> Option.toObj
         let splits = DataCatalog.Load(name, root)
         printfn "%s from %s" (DataCatalog.Normalise name) splits.Source
         for d in [ splits.Train; splits.Validation; splits.Test ] do
@@ -58,7 +58,7 @@ let data (r: ParseResults<DataArgs>) =
         0
     | Download c ->
         let name = c.GetResult Name
-        let root = c.TryGetResult Root |> Option.toObj
+        let root = c.TryGetResult DataCheckArgs.Root |> Option.toObj
         let mutable last = -1L
         let folder =
             DataCatalog.DownloadCifar(
@@ -104,6 +104,15 @@ let main argv =
     // Spectre assumes 80 columns when output is redirected; tables of numbers need more.
     if Console.IsOutputRedirected then AnsiConsole.Profile.Width <- 140
     let parser = ArgumentParser.Create<CliArgs>(programName = "earlyexit", errorHandler = ProcessExiter())
+    // `sweep plan EXPERIMENT OPTIONS`: the options are the experiment script's own, passed on unparsed.
+    let planAt = argv |> Array.tryFindIndex ((=) "sweep") |> Option.filter (fun i -> i + 2 < argv.Length && argv[i + 1] = "plan")
+    match planAt with
+    | Some i ->
+        let global' = parser.ParseCommandLine(argv[.. i - 1], raiseOnUsage = true)
+        global'.TryGetResult Numerics |> Option.iter (fun b -> NumericsGuard.Requested <- b)
+        global'.TryGetResult Threads |> Option.iter (fun t -> TorchThreads.Parse t |> ignore; TorchThreads.Requested <- t)
+        SweepCommand.plan argv[i + 2] (List.ofArray argv[i + 3 ..])
+    | None ->
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         // Before the first use of torch: the guard applies the kernels once per process.
@@ -124,6 +133,7 @@ let main argv =
                 printfn "schema written to %s" file
             | None -> printf "%s" text
             0
+        | Some (Sweep r) -> SweepCommand.run r
         | Some (Eval r) -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256))
         | Some (Train r) ->
             r.TryGetResult Parent_Pid |> Option.iter Train.watchParent

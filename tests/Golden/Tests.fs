@@ -323,4 +323,4 @@ let budgets =
         }
     ]
 
-let all = testList "golden" [ budgets; msdnetPaper; resnet34Paper; describeJson; elfPatch; runtimeLoader; registry; NumericsTests.all; AnalyzerTests.all; StatisticsTests.all; SchemaTests.all ]
+let all = testList "golden" [ budgets; msdnetPaper; resnet34Paper; describeJson; elfPatch; runtimeLoader; registry; NumericsTests.all; AnalyzerTests.all; StatisticsTests.all; SchemaTests.all; SlurmTests.all ]

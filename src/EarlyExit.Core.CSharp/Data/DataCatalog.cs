@@ -43,6 +43,7 @@ namespace EarlyExit.Data
         public static string FolderOf(string name, string? root)
         {
             var n = Normalise(name);
+            bool given = root is not null;
             root ??= DefaultRoot();
             if (CifarVariant(n) is { } v)
             {
@@ -51,10 +52,13 @@ namespace EarlyExit.Data
             }
             if (n == "fashion-mnist")
             {
-                foreach (var candidate in new[] { root, Path.Combine(root, "fashion-mnist"), FashionMnist.DebianFolder })
+                // A root the user gave is where the data must be (no fall-back elsewhere: a typo must not train on
+                // other files); without one, Debian's package folder is the last place looked in.
+                var candidates = given ? new[] { root, Path.Combine(root, "fashion-mnist") } : new[] { root, Path.Combine(root, "fashion-mnist"), FashionMnist.DebianFolder };
+                foreach (var candidate in candidates)
                     if (File.Exists(Path.Combine(candidate, "t10k-labels-idx1-ubyte.gz")) || File.Exists(Path.Combine(candidate, "t10k-labels-idx1-ubyte")))
                         return candidate;
-                return FashionMnist.DebianFolder;
+                return given ? Path.Combine(root, "fashion-mnist") : FashionMnist.DebianFolder;
             }
             throw new ArgumentException($"unknown data set '{name}'; known: {string.Join(", ", Names)}");
         }

@@ -131,6 +131,84 @@ type SchemaArgs =
             match a with
             | Out _ -> "write the schema to this file instead of standard output"
 
+type SlurmArgs =
+    | [<MainCommand; ExactlyOnce>] Root of dir: string
+    | Backend of name: string
+    | Jobs of count: int
+    | Partition of name: string
+    | Time of limit: string
+    | Mem of size: string
+    | Cpus_Per_Task of count: int
+    | Gres of spec: string
+    | Device of device: string
+    | Max_Concurrent of count: int
+    | No_Requeue
+    | Sbatch of option: string
+    | Reset
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Root _ -> "the experiment's results folder (it holds sweep/sweep.json)"
+            | Backend _ -> "submit: local (the executor on this machine, default) or slurm (one job array)"
+            | Jobs _ -> "local: runs at a time (default: one per core)"
+            | Partition _ -> "slurm: partition"
+            | Time _ -> "slurm: wall-clock limit of each task (e.g. 04:00:00)"
+            | Mem _ -> "slurm: memory of each task (e.g. 8G)"
+            | Cpus_Per_Task _ -> "slurm: CPUs of each task, its torch threads (default: the sweep's threads)"
+            | Gres _ -> "slurm: generic resources of each task (e.g. gpu:1)"
+            | Device _ -> "the device the runs train on (cuda on GPU nodes)"
+            | Max_Concurrent _ -> "slurm: tasks at a time (the array's %N)"
+            | No_Requeue -> "slurm: do not requeue a preempted or failed task (requeued by default; it resumes from its last epoch)"
+            | Sbatch _ -> "slurm: one more sbatch option, e.g. --account=proj"
+            | Reset -> "resubmit: also runs that used their three attempts (their count starts again)"
+
+type SweepStatusArgs =
+    | [<MainCommand; ExactlyOnce>] Root of dir: string
+    | Json
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Root _ -> "the experiment's results folder"
+            | Json -> "print one JSON object"
+
+type SweepRootArgs =
+    | [<MainCommand; ExactlyOnce>] Root of dir: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Root _ -> "the experiment's results folder"
+
+type SweepTaskArgs =
+    | [<MainCommand; ExactlyOnce>] Task of root: string * index: int
+    | Device of device: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Task _ -> "the results folder and the task's index (what a Slurm array task runs)"
+            | Device _ -> "the device (cuda on GPU nodes)"
+
+type SweepArgs =
+    | [<CliPrefix(CliPrefix.None)>] Plan of experiment: string
+    | [<CliPrefix(CliPrefix.None)>] Submit of ParseResults<SlurmArgs>
+    | [<CliPrefix(CliPrefix.None)>] Status of ParseResults<SweepStatusArgs>
+    | [<CliPrefix(CliPrefix.None)>] Resubmit of ParseResults<SlurmArgs>
+    | [<CliPrefix(CliPrefix.None)>] Collect of ParseResults<SweepRootArgs>
+    | [<CliPrefix(CliPrefix.None)>] Task of ParseResults<SweepTaskArgs>
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Plan _ -> "table1|table2|regularisers [the script's options]: write the experiment's runs as a sweep, without running them"
+            | Submit _ -> "run a planned sweep: --backend local (the executor) or slurm (a job array)"
+            | Status _ -> "pending, running, finished, failed (with the log's tail) for every run"
+            | Resubmit _ -> "submit again, to Slurm, only the runs that did not finish and are not queued"
+            | Collect _ -> "the experiment's tables, figures and claims from whatever finished, saying what is missing"
+            | Task _ -> "run one task of a sweep in this process (what a Slurm array task does)"
+
 type DoctorArgs =
     | Recheck
     | All
@@ -151,6 +229,7 @@ type CliArgs =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
     | [<CliPrefix(CliPrefix.None)>] Schema of ParseResults<SchemaArgs>
+    | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepArgs>
 
     interface IArgParserTemplate with
         member a.Usage =
@@ -163,4 +242,5 @@ type CliArgs =
             | Doctor _ -> "show how TorchSharp was loaded, the CPU and the convolution kernels the numerics check chose, threads, load and device"
             | Train _ -> "train a model with a strategy or a recipe; writes a resumable run folder"
             | Eval _ -> "per-exit accuracy, budget table, accuracy-MACs curve and timing of a finished run"
+            | Sweep _ -> "sweeps of runs beyond one machine: plan, submit (local or slurm), status, resubmit, collect"
             | Schema _ -> "the JSON Schema of recipe files (the keys this build reads, and the registered regularisers and their settings)"

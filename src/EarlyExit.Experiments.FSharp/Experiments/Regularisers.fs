@@ -38,15 +38,15 @@ let private ewcRow (l: float) = row (name "ewc-lambda" l) (Sequential [ ewc l ])
 /// The rows of the parts asked for, each once (the constants serve the schedules, the Fisher sweep and MAS alike).
 let grid (asked: string list) =
     [ if List.contains "schedules" asked || List.contains "fisher" asked then
-          for l in lambdas -> ewcRow l
-      elif List.contains "mas" asked then ewcRow 100.0
+          for l in lambdas do yield ewcRow l
+      elif List.contains "mas" asked then yield ewcRow 100.0
       if List.contains "schedules" asked then
-          for n, s in schedules -> row n (Sequential [ penalty "ewc" s ]) "empirical" "EWC" $"λ={Strength.format s}"
+          for n, s in schedules do yield row n (Sequential [ penalty "ewc" s ]) "empirical" "EWC" $"λ={Strength.format s}"
       if List.contains "fisher" asked then
-          for l in lambdas -> row (name "ewc-exact-lambda" l) (Sequential [ ewc l ]) "exact" "EWC" $"λ={l}"
+          for l in lambdas do yield row (name "ewc-exact-lambda" l) (Sequential [ ewc l ]) "exact" "EWC" $"λ={l}"
       if List.contains "mas" asked then
-          for l in masLambdas -> row (name "mas-lambda" l) (Sequential [ mas l ]) "" "MAS" $"λ={l}"
-          row "lwf-rho0.7" (Sequential [ lwf 0.7 ]) "" "LwF" "ρ=0.7" ]
+          for l in masLambdas do yield row (name "mas-lambda" l) (Sequential [ mas l ]) "" "MAS" $"λ={l}"
+          yield row "lwf-rho0.7" (Sequential [ lwf 0.7 ]) "" "LwF" "ρ=0.7" ]
 
 /// One paired comparison: a − b of one measure per seed.
 type Comparison =

@@ -12,9 +12,32 @@ exception ScriptArgError of string
 
 /// Options with a value; `numerics` is applied by experiments/Load.fsx before torch first runs and read here again
 /// for the runs the executor starts.
-let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics"; "stage-epochs"; "regularisers"; "parts" ]
+let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics"; "stage-epochs"; "regularisers"; "parts"
+              // Where the runs go, and the Slurm backend's options.
+              "backend"; "partition"; "time"; "mem"; "cpus-per-task"; "gres"; "max-concurrent"; "sbatch" ]
 /// Options without a value.
-let flags = [ "deterministic"; "equal-steps" ]
+let flags = [ "deterministic"; "equal-steps"; "no-requeue" ]
+
+/// The Slurm options of a script's command line (`--partition`, `--time`, `--mem`, `--cpus-per-task` (default: the
+/// runs' threads), `--gres`, `--max-concurrent`, `--sbatch "--account=x"` (repeatable through commas? one option),
+/// `--no-requeue`).
+let slurmOptions (opts: Map<string, string>) (threads: int) (device: string option) : EarlyExit.Experiments.Runner.Slurm.Options =
+    let positive (name: string) =
+        opts.TryFind name
+        |> Option.map (fun v ->
+            match Int32.TryParse v with
+            | true, n when n >= 1 -> n
+            | _ -> raise (ScriptArgError $"--{name} {v}: give a positive integer"))
+    { EarlyExit.Experiments.Runner.Slurm.defaults with
+        Partition = opts.TryFind "partition"
+        Time = opts.TryFind "time"
+        Mem = opts.TryFind "mem"
+        CpusPerTask = defaultArg (positive "cpus-per-task") threads
+        Gres = opts.TryFind "gres"
+        Device = device
+        MaxConcurrent = positive "max-concurrent"
+        Requeue = not (opts.ContainsKey "no-requeue")
+        Extra = opts.TryFind "sbatch" |> Option.map (fun e -> [ e ]) |> Option.defaultValue [] }
 
 /// Seeds when none are given: 2 at smoke scale (enough to exercise the statistics), 3 otherwise.
 let defaultSeeds (scale: Scales.Scale) = if scale = Scales.Smoke then [ 0; 1 ] else [ 0; 1; 2 ]
@@ -113,6 +136,13 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
             | Some bad -> raise (ScriptArgError $"""--parts: unknown part '{bad}' ({String.Join(", ", known)})""")
             | None when names.IsEmpty -> raise (ScriptArgError $"""--parts: give one or more of {String.Join(", ", known)}""")
             | None -> List.distinct names)
+      Backend =
+        match opts.TryFind "backend" with
+        | None | Some "local" -> Table1.LocalBackend
+        | Some "slurm" -> Table1.SlurmBackend(slurmOptions opts threads (opts.TryFind "device"))
+        | Some other -> raise (ScriptArgError $"--backend {other}: local (the executor on this machine) or slurm (a job array)")
+      Experiment = experiment
+      Arguments = argv
       Log = fun line -> Console.Out.WriteLine line }
 
 /// Runs an experiment body with the clear errors every script shares; returns the exit code.
@@ -124,18 +154,59 @@ let main (body: unit -> unit) =
     | ScriptArgError msg -> eprintfn "error: %s" msg; 2
     | :? EarlyExit.Data.DataFormatException as e -> eprintfn "error: %s" e.Message; 1
     | Interpreter.RunError msg -> eprintfn "error: %s" msg; 1
+    | Sweep.SweepError msg -> eprintfn "error: %s" msg; 1
     | :? ArgumentException as e -> eprintfn "error: %s" e.Message; 2
+
+/// The experiments a sweep can come from, by name.
+let bodyOf (experiment: string) : Table1.Options -> string =
+    match experiment with
+    | "table1" -> Table1.run
+    | "table2" -> Table2.run
+    | "regularisers" -> Regularisers.run
+    | other -> raise (ScriptArgError $"unknown experiment '{other}' (table1, table2, regularisers)")
+
+/// Runs an experiment's body; prints its tables and the claims file, or, when its runs went to a scheduler (or were
+/// only planned), what to do next.
+let private runBody (options: Table1.Options) (body: Table1.Options -> string) =
+    let text =
+        try Some(body options)
+        with Table1.Submitted message ->
+            printfn "%s" message
+            None
+    match text with
+    | None -> ()
+    | Some text ->
+        printfn "\n%s" text
+        // What the results say about the papers' claims, from every table of this data set and scale.
+        let data, _ = Table1.chooseData options
+        printfn "%s" (Claims.write (Path.GetDirectoryName(Path.GetFullPath options.OutRoot)) data (Scales.name options.Scale))
 
 /// The whole body of an experiment script: parse the options, run, print the Markdown and the time; the exit code.
 let runScript (experiment: string) (scriptDir: string) (argv: string[]) (body: Table1.Options -> string) =
     let clock = Diagnostics.Stopwatch.StartNew()
     main (fun () ->
         let options = parse experiment (Path.Combine(scriptDir, "..")) (argv |> Array.tail |> List.ofArray)
-        printfn "\n%s" (body options)
-        // What the results say about the papers' claims, from every table of this data set and scale.
-        let data, _ = Table1.chooseData options
-        printfn "%s" (Claims.write (Path.GetDirectoryName(Path.GetFullPath options.OutRoot)) data (Scales.name options.Scale))
+        runBody options body
         printfn "%s.fsx finished in %.0f s" experiment clock.Elapsed.TotalSeconds)
+
+/// `earlyexit sweep plan EXPERIMENT OPTIONS`: the experiment's runs as a sweep (recipes and sweep.json), not run.
+let planSweep (experiment: string) (argv: string list) =
+    main (fun () ->
+        let body = bodyOf experiment
+        let options = parse experiment (Directory.GetCurrentDirectory()) argv
+        runBody { options with Backend = Table1.PlanOnly } body)
+
+/// `earlyexit sweep collect ROOT`: the experiment's tables, figures and claims from whatever runs of the sweep
+/// finished, saying what is missing.
+let collectSweep (root: string) =
+    main (fun () ->
+        let sweep = Sweep.load root
+        let body = bodyOf sweep.Experiment
+        let options = parse sweep.Experiment (Directory.GetCurrentDirectory()) sweep.Arguments
+        let options = { options with Backend = Table1.CollectOnly; OutRoot = Path.GetDirectoryName sweep.Root }
+        if Table1.resultsFolder options (fst (Table1.chooseData options)) <> sweep.Root then
+            raise (ScriptArgError $"{sweep.Root}: the sweep's options name another results folder ({Table1.resultsFolder options (fst (Table1.chooseData options))})")
+        runBody options body)
 
 /// The figure scripts' argument: a results folder of table1 (default: Fashion-MNIST at cpu scale).
 let resultsDir (scriptDir: string) (argv: string[]) =

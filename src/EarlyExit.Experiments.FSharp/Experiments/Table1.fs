@@ -15,6 +15,17 @@ open EarlyExit.Experiments.Runner
 open EarlyExit.Experiments.Evaluation
 open EarlyExit.Experiments.Reports
 
+/// Where an experiment's runs go: the local executor, a Slurm job array, nowhere (plan only: the sweep is written),
+/// or nowhere with the tables written from whatever finished (collect).
+type Backend =
+    | LocalBackend
+    | SlurmBackend of Slurm.Options
+    | PlanOnly
+    | CollectOnly
+
+/// An experiment's runs went to a scheduler (or were only planned): what to do next, instead of tables.
+exception Submitted of string
+
 type Options =
     { Scale: Scales.Scale
       /// None: CIFAR-100 when its files are present, else Fashion-MNIST.
@@ -41,6 +52,10 @@ type Options =
       Regularisers: string list option
       /// regularisers.fsx only: the parts of its grid to run ("schedules", "fisher", "mas"; None: all).
       Parts: string list option
+      Backend: Backend
+      /// The experiment's name and its script options, recorded in the sweep (for `earlyexit sweep collect`).
+      Experiment: string
+      Arguments: string list
       Log: string -> unit }
 
 /// The scale's settings as the options adjust them (a second setting).
@@ -250,15 +265,45 @@ let runAll (o: Options) (dir: string) (recipes: (string * Recipe) list) =
                                 | Some r -> { recipe.Data with Root = Some r }
                                 | None -> recipe.Data) }
                 { Executor.Name = name; Executor.Seed = seed; Executor.Recipe = recipe; Executor.RunDir = runDir dir name seed } ]
-    let options: Executor.Options =
-        { Jobs = o.Jobs; Threads = o.Threads; PrefixCache = Some(Path.Combine(dir, "prefix-cache")); Scale = Scales.name o.Scale
-          Device = o.Device; Numerics = o.Numerics; SweepDir = Path.Combine(dir, "sweep"); Log = o.Log }
-    let outcomes = Executor.run options jobs
-    match outcomes |> List.filter (fun x -> x.ExitCode <> 0) with
-    | [] -> ()
-    | failed ->
-        let what = failed |> List.map (fun f -> $"{f.Job.Name} seed {f.Job.Seed} (exit code {f.ExitCode}):\n{f.Tail}") |> String.concat "\n\n"
-        raise (Interpreter.RunError $"{failed.Length} of {outcomes.Length} runs failed; the others are kept, and running again resumes:\n{what}")
+    let prefixCache = Path.Combine(dir, "prefix-cache")
+    let sweepOf () =
+        Sweep.ofJobs o.Experiment o.Arguments dir (Scales.name o.Scale) prefixCache o.Threads o.Numerics o.Device
+            [ for j in jobs -> j.Name, j.Seed, j.Recipe, j.RunDir ]
+    let status () =
+        let missing = jobs |> List.filter (fun j -> not (File.Exists(Path.Combine(j.RunDir, "metrics.json"))))
+        jobs.Length - missing.Length, missing
+    match o.Backend with
+    | CollectOnly ->
+        let done', missing = status ()
+        o.Log $"{done'} of {jobs.Length} runs finished"
+        if not missing.IsEmpty then
+            o.Log $"""missing (the tables leave them out): {String.Join(", ", missing |> List.map (fun j -> $"{j.Name} seed {j.Seed}"))}"""
+        if done' = 0 then raise (Interpreter.RunError $"no run of this sweep has finished yet in {dir}; see `earlyexit sweep status {dir}`")
+    | PlanOnly ->
+        let sweep = sweepOf ()
+        Sweep.save sweep
+        raise (Submitted $"planned {sweep.Runs.Length} runs in {Sweep.file dir}; run them with `earlyexit sweep submit {dir} --backend local|slurm`")
+    | SlurmBackend so ->
+        Slurm.requireClient ()
+        let sweep = sweepOf ()
+        Sweep.save sweep
+        let todo = sweep.Runs |> List.filter (Sweep.finished >> not)
+        if todo.IsEmpty then o.Log $"all {sweep.Runs.Length} runs already finished"
+        else
+            let job = Slurm.submit sweep { so with Device = (match so.Device with Some d -> Some d | None -> o.Device) } [ for r in todo -> r.Task ]
+            raise (Submitted($"submitted Slurm array job {job}: {todo.Length} of {sweep.Runs.Length} runs (the others finished); " +
+                             $"follow with `earlyexit sweep status {dir}`, write the tables with `earlyexit sweep collect {dir}`"))
+    | LocalBackend ->
+        Sweep.save (sweepOf ())
+        let options: Executor.Options =
+            { Jobs = o.Jobs; Threads = o.Threads; PrefixCache = Some prefixCache; Scale = Scales.name o.Scale
+              Device = o.Device; Numerics = o.Numerics; SweepDir = Path.Combine(dir, "sweep"); Log = o.Log }
+        let outcomes = Executor.run options jobs
+        match outcomes |> List.filter (fun x -> x.ExitCode <> 0) with
+        | [] -> ()
+        | failed ->
+            let what = failed |> List.map (fun f -> $"{f.Job.Name} seed {f.Job.Seed} (exit code {f.ExitCode}):\n{f.Tail}") |> String.concat "\n\n"
+            raise (Interpreter.RunError $"{failed.Length} of {outcomes.Length} runs failed; the others are kept, and running again resumes:\n{what}")
     loadRows dir (List.map fst recipes) (Some o.Seeds)
 
 /// The footer every table carries.
