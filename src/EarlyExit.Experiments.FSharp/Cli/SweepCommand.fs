@@ -64,16 +64,44 @@ let resubmit (r: ParseResults<SlurmArgs>) =
     | None -> printfn "nothing to resubmit: every run is finished, queued or out of attempts"
     0
 
+/// Remaining task-seconds, from measured rates: each running run's ETA (its progress: the current images/s over the
+/// steps left, every later stage at its epoch cap, so an upper bound under early stopping), and for every run not yet
+/// running the mean wall time of the finished ones; None for those where no run has finished yet.
+let remaining (statuses: Slurm.RunStatus list) =
+    let wall (st: Slurm.RunStatus) =
+        try
+            use doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(st.Run.RunDir, "metrics.json")))
+            Some(doc.RootElement.GetProperty("wallSeconds").GetDouble())
+        with _ -> None
+    let eta (st: Slurm.RunStatus) =
+        try
+            use doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(st.Run.RunDir, "progress.json")))
+            let v = doc.RootElement.GetProperty("EtaSeconds")
+            if v.ValueKind = JsonValueKind.Number then Some(v.GetDouble()) else None
+        with _ -> None
+    let finishedWalls = statuses |> List.filter (fun st -> st.State = "finished") |> List.choose wall |> List.filter (fun w -> w > 0.0)
+    let running = statuses |> List.filter (fun st -> st.State = "running") |> List.choose eta
+    let waiting = statuses |> List.filter (fun st -> st.State <> "finished" && st.State <> "running") |> List.length
+    let meanFull = if finishedWalls.IsEmpty then None else Some(List.average finishedWalls)
+    {| runningSeconds = List.sum running
+       runningRuns = running.Length
+       waitingRuns = waiting
+       meanFinishedSeconds = Option.toNullable meanFull
+       finishedMeasured = finishedWalls.Length
+       waitingSeconds = (match meanFull with Some m -> Nullable(m * float waiting) | None -> Nullable()) |}
+
 let status (r: ParseResults<SweepStatusArgs>) =
     let s = Sweep.load (r.GetResult SweepStatusArgs.Root)
     let statuses, queueError = Slurm.status s
     let counts = statuses |> List.countBy (fun st -> st.State)
+    let left = remaining statuses
     if r.Contains SweepStatusArgs.Json then
         let json =
             {| root = s.Root
                experiment = s.Experiment
                queueError = Option.toObj queueError
                counts = dict counts
+               remaining = left
                runs = [ for st in statuses -> {| task = st.Run.Task; name = st.Run.Name; seed = st.Run.Seed; state = st.State; detail = st.Detail; logTail = st.LogTail; runDir = st.Run.RunDir |} ] |}
         printfn "%s" (JsonSerializer.Serialize(json, JsonSerializerOptions(WriteIndented = true)))
     else
@@ -83,6 +111,13 @@ let status (r: ParseResults<SweepStatusArgs>) =
             table.AddRow(string st.Run.Task, Markup.Escape st.Run.Name, string st.Run.Seed, Markup.Escape st.State, Markup.Escape st.Detail) |> ignore
         AnsiConsole.Write table
         printfn "%s" (String.Join(", ", counts |> List.map (fun (k, n) -> $"{n} {k}")))
+        let hours (sec: float) = (sec / 3600.0).ToString("F1", Globalization.CultureInfo.InvariantCulture)
+        if left.runningRuns > 0 || left.waitingRuns > 0 then
+            let waiting =
+                if left.waitingRuns = 0 then ""
+                elif left.waitingSeconds.HasValue then $"; {hours left.waitingSeconds.Value} for the {left.waitingRuns} not running, at the mean wall time of {left.finishedMeasured} finished run(s)"
+                else $"; the {left.waitingRuns} not running: no estimate until a run finishes"
+            printfn "remaining, from measured rates: %s task-hours for the %d running (their ETAs, every later stage at its epoch cap)%s" (hours left.runningSeconds) left.runningRuns waiting
         for st in statuses do
             if st.LogTail <> "" then printfn "\n%s seed %d (task %d), %s; its log ends:\n%s" st.Run.Name st.Run.Seed st.Run.Task st.State st.LogTail
     if statuses |> List.exists (fun st -> st.State = "failed") then 1 else 0
