@@ -317,6 +317,50 @@ let budgets =
             Expect.equal (EarlyExit.Experiments.Cli.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 1; 3; 3; 1 |]) 1.6 "1.6x"
             Expect.equal (EarlyExit.Experiments.Cli.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 3; 3 |]) 1.0 "nobody leaves early"
         }
+        test "entropy policy: leave where the softmax entropy is below t (H(.9,.1) = 0.325, H(.6,.4) = 0.673, H(.5,.5) = ln 2)" {
+            let o = budgetFixture ()
+            let at t = EarlyExit.Experiments.Evaluation.Budget.pointWith o EarlyExit.Experiments.Evaluation.Budget.Entropy t
+            Expect.floatClose Accuracy.medium (float (o.Entropy[0][0])) 0.3250829733914482 "H(0.9, 0.1)"
+            let p = at 0.5
+            Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (1.0, 31.25, [| 0.25; 0.25; 0.5 |]) "t = 0.5"
+            let p = at 0.7
+            Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (0.25, 10.0, [| 1.0; 0.0; 0.0 |]) "t = 0.7: every entropy at exit 1 is below"
+            let p = at 0.0
+            Expect.equal (p.Accuracy, p.AverageMacs) (1.0, 45.0) "t = 0: nothing is below, all take the last exit"
+        }
+        test "patience policy (PBEE): leave once the prediction stayed the same for k consecutive exits" {
+            let o = budgetFixture ()
+            let at k = EarlyExit.Experiments.Evaluation.Budget.pointWith o EarlyExit.Experiments.Evaluation.Budget.Patience k
+            let p = at 0.0
+            Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (0.25, 10.0, [| 1.0; 0.0; 0.0 |]) "k = 0: exit 1"
+            // Predictions per sample over exits: 0,0,0 / 0,1,1 / 0,1,1 / 1,1,0; labels 0,1,1,0.
+            let p = at 1.0
+            Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (0.75, 35.0, [| 0.0; 0.5; 0.5 |]) "k = 1"
+            let p = at 2.0
+            Expect.equal (p.Accuracy, p.AverageMacs) (1.0, 45.0) "k = 2: never before the last exit"
+            Expect.equal (EarlyExit.Experiments.Evaluation.Budget.parametersOf o 2 EarlyExit.Experiments.Evaluation.Budget.Patience) [| 0.0; 1.0; 2.0 |] "k = 0..M−1"
+        }
+        test "expected calibration error (15 bins): exit 1 is 0.45" {
+            // Bins of exit 1: 0.9 (right) alone, 0.6 twice (both wrong), 0.5 (wrong): 1/4·0.1 + 2/4·0.6 + 1/4·0.5.
+            let ece, bins = EarlyExit.Experiments.Evaluation.Budget.calibration (budgetFixture ()) 0 15
+            Expect.floatClose Accuracy.medium ece 0.45 "ECE"
+            let count, accuracy, _ = bins[9]
+            Expect.equal (count, accuracy) (2, 0.0) "the 0.6 bin"
+            let ece3, _ = EarlyExit.Experiments.Evaluation.Budget.calibration (budgetFixture ()) 2 15
+            Expect.floatClose Accuracy.medium ece3 ((3.0 * 0.1 + 0.4) / 4.0) "exit 3: three at 0.9 right, one at 0.6 right"
+        }
+        test "budgets fitted on the validation split, applied once to the test split" {
+            let validation = budgetFixture ()
+            // The test split: the same outputs, the second sample's label changed to 0.
+            let test = { validation with Labels = [| 0; 0; 1; 0 |] }
+            match EarlyExit.Experiments.Evaluation.Budget.fittedOnValidation validation test 2 EarlyExit.Experiments.Evaluation.Budget.Softmax 0.5 with
+            | None -> failtest "a threshold fits 50% on validation"
+            | Some p ->
+                // On validation, the most MACs within 20 is 13.75 (t in [0.5, 0.6)); the last such threshold is 59/99.
+                Expect.floatClose Accuracy.high p.Threshold (59.0 / 99.0) "threshold chosen on validation"
+                Expect.equal (p.AverageMacs, p.Accuracy) (13.75, 0.75) "its test cost and accuracy"
+            Expect.isNone (EarlyExit.Experiments.Evaluation.Budget.fittedOnValidation validation test 2 EarlyExit.Experiments.Evaluation.Budget.Softmax 0.2) "nothing fits 8 MACs"
+        }
         test "the reference sweep is 100 evenly spaced thresholds from 0 to 1" {
             let ts = EarlyExit.Experiments.Evaluation.Budget.thresholds 100
             Expect.equal (ts.Length, ts[0], ts[99]) (100, 0.0, 1.0) "ends"

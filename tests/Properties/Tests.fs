@@ -97,6 +97,28 @@ let models =
                 let preds = exits |> Array.mapi (fun i e -> int64 (cached.Prediction[e][i]))
                 real.Exits = (exits |> Array.map ((+) 1)) && real.Predictions = preds))
 
+        testPropArbs "entropy and patience policies: real early-exit inference predicts what the evaluation from cached logits says" (fun (c: SmallResNet) ->
+            use net = build c
+            net.``to``(torch.float64) |> ignore
+            net.eval() |> ignore
+            use scope = torch.NewDisposeScope()
+            let x = torch.randn([| 12L; c.Input[0]; c.Input[1]; c.Input[2] |], dtype = torch.float64)
+            let logits =
+                use _ = torch.no_grad()
+                net.forward x |> Array.map (fun l -> let a = l.to_type(torch.float32).data<float32>().ToArray() in Array.init 12 (fun i -> Array.sub a (i * c.Classes) c.Classes))
+            let labels = Array.init 12 (fun i -> i % c.Classes)
+            let macs = Array.init net.ExitCount (fun e -> int64 (e + 1))
+            let cached = EarlyExit.Experiments.Evaluation.Budget.fromLogits logits labels macs (int64 net.ExitCount)
+            let agree policy inferencePolicy (ts: float list) =
+                ts |> List.forall (fun t ->
+                    let real = EarlyExitInference.Run(net, x, inferencePolicy, t)
+                    let exits = EarlyExit.Experiments.Evaluation.Budget.exitsWith cached policy t
+                    let preds = exits |> Array.mapi (fun i e -> int64 (cached.Prediction[e][i]))
+                    real.Exits = (exits |> Array.map ((+) 1)) && real.Predictions = preds)
+            let lnC = log (float c.Classes)
+            agree EarlyExit.Experiments.Evaluation.Budget.Entropy ExitPolicy.Entropy [ 0.0; 0.1 * lnC; 0.5 * lnC; 0.9 * lnC; 0.999 * lnC; lnC + 1.0 ]
+            && agree EarlyExit.Experiments.Evaluation.Budget.Patience ExitPolicy.Patience [ for k in 0 .. c.Exits.Length -> float k ])
+
         testPropN 5 "early-exit inference with batch 1 gives the same per-sample answers" (fun (seed: int) ->
             let c = { Blocks = [| 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = abs seed % 1000 }
             use net = build c

@@ -9,20 +9,28 @@ namespace EarlyExit.Inference
     /// <summary>Per sample: the predicted class, the exit it left at (1-based) and the confidence there.</summary>
     public sealed record EarlyExitResult(long[] Predictions, int[] Exits, float[] Confidences);
 
+    /// <summary>When a sample leaves: maximum softmax probability strictly above t (the papers' rule), softmax entropy
+    /// strictly below t (nats), or the prediction unchanged over t consecutive exits (PBEE; t = 0 leaves at exit 1).</summary>
+    public enum ExitPolicy { Softmax, Entropy, Patience }
+
     /// <summary>
-    /// Early-exit inference. Exit rule: a sample leaves at the first exit whose maximum softmax probability is
-    /// strictly greater than the threshold; a sample that never does takes the last exit.
+    /// Early-exit inference. Exit rule (default): a sample leaves at the first exit whose maximum softmax probability is
+    /// strictly greater than the threshold; a sample that never does takes the last exit. <see cref="ExitPolicy"/>
+    /// names the others.
     /// </summary>
     public static class EarlyExitInference
     {
+        public static EarlyExitResult Run(MultiExitNetwork net, Tensor x, double threshold) => Run(net, x, ExitPolicy.Softmax, threshold);
+
         /// <summary>
         /// Real early exit: computes segment μ+1 only for the samples still in the network after exit μ, so a batch
         /// shrinks as samples leave (batch 1 stops as soon as its sample leaves). The network must be in eval mode
         /// for per-sample results to be independent of the batch.
         /// </summary>
-        public static EarlyExitResult Run(MultiExitNetwork net, Tensor x, double threshold)
+        public static EarlyExitResult Run(MultiExitNetwork net, Tensor x, ExitPolicy policy, double parameter)
         {
             net.CheckInput(x);
+            int patience = (int)Math.Round(parameter);
             long n = x.shape[0];
             var predictions = new long[n];
             var exits = new int[n];
@@ -32,6 +40,9 @@ namespace EarlyExit.Inference
             Tensor[] state = { x };
             // Positions (in the original batch) of the samples still running.
             long[] alive = Enumerable.Range(0, (int)n).Select(i => (long)i).ToArray();
+            // Patience: each running sample's previous prediction and its count of consecutive agreements.
+            long[] previous = new long[n];
+            int[] agreements = new int[n];
             int m = net.ExitCount;
             for (int mu = 1; mu <= m && alive.Length > 0; mu++)
             {
@@ -41,10 +52,30 @@ namespace EarlyExit.Inference
                 var (conf, pred) = probs.max(1);
                 var confArr = conf.cpu().data<float>().ToArray();
                 var predArr = pred.cpu().data<long>().ToArray();
+                float[]? entropyArr = null;
+                if (policy == ExitPolicy.Entropy)
+                {
+                    // From float32 logits, as the evaluation from cached (float32) logits computes it.
+                    var logp = nn.functional.log_softmax(logits.to_type(ScalarType.Float32).to_type(ScalarType.Float64), 1);
+                    using var zero = 0.0.ToScalar();
+                    entropyArr = (-(logp.exp() * logp).sum(1L)).clamp_min(zero).to_type(ScalarType.Float32).cpu().data<float>().ToArray();
+                }
                 var stay = new System.Collections.Generic.List<long>();
                 for (int i = 0; i < alive.Length; i++)
                 {
-                    if (mu == m || confArr[i] > threshold)
+                    long at0 = alive[i];
+                    if (policy == ExitPolicy.Patience)
+                    {
+                        agreements[at0] = mu > 1 && predArr[i] == previous[at0] ? agreements[at0] + 1 : 0;
+                        previous[at0] = predArr[i];
+                    }
+                    bool leaves = policy switch
+                    {
+                        ExitPolicy.Softmax => confArr[i] > parameter,
+                        ExitPolicy.Entropy => entropyArr![i] < parameter,
+                        _ => agreements[at0] >= patience,
+                    };
+                    if (mu == m || leaves)
                     {
                         long at = alive[i];
                         predictions[at] = predArr[i];

@@ -71,6 +71,21 @@ namespace EarlyExit.Training
         public NonFiniteLossException(string message) : base(message) { }
     }
 
+    /// <summary>One exit's term of a batch's loss: its cross-entropy (a scalar in the batch's graph) and its weight.</summary>
+    public sealed record ExitLoss(int Exit, double Weight, Tensor Loss);
+
+    /// <summary>
+    /// A measurement the loop makes room for (the training-dynamics metrics): at the steps it wants, it sees the batch
+    /// and every exit's loss term before the backward pass, in the batch's graph (it may take gradients of them with
+    /// retain_graph; it must not change parameters or their .grad).
+    /// </summary>
+    public interface ITrainingProbe
+    {
+        /// <summary>Whether this step (0-based, counted over the stage's epochs) is one it measures.</summary>
+        bool Wants(int stageStep);
+        void OnLosses(StageContext stage, BatchContext batch, IReadOnlyList<ExitLoss> losses, int stageStep);
+    }
+
     /// <summary>Hooks of the loop: progress and the end of an epoch.</summary>
     public interface ITrainingObserver
     {
@@ -90,7 +105,7 @@ namespace EarlyExit.Training
     public static class StageTrainer
     {
         public static StageResult Run(MultiExitNetwork net, StagePlan plan, DataSplits data, RegulariserSet regs, Device device,
-            ITrainingObserver? observer = null)
+            ITrainingObserver? observer = null, IReadOnlyList<ITrainingProbe>? probes = null)
         {
             Validate(net, plan, regs);
             var trainable = new HashSet<string>(plan.TrainableGroups);
@@ -108,7 +123,7 @@ namespace EarlyExit.Training
             try
             {
                 foreach (var use in plan.Regularisers) penalties.Add((use, regs[use.Name].Bind(context)));
-                var result = RunEpochs(net, plan, data, device, observer, trainable, optimizer, penalties, regs);
+                var result = RunEpochs(context, observer, probes ?? Array.Empty<ITrainingProbe>(), trainable, optimizer, penalties, regs);
                 foreach (var name in plan.ConsolidateAfter) regs[name].Consolidate(context);
                 return result;
             }
@@ -118,9 +133,10 @@ namespace EarlyExit.Training
             }
         }
 
-        static StageResult RunEpochs(MultiExitNetwork net, StagePlan plan, DataSplits data, Device device, ITrainingObserver? observer,
+        static StageResult RunEpochs(StageContext context, ITrainingObserver? observer, IReadOnlyList<ITrainingProbe> probes,
             HashSet<string> trainable, OptimizerHelper optimizer, List<(RegulariserUse use, IStagePenalty penalty)> penalties, RegulariserSet regs)
         {
+            var (net, plan, data, device) = (context.Net, context.Plan, context.Data, context.Device);
             var frozenGroups = net.Groups().Where(g => !trainable.Contains(g)).ToList();
             int forwardUpTo = plan.LossExits.Concat(plan.ProtectedExits).Max();
             var needed = new bool[forwardUpTo];
@@ -175,8 +191,12 @@ namespace EarlyExit.Training
                     if (mix is not null) (x, targets, _) = mix.Apply(x, y);
 
                     var logits = net.ForwardSelected(x, needed);
-                    var loss = WeightedLoss(logits, plan, targets);
+                    var exitLosses = ExitLossesOf(logits, plan, targets);
+                    var loss = Sum(exitLosses);
                     var batch = new BatchContext(x, logits, targets, epoch, b);
+                    int stageStep = epoch * stepsPerEpoch + b;
+                    foreach (var probe in probes)
+                        if (probe.Wants(stageStep)) probe.OnLosses(context, batch, exitLosses, stageStep);
                     foreach (var (use, penalty) in penalties)
                     {
                         using var strength = use.Strength.ToScalar();
@@ -248,16 +268,28 @@ namespace EarlyExit.Training
             }
         }
 
-        static Tensor WeightedLoss(Tensor?[] logits, StagePlan plan, Tensor targets)
+        /// <summary>Each loss exit's cross-entropy with its weight, in the plan's order.</summary>
+        static List<ExitLoss> ExitLossesOf(Tensor?[] logits, StagePlan plan, Tensor targets)
         {
-            Tensor? total = null;
+            var losses = new List<ExitLoss>(plan.LossExits.Length);
             for (int i = 0; i < plan.LossExits.Length; i++)
             {
                 var l = logits[plan.LossExits[i] - 1]!;
                 var ce = targets.dim() == 2 ? ExitLosses.SoftCrossEntropy(l, targets) : ExitLosses.CrossEntropy(l, targets);
-                using var weight = plan.LossWeights[i].ToScalar();
-                var term = ce.mul(weight);
-                total = total is null ? term : total + term;
+                losses.Add(new ExitLoss(plan.LossExits[i], plan.LossWeights[i], ce));
+            }
+            return losses;
+        }
+
+        /// <summary>Σ_e w_e CE_e, in the plan's order.</summary>
+        static Tensor Sum(List<ExitLoss> losses)
+        {
+            Tensor? total = null;
+            foreach (var term in losses)
+            {
+                using var weight = term.Weight.ToScalar();
+                var weighted = term.Loss.mul(weight);
+                total = total is null ? weighted : total + weighted;
             }
             return total!;
         }
