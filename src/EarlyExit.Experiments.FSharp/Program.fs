@@ -134,6 +134,40 @@ let main argv =
             | None -> printf "%s" text
             0
         | Some (Sweep r) -> SweepCommand.run r
+        | Some (Analyze r) ->
+            TorchNativeLoader.EnsureLoaded() |> ignore
+            let metrics =
+                match r.TryGetResult AnalyzeArgs.Metrics with
+                | Some list ->
+                    let names = list.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) |> List.ofArray
+                    match names |> List.tryFind (fun n -> not (List.contains n EarlyExit.Experiments.Analysis.Analyze.metricNames)) with
+                    | Some bad -> raise (ArgumentException $"--metrics: unknown metric '{bad}' (gradients, rank, landscape, connectivity)")
+                    | None -> names
+                | None -> if r.Contains AnalyzeArgs.Vs then EarlyExit.Experiments.Analysis.Analyze.metricNames else [ "gradients"; "rank"; "landscape" ]
+            let d = EarlyExit.Experiments.Analysis.Analyze.defaults
+            let groups =
+                match r.GetResult(AnalyzeArgs.Groups, "all") with
+                | "all" -> EarlyExit.Analysis.PerturbedGroups.All
+                | "backbone" -> EarlyExit.Analysis.PerturbedGroups.Backbone
+                | "heads" -> EarlyExit.Analysis.PerturbedGroups.Heads
+                | other -> raise (ArgumentException $"--groups {other}: all, backbone or heads")
+            let positive (v: int) (what: string) = if v < 1 then raise (ArgumentException $"--{what} {v}: give a positive number") else v
+            let settings: EarlyExit.Experiments.Analysis.Analyze.Settings =
+                { Samples = positive (r.GetResult(AnalyzeArgs.Samples, d.Samples)) "samples"
+                  RankSamples = positive (r.GetResult(AnalyzeArgs.Rank_Samples, d.RankSamples)) "rank-samples"
+                  Grid = (let g = r.GetResult(AnalyzeArgs.Grid, d.Grid) in if g < 2 then raise (ArgumentException $"--grid {g}: at least 2 points per axis") else g)
+                  Span = (let sp = r.GetResult(AnalyzeArgs.Span, d.Span) in if not (sp > 0.0) then raise (ArgumentException $"--span {sp}: give a positive half-width") else sp)
+                  Groups = groups
+                  Points = (let p = r.GetResult(AnalyzeArgs.Points, d.Points) in if p < 2 then raise (ArgumentException $"--points {p}: a path needs its two ends") else p)
+                  BnSamples = positive (r.GetResult(AnalyzeArgs.Bn_Samples, d.BnSamples)) "bn-samples"
+                  Seed = r.GetResult(AnalyzeArgs.Seed, d.Seed) }
+            try
+                let md = EarlyExit.Experiments.Analysis.Analyze.run (r.GetResult AnalyzeArgs.Run_Dir) (r.TryGetResult AnalyzeArgs.Vs) metrics settings (r.TryGetResult AnalyzeArgs.Out) (fun l -> eprintfn "%s" l)
+                printfn "%s" md
+                0
+            with Failure msg ->
+                eprintfn "error: %s" msg
+                1
         | Some (Eval r) -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256))
         | Some (Train r) ->
             r.TryGetResult Parent_Pid |> Option.iter Train.watchParent

@@ -28,6 +28,7 @@ let private recipeWith (m: int) (strategy: Strategy) =
       Augment = Defaults.augment
       RegulariserSettings = Map.empty
       Deterministic = false
+      Dynamics = Defaults.dynamics
       Seed = 0
       Stages = stagesOf strategy m settings }
 

@@ -154,6 +154,7 @@ let private recipeFor (c: SmallResNet) (strategy: Strategy) =
       Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
       RegulariserSettings = Map.empty |> Penalties.withSetting "ewc" "samples" "8"
       Deterministic = false
+      Dynamics = Defaults.dynamics
       Seed = c.Seed
       Stages = stagesOf strategy c.Exits.Length settings }
 
@@ -326,6 +327,7 @@ let msdnet =
                       Augment = { CropPadding = 1; Flip = true; Mix = Some Defaults.mix }
                       RegulariserSettings = Map.empty |> Penalties.withSetting "ewc" "samples" "8"
                       Deterministic = false
+                      Dynamics = Defaults.dynamics
                       Seed = 0
                       Stages = stagesOf strategy net.ExitCount settings }
                 use regs = Interpreter.regulariserSet recipe

@@ -123,6 +123,36 @@ type EvalArgs =
             | Json -> "print one JSON object"
             | Timing_Samples _ -> "test images used to time real early-exit inference (default 256; 0 skips timing)"
 
+type AnalyzeArgs =
+    | [<MainCommand; ExactlyOnce>] Run_Dir of dir: string
+    | Vs of other: string
+    | Metrics of list: string
+    | Samples of count: int
+    | Rank_Samples of count: int
+    | Grid of points: int
+    | Span of span: float
+    | Groups of groups: string
+    | Points of count: int
+    | Bn_Samples of count: int
+    | Seed of seed: int
+    | Out of dir: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Run_Dir _ -> "a finished run folder"
+            | Vs _ -> "connectivity: the other run (same architecture) at the other end of the linear path"
+            | Metrics _ -> "gradients,rank,landscape,connectivity (default: all that apply)"
+            | Samples _ -> "test images of the landscape and the path (default 1000)"
+            | Rank_Samples _ -> "validation images of the rank (default 256)"
+            | Grid _ -> "landscape: points per axis (default 11)"
+            | Span _ -> "landscape: the plane covers [−span, span]² in units of the directions (default 1)"
+            | Groups _ -> "landscape: the parameters moved: all (default), backbone or heads"
+            | Points _ -> "connectivity: points on the path, ends included (default 11)"
+            | Bn_Samples _ -> "connectivity: training images BatchNorm statistics are re-estimated on at each point (default 2000)"
+            | Seed _ -> "seed of the samples and the directions (default 0)"
+            | Out _ -> "output folder (default RUN_DIR/analysis)"
+
 type SchemaArgs =
     | Out of file: string
 
@@ -229,6 +259,7 @@ type CliArgs =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
     | [<CliPrefix(CliPrefix.None)>] Schema of ParseResults<SchemaArgs>
+    | [<CliPrefix(CliPrefix.None)>] Analyze of ParseResults<AnalyzeArgs>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepArgs>
 
     interface IArgParserTemplate with
@@ -242,5 +273,6 @@ type CliArgs =
             | Doctor _ -> "show how TorchSharp was loaded, the CPU and the convolution kernels the numerics check chose, threads, load and device"
             | Train _ -> "train a model with a strategy or a recipe; writes a resumable run folder"
             | Eval _ -> "per-exit accuracy, budget table, accuracy-MACs curve and timing of a finished run"
+            | Analyze _ -> "training-dynamics analysis of a finished run: gradient dominance, rank, loss landscape, mode connectivity (--vs)"
             | Sweep _ -> "sweeps of runs beyond one machine: plan, submit (local or slurm), status, resubmit, collect"
             | Schema _ -> "the JSON Schema of recipe files (the keys this build reads, and the registered regularisers and their settings)"

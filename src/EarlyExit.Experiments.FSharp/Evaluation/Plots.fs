@@ -85,3 +85,105 @@ let exitRatios (path: string) (title: string) (provenance: string) (exitsCount: 
     plt.YLabel("samples leaving at the exit (%)")
     plt.ShowLegend(ScottPlot.Alignment.UpperRight) |> ignore
     plt.SavePng(path, 1100, 600) |> ignore
+
+/// A loss landscape: the loss on the (α, β) plane as a heatmap (log scale) with contour lines; the trained weights
+/// sit at (0, 0).
+let landscape (path: string) (title: string) (provenance: string) (alphas: float[]) (betas: float[]) (loss: float[][]) =
+    let plt = ScottPlot.Plot()
+    let n, m = alphas.Length, betas.Length
+    // Rows of a heatmap run top to bottom: the largest β first.
+    let intensities = Array2D.init m n (fun r c -> log10 (max 1e-12 (loss[c][m - 1 - r])))
+    let hm = plt.Add.Heatmap(intensities)
+    // Cells centred on the grid's points: the image spans half a step beyond the first and last.
+    let da, db = (alphas[n - 1] - alphas[0]) / float (n - 1), (betas[m - 1] - betas[0]) / float (m - 1)
+    hm.Rectangle <- ScottPlot.CoordinateRect(alphas[0] - da / 2.0, alphas[n - 1] + da / 2.0, betas[0] - db / 2.0, betas[m - 1] + db / 2.0)
+    hm.Colormap <- ScottPlot.Colormaps.Viridis()
+    let bar = plt.Add.ColorBar(hm)
+    bar.Label <- "log10 loss"
+    let coords = Array2D.init n m (fun a b -> ScottPlot.Coordinates3d(alphas[a], betas[b], log10 (max 1e-12 (loss[a][b]))))
+    let contours = plt.Add.ContourLines(coords, 10)
+    contours.LineColor <- ScottPlot.Colors.White.WithAlpha(0.7)
+    contours.LabelStyle.IsVisible <- false
+    let origin = plt.Add.Marker(0.0, 0.0)
+    origin.Color <- ScottPlot.Colors.Red
+    titled plt title provenance
+    plt.XLabel("α (direction 1, filter-normalised)")
+    plt.YLabel("β (direction 2, filter-normalised)")
+    plt.SavePng(path, 800, 700) |> ignore
+
+/// Loss (left axis) and accuracy (right axis) of every exit along a path t ∈ [0, 1].
+let connectivity (path: string) (title: string) (provenance: string) (ts: float[]) (losses: (string * float[]) list) (accuracies: (string * float[]) list) =
+    let plt = ScottPlot.Plot()
+    let palette = ScottPlot.Palettes.Category10()
+    losses |> List.iteri (fun i (name, ys) ->
+        let s = plt.Add.Scatter(ts, ys)
+        s.LegendText <- $"{name} loss"
+        s.Color <- palette.GetColor i)
+    accuracies |> List.iteri (fun i (name, ys) ->
+        let s = plt.Add.Scatter(ts, ys |> Array.map (fun a -> 100.0 * a))
+        s.LegendText <- $"{name} accuracy (%%, right)"
+        s.Color <- palette.GetColor i
+        s.LinePattern <- ScottPlot.LinePattern.Dashed
+        s.Axes.YAxis <- plt.Axes.Right)
+    titled plt title provenance
+    plt.XLabel("t: (1 − t)·θ_A + t·θ_B, BatchNorm statistics re-estimated at every point")
+    plt.YLabel("test cross-entropy")
+    plt.Axes.Right.Label.Text <- "test accuracy (%)"
+    plt.ShowLegend(ScottPlot.Alignment.UpperRight) |> ignore
+    plt.SavePng(path, 1000, 650) |> ignore
+
+/// A matrix as a heatmap with its values written in the cells (rows top to bottom), e.g. each exit's share of each
+/// segment's gradient.
+let matrix (path: string) (title: string) (provenance: string) (rowLabels: string[]) (columnLabels: string[]) (values: float[][]) (unit: string) =
+    let plt = ScottPlot.Plot()
+    let rows, cols = rowLabels.Length, columnLabels.Length
+    let intensities = Array2D.init rows cols (fun r c -> if System.Double.IsNaN(values[r][c]) then 0.0 else values[r][c])
+    let hm = plt.Add.Heatmap(intensities)
+    hm.Rectangle <- ScottPlot.CoordinateRect(-0.5, float cols - 0.5, -0.5, float rows - 0.5)
+    hm.Colormap <- ScottPlot.Colormaps.Viridis()
+    let bar = plt.Add.ColorBar(hm)
+    bar.Label <- unit
+    for r in 0 .. rows - 1 do
+        for c in 0 .. cols - 1 do
+            let v = values[r][c]
+            let text = if System.Double.IsNaN v then "–" else v.ToString("F2", System.Globalization.CultureInfo.InvariantCulture)
+            let t = plt.Add.Text(text, float c, float (rows - 1 - r))
+            t.LabelFontColor <- ScottPlot.Colors.White
+            t.LabelAlignment <- ScottPlot.Alignment.MiddleCenter
+    plt.Axes.Bottom.TickGenerator <- ScottPlot.TickGenerators.NumericManual(columnLabels |> Array.mapi (fun c l -> ScottPlot.Tick(float c, l)))
+    plt.Axes.Left.TickGenerator <- ScottPlot.TickGenerators.NumericManual(rowLabels |> Array.mapi (fun r l -> ScottPlot.Tick(float (rows - 1 - r), l)))
+    titled plt title provenance
+    plt.SavePng(path, 900, 120 + 70 * max 3 rows) |> ignore
+
+/// Lines over stages, one per series (the rank of each segment's output after each stage).
+let lines (path: string) (title: string) (provenance: string) (xLabels: string[]) (series: (string * float[]) list) (yLabel: string) =
+    let plt = ScottPlot.Plot()
+    let xs = Array.init xLabels.Length float
+    for (name, ys) in series do
+        let s = plt.Add.Scatter(xs, ys)
+        s.LegendText <- name
+    plt.Axes.Bottom.TickGenerator <- ScottPlot.TickGenerators.NumericManual(xLabels |> Array.mapi (fun i l -> ScottPlot.Tick(float i, l)))
+    titled plt title provenance
+    plt.YLabel(yLabel)
+    plt.ShowLegend(ScottPlot.Alignment.UpperRight) |> ignore
+    plt.SavePng(path, 1000, 600) |> ignore
+
+/// Reliability diagrams: per exit, the accuracy of each confidence bin against its mean confidence (the diagonal is
+/// perfect calibration), with the exit's expected calibration error in the legend.
+let reliability (path: string) (title: string) (provenance: string) (exits: (string * float * (int * float * float)[]) list) =
+    let plt = ScottPlot.Plot()
+    let palette = ScottPlot.Palettes.Category10()
+    let diagonal = plt.Add.Line(0.0, 0.0, 1.0, 1.0)
+    diagonal.Color <- ScottPlot.Colors.Gray
+    diagonal.LinePattern <- ScottPlot.LinePattern.Dotted
+    exits |> List.iteri (fun i (name, ece, bins) ->
+        let filled = bins |> Array.filter (fun (n, _, _) -> n > 0)
+        let s = plt.Add.Scatter(filled |> Array.map (fun (_, _, c) -> c), filled |> Array.map (fun (_, a, _) -> a))
+        s.LegendText <- $"""{name} (ECE {ece.ToString("F3", System.Globalization.CultureInfo.InvariantCulture)})"""
+        s.Color <- palette.GetColor i)
+    titled plt title provenance
+    plt.XLabel("mean confidence of the bin (maximum softmax probability; 15 equal-width bins)")
+    plt.YLabel("accuracy of the bin")
+    plt.Axes.SetLimits(0.0, 1.0, 0.0, 1.0)
+    plt.ShowLegend(ScottPlot.Alignment.UpperLeft) |> ignore
+    plt.SavePng(path, 850, 750) |> ignore

@@ -93,6 +93,13 @@ type LwfTeachers =
     /// stage of a sequential recipe); one teacher forward per step instead of one per protected exit.
     | PreviousStageTeacher
 
+/// Training-dynamics measurements a run records (none by default; they do not change what is trained).
+type DynamicsSpec =
+    { /// Gradient dominance every K optimiser steps of every stage (0: off).
+      GradientEvery: int
+      /// Numerical rank of every segment's output over this many validation images after every stage (0: off).
+      RankSamples: int }
+
 type Recipe =
     { Name: string
       Model: ModelSpec
@@ -106,6 +113,7 @@ type Recipe =
       /// Deterministic mode: torch's deterministic algorithms, and a resume refused under another thread count or
       /// other kernels, so that the same code, seed and thread count give the same bits.
       Deterministic: bool
+      Dynamics: DynamicsSpec
       Stages: Stage list }
 
 /// Strengths as a function of the stage's exit, and their text form (command line and JSON).
@@ -220,6 +228,8 @@ module Names =
             |> String.concat "+"
 
 module Defaults =
+    let dynamics = { GradientEvery = 0; RankSamples = 0 }
+
     let mix =
         { MixupAlpha = 0.8
           CutmixAlpha = 1.0

@@ -11,7 +11,8 @@ open EarlyExit.Experiments.Recipes
 
 /// The keys the reader knows in each object of a recipe (the schema, `earlyexit schema`, lists the same).
 module Keys =
-    let root = [ "name"; "seed"; "deterministic"; "model"; "data"; "augment"; "regularisers"; "fisher"; "lwf"; "stages" ]
+    let root = [ "name"; "seed"; "deterministic"; "dynamics"; "model"; "data"; "augment"; "regularisers"; "fisher"; "lwf"; "stages" ]
+    let dynamics = [ "gradientEvery"; "rankSamples" ]
     let model = [ "name"; "classes"; "input"; "width"; "blocks"; "exits"; "growth"; "stepMode"; "base"; "step"; "grFactor"; "bnFactor" ]
     let data = [ "name"; "root"; "validationFraction"; "trainLimit"; "testLimit" ]
     let augment = [ "cropPadding"; "flip"; "mix" ]
@@ -264,6 +265,11 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
         match rd.Value(l, "lwf.", "teachers") with
         | Some t -> settings <- settings |> Penalties.withSetting "lwf" "teachers" t
         | None -> ()
+    let dyn = root.GetSection "dynamics"
+    rd.Known(dyn, "dynamics", Keys.dynamics)
+    let dynamics =
+        { GradientEvery = rd.Int(dyn, "dynamics.", "gradientEvery", 0)
+          RankSamples = rd.Int(dyn, "dynamics.", "rankSamples", 0) }
     let stages =
         match rd.Array(root, "", "stages") with
         | None -> []
@@ -275,6 +281,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
           Data = data
           Augment = augment
           RegulariserSettings = settings
+          Dynamics = dynamics
           Deterministic = rd.Bool(root, "", "deterministic", false)
           Stages = stages }
     if errors.Count > 0 then Error(List.ofSeq errors)
@@ -330,6 +337,12 @@ let toJson (r: Recipe) =
      w.WriteNumber("seed", r.Seed)
      // Written only when set, so that recipes (and cache keys) from before the option stay the same.
      if r.Deterministic then w.WriteBoolean("deterministic", true)
+     // Written only when set: measurements do not change what is trained.
+     if r.Dynamics <> Defaults.dynamics then
+         w.WriteStartObject "dynamics"
+         w.WriteNumber("gradientEvery", r.Dynamics.GradientEvery)
+         w.WriteNumber("rankSamples", r.Dynamics.RankSamples)
+         w.WriteEndObject()
      w.WriteStartObject "model"
      w.WriteString("name", r.Model.Name)
      r.Model.Classes |> Option.iter (fun c -> w.WriteNumber("classes", c))

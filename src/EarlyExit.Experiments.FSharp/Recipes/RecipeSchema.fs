@@ -138,6 +138,10 @@ let text () =
             [ prop "name" "{ \"type\": \"string\", \"minLength\": 1 }" "recipe name"
               prop "seed" nonNegativeInt "seed of initial weights, split, data order, augmentation and the Fisher's samples"
               prop "deterministic" "{ \"type\": \"boolean\" }" "deterministic mode: the same code, seed, threads and kernels give the same bits"
+              prop "dynamics" (objectOf RecipeJson.Keys.dynamics
+                                   [ prop "gradientEvery" nonNegativeInt "gradient dominance every K optimiser steps (0: off)"
+                                     prop "rankSamples" nonNegativeInt "numerical rank of every segment's output over N validation images after every stage (0: off)" ] [])
+                  "training-dynamics measurements the run records (they do not change what is trained)"
               prop "model" model "the model"
               prop "data" data "the data"
               prop "augment" augment "augmentation of training batches"

@@ -64,6 +64,8 @@ let problems (r: Recipe) : string list =
           if m.Probability < 0.0 || m.Probability > 1.0 then "augment.mix.probability: must lie in [0, 1]"
           if m.LabelSmoothing < 0.0 || m.LabelSmoothing >= 1.0 then "augment.mix.labelSmoothing: must lie in [0, 1)"
       | None -> ()
+      if r.Dynamics.GradientEvery < 0 then "dynamics.gradientEvery: must be 0 (off) or positive"
+      if r.Dynamics.RankSamples < 0 then "dynamics.rankSamples: must be 0 (off) or positive"
       // Regulariser settings: every named regulariser is registered, every setting known and valid.
       for KeyValue (name, _) in r.RegulariserSettings do
           let _, ps = Penalties.resolve r.RegulariserSettings name

@@ -47,7 +47,8 @@ type RunResult =
 
 exception RunError of string
 
-let private json = JsonSerializerOptions(WriteIndented = true)
+// NaN (a cosine of a zero gradient, a missing value) is written as "NaN" rather than refused.
+let private json = JsonSerializerOptions(WriteIndented = true, NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
 
 let private writeAtomic = Markdown.writeAtomic
 
@@ -416,9 +417,34 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
         let later = [ i + 1 .. n - 1 ] |> List.sumBy (fun j -> int64 (stepsPerEpoch stages[j] * stages[j].MaxEpochs))
         let observer = Observer(log, writer, task, i, n, Path.Combine(out, "progress.json"), later, s.BatchSize)
         let stageClock = Stopwatch.StartNew()
+        let gradients = if recipe.Dynamics.GradientEvery > 0 then Some(EarlyExit.Analysis.GradientDominanceProbe(recipe.Dynamics.GradientEvery)) else None
+        let probes: Collections.Generic.IReadOnlyList<ITrainingProbe> =
+            match gradients with
+            | Some g -> [| g :> ITrainingProbe |]
+            | None -> [||]
         let result =
-            try StageTrainer.Run(net, p, data, regs, device, observer)
+            try StageTrainer.Run(net, p, data, regs, device, observer, probes)
             with :? NonFiniteLossException as e -> raise (RunError e.Message)
+        let trainSeconds = stageClock.Elapsed.TotalSeconds
+        // Training dynamics, where the recipe asks for them: gradient dominance over the stage, ranks after it.
+        let tag = $"{i:D2}-{s.Name}"
+        let gradientInfo =
+            gradients
+            |> Option.map (fun g ->
+                for sample in g.Samples do
+                    for k, e in Array.indexed sample.Exits do
+                        for seg in 0 .. sample.Shares[k].Length - 1 do
+                            if sample.Norms[k][seg] > 0.0 then writer.add_scalar($"{tag}/grad_share/exit{e}_segment{seg + 1}", float32 (sample.Shares[k][seg]), sample.Step)
+                {| every = g.Every; seconds = g.Seconds; samples = g.Samples |})
+        let rankInfo =
+            if recipe.Dynamics.RankSamples > 0 then
+                let clock = Stopwatch.StartNew()
+                let ranks = EarlyExit.Analysis.RepresentationRank.Compute(net, data.Validation, recipe.Dynamics.RankSamples, recipe.Seed, device)
+                for r in ranks do
+                    writer.add_scalar($"rank/segment{r.Segment}", float32 r.Rank, i)
+                    writer.add_scalar($"effective_rank/segment{r.Segment}", float32 r.EffectiveRank, i)
+                Some {| seconds = clock.Elapsed.TotalSeconds; tolerance = "σ_max · max(N, D) · ε(float32)"; segments = ranks |}
+            else None
         // Release the state no later stage reads (LwF: all teachers after the last LwF stage; with one previous-stage
         // teacher, every one but the newest).
         for r in regs.All do
@@ -434,7 +460,9 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
                stoppedEarly = result.StoppedEarly
                steps = steps
                images = images
-               seconds = stageClock.Elapsed.TotalSeconds |}
+               seconds = trainSeconds
+               gradients = Option.toObj (gradientInfo |> Option.map box)
+               rank = Option.toObj (rankInfo |> Option.map box) |}
         saveStageState (doneFile out i s) net regs stateInfo
         match options.PrefixCache with
         | Some dir -> copyStageState (doneFile out i s) (Path.Combine(dir, prefixKey recipe i))
@@ -473,6 +501,12 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
             .Start(fun ctx -> runStages (Some(ctx.AddTask "training")))
     else runStages None
 
+    // The validation split's logits too (thresholds fitted on validation, the honest budget protocol).
+    (let v = Evaluator.CollectLogits(net, data.Validation, 256, device)
+     let vl = torch.tensor(data.Validation.Labels |> Array.map int64)
+     TensorStore.Save(Path.Combine(out, "validation-logits.tensors"), dict [ "logits", v; "labels", vl ] |> Collections.Generic.Dictionary)
+     v.Dispose()
+     vl.Dispose())
     // Test evaluation from the cached logits of every exit.
     let logits = Evaluator.CollectLogits(net, data.Test, 256, device)
     let labels = torch.tensor(data.Test.Labels |> Array.map int64)
@@ -505,6 +539,16 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            testImages = data.Test.Count
            testAccuracy = acc
            regularisers = [ for r in regs.All -> {| name = r.Kind.Name; settings = r.Settings |} ]
+           dynamics =
+            if recipe.Dynamics = Defaults.dynamics then null
+            else
+                box [ for i, st in List.indexed stages ->
+                        use doc = JsonDocument.Parse(File.ReadAllText(doneFile out i st + ".json"))
+                        let r = doc.RootElement
+                        let part (k: string) = match r.TryGetProperty k with
+                                               | true, v when v.ValueKind <> JsonValueKind.Null -> v.Clone()
+                                               | _ -> JsonDocument.Parse("null").RootElement
+                        {| stage = st.Name; gradients = part "gradients"; rank = part "rank" |} ]
            exitMacs = exitMacs
            backboneMacs = cost.BackboneMacs
            macConvention = "conv-linear (one multiply-add = 1)"

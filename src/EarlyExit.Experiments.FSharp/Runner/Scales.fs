@@ -124,6 +124,7 @@ let recipeWith (adjust: ScaleSettings -> ScaleSettings) (scale: Scale) (strategy
       RegulariserSettings = s.Settings
       Seed = seed
       Deterministic = false
+      Dynamics = Defaults.dynamics
       Stages = stagesOf strategy m s.Stages }
     |> Settings.complete
 
