@@ -168,7 +168,10 @@ let main argv =
             with Failure msg ->
                 eprintfn "error: %s" msg
                 1
-        | Some (Eval r) -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256))
+        | Some (Eval r) ->
+            match EarlyExit.Experiments.Evaluation.Budget.parsePolicy (r.GetResult(EvalArgs.Policy, "softmax")) with
+            | Error e -> raise (ArgumentException e)
+            | Ok policy -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256)) policy
         | Some (Train r) ->
             r.TryGetResult Parent_Pid |> Option.iter Train.watchParent
             TorchNativeLoader.EnsureLoaded() |> ignore

@@ -338,7 +338,7 @@ let budgets =
             Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (0.75, 35.0, [| 0.0; 0.5; 0.5 |]) "k = 1"
             let p = at 2.0
             Expect.equal (p.Accuracy, p.AverageMacs) (1.0, 45.0) "k = 2: never before the last exit"
-            Expect.equal (EarlyExit.Experiments.Evaluation.Budget.parametersOf o 2 EarlyExit.Experiments.Evaluation.Budget.Patience) [| 0.0; 1.0; 2.0 |] "k = 0..M−1"
+            Expect.equal (EarlyExit.Experiments.Evaluation.Budget.parametersOf o EarlyExit.Experiments.Evaluation.Budget.Patience) [| 0.0; 1.0; 2.0 |] "k = 0..M−1"
         }
         test "expected calibration error (15 bins): exit 1 is 0.45" {
             // Bins of exit 1: 0.9 (right) alone, 0.6 twice (both wrong), 0.5 (wrong): 1/4·0.1 + 2/4·0.6 + 1/4·0.5.
@@ -353,13 +353,13 @@ let budgets =
             let validation = budgetFixture ()
             // The test split: the same outputs, the second sample's label changed to 0.
             let test = { validation with Labels = [| 0; 0; 1; 0 |] }
-            match EarlyExit.Experiments.Evaluation.Budget.fittedOnValidation validation test 2 EarlyExit.Experiments.Evaluation.Budget.Softmax 0.5 with
+            match EarlyExit.Experiments.Evaluation.Budget.fittedOnValidation validation test EarlyExit.Experiments.Evaluation.Budget.Softmax 0.5 with
             | None -> failtest "a threshold fits 50% on validation"
             | Some p ->
                 // On validation, the most MACs within 20 is 13.75 (t in [0.5, 0.6)); the last such threshold is 59/99.
                 Expect.floatClose Accuracy.high p.Threshold (59.0 / 99.0) "threshold chosen on validation"
                 Expect.equal (p.AverageMacs, p.Accuracy) (13.75, 0.75) "its test cost and accuracy"
-            Expect.isNone (EarlyExit.Experiments.Evaluation.Budget.fittedOnValidation validation test 2 EarlyExit.Experiments.Evaluation.Budget.Softmax 0.2) "nothing fits 8 MACs"
+            Expect.isNone (EarlyExit.Experiments.Evaluation.Budget.fittedOnValidation validation test EarlyExit.Experiments.Evaluation.Budget.Softmax 0.2) "nothing fits 8 MACs"
         }
         test "the reference sweep is 100 evenly spaced thresholds from 0 to 1" {
             let ts = EarlyExit.Experiments.Evaluation.Budget.thresholds 100

@@ -115,6 +115,7 @@ type EvalArgs =
     | [<MainCommand; ExactlyOnce>] Run_Dir of dir: string
     | Json
     | Timing_Samples of count: int
+    | Policy of policy: string
 
     interface IArgParserTemplate with
         member a.Usage =
@@ -122,6 +123,7 @@ type EvalArgs =
             | Run_Dir _ -> "a finished run folder (with metrics.json and test-logits.tensors)"
             | Json -> "print one JSON object"
             | Timing_Samples _ -> "test images used to time real early-exit inference (default 256; 0 skips timing)"
+            | Policy _ -> "exit policy: softmax (the papers', default), entropy, patience (PBEE)"
 
 type AnalyzeArgs =
     | [<MainCommand; ExactlyOnce>] Run_Dir of dir: string

@@ -42,35 +42,47 @@ let loadFinalNetwork (dir: string) (recipe: Recipe) =
 
 /// Times real early-exit inference at a threshold against the same path with no early exit (threshold 1: every
 /// sample runs every segment and head), median of `repeats`, in ms per sample; with the exit each sample took.
-let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (threshold: float) (repeats: int) =
+let inferencePolicy =
+    function
+    | Budget.Softmax -> ExitPolicy.Softmax
+    | Budget.Entropy -> ExitPolicy.Entropy
+    | Budget.Patience -> ExitPolicy.Patience
+
+let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Budget.Policy) (threshold: float) (repeats: int) =
     let n = int images.shape[0]
     let exits = Array.zeroCreate<int> n
-    let runAll (t: float) =
+    // `full`: the same path with no early exit (softmax above 1: no sample leaves before the last exit).
+    let runAll (full: bool) =
         let clock = Stopwatch.StartNew()
         let mutable i = 0
         while i < n do
             let len = min batch (n - i)
             use scope = torch.NewDisposeScope()
-            let r = EarlyExitInference.Run(net, images.narrow(0L, int64 i, int64 len), t)
-            if t = threshold then Array.blit r.Exits 0 exits i len
+            let x = images.narrow(0L, int64 i, int64 len)
+            let r = if full then EarlyExitInference.Run(net, x, ExitPolicy.Softmax, 1.0) else EarlyExitInference.Run(net, x, inferencePolicy policy, threshold)
+            if not full then Array.blit r.Exits 0 exits i len
             i <- i + len
         clock.Elapsed.TotalMilliseconds / float n
-    runAll threshold |> ignore // warm-up
-    runAll 1.0 |> ignore
+    runAll false |> ignore // warm-up
+    runAll true |> ignore
     let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
     // Interleaved, so that a change in machine load hits both alike.
-    let pairs = [ for _ in 1..repeats -> runAll threshold, runAll 1.0 ]
+    let pairs = [ for _ in 1..repeats -> runAll false, runAll true ]
     median (List.map fst pairs), median (List.map snd pairs), exits
 
 /// The speed-up MACs predict for samples that left at `exits` (1-based): cost of the last exit ÷ their mean cost.
 let predictedSpeedUp (exitMacs: int64[]) (exits: int[]) =
     float exitMacs[exitMacs.Length - 1] / (exits |> Array.averageBy (fun e -> float exitMacs[e - 1]))
 
-let run (dir: string) (asJson: bool) (timingSamples: int) =
+let run (dir: string) (asJson: bool) (timingSamples: int) (policy: Budget.Policy) =
     let info = RunFolder.readInfo dir
     let outputs = RunFolder.readOutputs dir info
-    let sweep = Budget.sweep outputs (Budget.thresholds 100)
+    let sweep = Budget.sweepWith outputs policy
     let budgets = Budget.standardBudgets |> Array.map (Budget.budgetedAccuracy outputs sweep)
+    // The honest protocol: the parameter fitted on the validation split, applied once to the test split.
+    let validation = RunFolder.readValidationOutputs dir info
+    let fitted = Budget.standardBudgets |> Array.map (fun f -> validation |> Option.bind (fun v -> Budget.fittedOnValidation v outputs policy f))
+    let calibration = Array.init outputs.Exits (fun e -> Budget.calibration outputs e Budget.calibrationBins)
     let exitAcc = Budget.exitAccuracy outputs
     let last = outputs.Exits - 1
     // The threshold at which about half the samples leave before the last exit.
@@ -88,7 +100,7 @@ let run (dir: string) (asJson: bool) (timingSamples: int) =
             let k = min timingSamples data.Test.Count
             use images = data.Test.Images(ReadOnlySpan<int>([| 0 .. k - 1 |]))
             [ for batch in [ 1; 64 ] ->
-                let early, full, exits = time net images batch half.Threshold 3
+                let early, full, exits = time net images batch policy half.Threshold 3
                 // Predicted for the timed images themselves (the threshold was chosen on the whole test set).
                 let predicted = predictedSpeedUp outputs.ExitMacs exits
                 { BatchSize = batch
@@ -110,7 +122,12 @@ let run (dir: string) (asJson: bool) (timingSamples: int) =
                exitMacs = info.ExitMacs
                backboneMacs = info.BackboneMacs
                budgets = Budget.standardBudgets
+               policy = Budget.policyName policy
                budgetedAccuracy = budgets |> Array.map Option.toNullable
+               fittedOnValidation =
+                 fitted |> Array.map (fun p -> p |> Option.map (fun p -> {| threshold = p.Threshold; testAccuracy = p.Accuracy; testAverageMacs = p.AverageMacs |}) |> Option.toObj)
+               calibrationBins = Budget.calibrationBins
+               expectedCalibrationError = calibration |> Array.map fst
                curve = sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |})
                timing = timings |}
         Console.Out.WriteLine(JsonSerializer.Serialize(doc, JsonSerializerOptions(WriteIndented = true)))
@@ -118,17 +135,27 @@ let run (dir: string) (asJson: bool) (timingSamples: int) =
         let c = AnsiConsole.Console
         c.MarkupLine($"[bold]{Markup.Escape info.Recipe}[/] ({Markup.Escape info.Data}, scale {info.Scale}, {Markup.Escape info.Device}, code {info.CodeVersion})")
         let t = Table(Border = TableBorder.Simple)
-        t.AddColumns("exit", "cumulative MACs", "% of backbone", "test accuracy (%)") |> ignore
+        t.AddColumns("exit", "cumulative MACs", "% of backbone", "test accuracy (%)", $"ECE ({Budget.calibrationBins} bins)") |> ignore
         for e in 0..last do
-            t.AddRow(string (e + 1), info.ExitMacs[e].ToString("N0"), Markdown.f2 (100.0 * float info.ExitMacs[e] / float info.BackboneMacs), Markdown.f2 (100.0 * exitAcc[e])) |> ignore
+            t.AddRow(string (e + 1), info.ExitMacs[e].ToString("N0"), Markdown.f2 (100.0 * float info.ExitMacs[e] / float info.BackboneMacs), Markdown.f2 (100.0 * exitAcc[e]),
+                     (fst calibration[e]).ToString("F4", Globalization.CultureInfo.InvariantCulture)) |> ignore
         c.Write t
+        c.MarkupLine($"exit policy: [bold]{Budget.policyName policy}[/]")
         let b = Table(Border = TableBorder.Simple)
         b.AddColumns("budget", "25%", "50%", "75%", "100%") |> ignore
-        b.AddRow(Array.append [| "top-1 (%)" |] (budgets |> Array.map Budget.percent)) |> ignore
+        b.AddRow(Array.append [| "top-1 (%), best on the test sweep" |] (budgets |> Array.map Budget.percent)) |> ignore
+        match validation with
+        | Some _ ->
+            b.AddRow(Array.append [| "top-1 (%), fitted on validation" |] (fitted |> Array.map (Option.map (fun p -> p.Accuracy) >> Budget.percent))) |> ignore
+            b.AddRow(Array.append [| "  its test MACs (% of backbone)" |] (fitted |> Array.map (function Some p -> Markdown.f2 (100.0 * p.AverageMacs / float info.BackboneMacs) | None -> "–"))) |> ignore
+        | None -> ()
         c.Write b
+        if validation.IsNone then c.MarkupLine "(no validation logits in this run folder: it predates them, so no budget fitted on validation)"
         let curve = Table(Border = TableBorder.Simple)
-        curve.AddColumns(Array.append [| "threshold"; "accuracy (%)"; "avg MACs"; "% of backbone" |] [| for e in 1 .. outputs.Exits -> $"exit {e} (%%)" |]) |> ignore
-        for p in sweep |> Array.filter (fun p -> int (round (p.Threshold * 99.0)) % 11 = 0 || p.Threshold = 1.0) do
+        let parameter = match policy with Budget.Softmax | Budget.Entropy -> "threshold" | Budget.Patience -> "patience"
+        curve.AddColumns(Array.append [| parameter; "accuracy (%)"; "avg MACs"; "% of backbone" |] [| for e in 1 .. outputs.Exits -> $"exit {e} (%%)" |]) |> ignore
+        let shown = if sweep.Length <= 12 then sweep else sweep |> Array.indexed |> Array.filter (fun (k, _) -> k % 11 = 0 || k = sweep.Length - 1) |> Array.map snd
+        for p in shown do
             curve.AddRow(
                 Array.append
                     [| p.Threshold.ToString("F2"); Markdown.f2 (100.0 * p.Accuracy); p.AverageMacs.ToString("N0"); Markdown.f2 (100.0 * p.AverageMacs / float info.BackboneMacs) |]
@@ -137,6 +164,6 @@ let run (dir: string) (asJson: bool) (timingSamples: int) =
         c.Write curve
         for tm in timings do
             c.MarkupLine(
-                $"real early exit, batch {tm.BatchSize}, threshold {tm.Threshold:F2} ({tm.Samples} test images): {tm.EarlyExitMsPerSample:F3} ms/sample vs {tm.FullMsPerSample:F3} without early exit; " +
+                $"real early exit ({Budget.policyName policy}), batch {tm.BatchSize}, parameter {tm.Threshold:F2} ({tm.Samples} test images): {tm.EarlyExitMsPerSample:F3} ms/sample vs {tm.FullMsPerSample:F3} without early exit; " +
                 $"measured speed-up {tm.MeasuredSpeedUp:F2}x, predicted by MACs {tm.PredictedSpeedUp:F2}x (ratio {tm.MeasuredSpeedUp / tm.PredictedSpeedUp:F2})")
     0

@@ -10,6 +10,8 @@ type ExitOutputs =
     { Confidence: float32[][]
       Prediction: int[][]
       Entropy: float32[][]
+      /// Classes of every exit.
+      Classes: int
       Labels: int[]
       /// Cumulative MACs of each exit (including the earlier heads a sample went through).
       ExitMacs: int64[]
@@ -54,7 +56,8 @@ let fromLogits (logits: float32[][][]) (labels: int[]) (exitMacs: int64[]) (back
             conf[e][i] <- float32 (1.0 / z)
             pred[e][i] <- arg
             entropy[e][i] <- float32 (max 0.0 h)
-    { Confidence = conf; Prediction = pred; Entropy = entropy; Labels = labels; ExitMacs = exitMacs; BackboneMacs = backboneMacs }
+    let classes = if logits.Length > 0 && labels.Length > 0 then (logits[0][0]).Length else 0
+    { Confidence = conf; Prediction = pred; Entropy = entropy; Classes = classes; Labels = labels; ExitMacs = exitMacs; BackboneMacs = backboneMacs }
 
 /// When a sample leaves the network.
 type Policy =
@@ -129,13 +132,13 @@ let sweep (o: ExitOutputs) (ts: float[]) = ts |> Array.map (pointAt o)
 
 /// A policy's parameters to sweep: softmax 100 thresholds over [0, 1]; entropy 100 over [0, ln C] (C classes, the
 /// entropy's range); patience 0..M−1.
-let parametersOf (o: ExitOutputs) (classes: int) (policy: Policy) =
+let parametersOf (o: ExitOutputs) (policy: Policy) =
     match policy with
     | Softmax -> thresholds 100
-    | Entropy -> thresholds 100 |> Array.map (fun t -> t * log (float (max 2 classes)))
+    | Entropy -> thresholds 100 |> Array.map (fun t -> t * log (float (max 2 o.Classes)))
     | Patience -> Array.init o.Exits float
 
-let sweepWith (o: ExitOutputs) (classes: int) (policy: Policy) = parametersOf o classes policy |> Array.map (pointWith o policy)
+let sweepWith (o: ExitOutputs) (policy: Policy) = parametersOf o policy |> Array.map (pointWith o policy)
 
 /// The sweep point a budget selects: the one that spends the most within `fraction` of the backbone (the last
 /// threshold within it, for a rule whose cost grows with its parameter, as every policy's does in one direction).
@@ -151,8 +154,8 @@ let budgetedAccuracy (o: ExitOutputs) (points: SweepPoint[]) (fraction: float) =
 
 /// The honest protocol: the parameter is chosen on the validation split (the point a budget selects there), then
 /// applied once to the test split; returns the test point (whose cost may exceed the budget a little).
-let fittedOnValidation (validation: ExitOutputs) (test: ExitOutputs) (classes: int) (policy: Policy) (fraction: float) =
-    budgetPoint validation (sweepWith validation classes policy) fraction |> Option.map (fun p -> pointWith test policy p.Threshold)
+let fittedOnValidation (validation: ExitOutputs) (test: ExitOutputs) (policy: Policy) (fraction: float) =
+    budgetPoint validation (sweepWith validation policy) fraction |> Option.map (fun p -> pointWith test policy p.Threshold)
 
 /// Expected calibration error of one exit: Σ_b (n_b/N)·|accuracy_b − mean confidence_b| over `bins` equal-width
 /// bins of the maximum softmax probability (a confidence of exactly 1 falls in the last bin); and the bins

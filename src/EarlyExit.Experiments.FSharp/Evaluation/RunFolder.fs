@@ -82,3 +82,16 @@ let readOutputs (dir: string) (info: RunInfo) : ExitOutputs =
         outputsOfLogits tensors["logits"] labels info.ExitMacs info.BackboneMacs
     finally
         for t in tensors.Values do t.Dispose()
+
+/// The cached validation outputs of a finished run (None for runs made before they were cached): what thresholds are
+/// fitted on in the honest budget protocol.
+let readValidationOutputs (dir: string) (info: RunInfo) : ExitOutputs option =
+    let path = Path.Combine(dir, "validation-logits.tensors")
+    if not (File.Exists path) then None
+    else
+        let tensors = TensorStore.Load path
+        try
+            let labels = tensors["labels"].data<int64>().ToArray() |> Array.map int
+            Some(outputsOfLogits tensors["logits"] labels info.ExitMacs info.BackboneMacs)
+        finally
+            for t in tensors.Values do t.Dispose()
