@@ -305,7 +305,8 @@ let interpreter =
                 { Scale = Scales.Smoke; Data = None; DataRoot = None; Model = "resnet34"; Seeds = [ 0 ]; OutRoot = ""; Device = None
                   Strategies = None; LwfTeachers = [ PerExitTeachers; PreviousStageTeacher ]; Jobs = 1; Threads = 1
                   Deterministic = false; EqualSteps = false; Numerics = None; StageEpochs = None; Regularisers = None; Parts = None
-                  Backend = EarlyExit.Experiments.Experiments.Table1.LocalBackend; Experiment = "table1"; Arguments = []; Log = ignore }
+                  Backend = EarlyExit.Experiments.Experiments.Table1.LocalBackend; Policy = EarlyExit.Experiments.Evaluation.Budget.Softmax
+                  Experiment = "table1"; Arguments = []; Log = ignore }
             let rows = EarlyExit.Experiments.Experiments.Table1.recipesOf options "fashion-mnist" [ Joint; Sequential [ ewc 100.0 ]; Sequential [ lwf 0.7 ] ]
             Expect.equal (rows |> List.map fst) [ "joint"; "sequential-ewc"; "sequential-lwf"; "sequential-lwf-previous-stage-teacher" ] "row names"
             Expect.equal (rows |> List.map (fun (_, r) -> Settings.lwfTeachers r)) [ PerExitTeachers; PerExitTeachers; PerExitTeachers; PreviousStageTeacher ] "policies"

@@ -14,7 +14,9 @@ exception ScriptArgError of string
 /// for the runs the executor starts.
 let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "threads"; "out"; "device"; "strategies"; "lwf-teachers"; "numerics"; "stage-epochs"; "regularisers"; "parts"
               // Where the runs go, and the Slurm backend's options.
-              "backend"; "partition"; "time"; "mem"; "cpus-per-task"; "gres"; "max-concurrent"; "sbatch" ]
+              "backend"; "partition"; "time"; "mem"; "cpus-per-task"; "gres"; "max-concurrent"; "sbatch"
+              // The exit policy of the budget tables (softmax, entropy, patience).
+              "policy" ]
 /// Options without a value.
 let flags = [ "deterministic"; "equal-steps"; "no-requeue" ]
 
@@ -141,6 +143,13 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
         | None | Some "local" -> Table1.LocalBackend
         | Some "slurm" -> Table1.SlurmBackend(slurmOptions opts threads (opts.TryFind "device"))
         | Some other -> raise (ScriptArgError $"--backend {other}: local (the executor on this machine) or slurm (a job array)")
+      Policy =
+        match opts.TryFind "policy" with
+        | None -> EarlyExit.Experiments.Evaluation.Budget.Softmax
+        | Some p ->
+            match EarlyExit.Experiments.Evaluation.Budget.parsePolicy p with
+            | Ok v -> v
+            | Error e -> raise (ScriptArgError $"--policy: {e}")
       Experiment = experiment
       Arguments = argv
       Log = fun line -> Console.Out.WriteLine line }

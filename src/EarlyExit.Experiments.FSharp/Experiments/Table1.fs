@@ -53,6 +53,8 @@ type Options =
       /// regularisers.fsx only: the parts of its grid to run ("schedules", "fisher", "mas"; None: all).
       Parts: string list option
       Backend: Backend
+      /// The exit policy the budget tables, curves and exit ratios use (the papers': softmax).
+      Policy: Budget.Policy
       /// The experiment's name and its script options, recorded in the sweep (for `earlyexit sweep collect`).
       Experiment: string
       Arguments: string list
@@ -119,7 +121,13 @@ type SeedRun =
     { Seed: int
       Info: RunFolder.RunInfo
       Budgets: float option[]
+      /// The honest protocol at each budget: the parameter fitted on the validation split, then the test accuracy and
+      /// average MACs there (None: nothing fits, or the run has no validation logits).
+      Fitted: Budget.SweepPoint option[]
       ExitAccuracy: float[]
+      /// Expected calibration error of each exit, and its reliability bins (count, accuracy, mean confidence).
+      Ece: float[]
+      Calibration: (int * float * float)[][]
       Sweep: Budget.SweepPoint[]
       Outputs: Budget.ExitOutputs }
 
@@ -131,24 +139,31 @@ type Row =
     member r.Info = r.Runs.Head.Info
     member r.Seeds = r.Runs |> List.map (fun s -> s.Seed)
 
-/// Reads a finished run.
-let loadRun (runDir: string) (seed: int) =
+/// Reads a finished run, its budgets, curve and exit ratios under an exit policy.
+let loadRunWith (policy: Budget.Policy) (runDir: string) (seed: int) =
     let info = RunFolder.readInfo runDir
     let outputs = RunFolder.readOutputs runDir info
-    let sweep = Budget.sweep outputs (Budget.thresholds 100)
+    let sweep = Budget.sweepWith outputs policy
+    let validation = RunFolder.readValidationOutputs runDir info
+    let calibration = Array.init outputs.Exits (fun e -> Budget.calibration outputs e Budget.calibrationBins)
     { Seed = seed
       Info = info
       Budgets = Budget.standardBudgets |> Array.map (Budget.budgetedAccuracy outputs sweep)
+      Fitted = Budget.standardBudgets |> Array.map (fun f -> validation |> Option.bind (fun v -> Budget.fittedOnValidation v outputs policy f))
       ExitAccuracy = Budget.exitAccuracy outputs
+      Ece = calibration |> Array.map fst
+      Calibration = calibration |> Array.map snd
       Sweep = sweep
       Outputs = outputs }
+
+let loadRun (runDir: string) (seed: int) = loadRunWith Budget.Softmax runDir seed
 
 /// The run folder of a row's seed.
 let runDir (dir: string) (name: string) (seed: int) = Path.Combine(dir, "runs", name, $"seed-{seed}")
 
 /// Every finished run under DIR/runs/NAME/seed-K, one row per NAME in the order of `order` (others after, by name);
 /// `seeds` keeps only those seeds (None: all found).
-let loadRows (dir: string) (order: string list) (seeds: int list option) =
+let loadRowsWith (policy: Budget.Policy) (dir: string) (order: string list) (seeds: int list option) =
     let runs = Path.Combine(dir, "runs")
     if not (Directory.Exists runs) then failwithf "%s: no runs; run experiments/table1.fsx first" runs
     Directory.GetDirectories runs
@@ -157,7 +172,7 @@ let loadRows (dir: string) (order: string list) (seeds: int list option) =
             Directory.GetDirectories(d, "seed-*")
             |> Array.choose (fun s ->
                 match Int32.TryParse(Path.GetFileName(s).Substring 5) with
-                | true, k when File.Exists(Path.Combine(s, "metrics.json")) && (seeds |> Option.forall (List.contains k)) -> Some(loadRun s k)
+                | true, k when File.Exists(Path.Combine(s, "metrics.json")) && (seeds |> Option.forall (List.contains k)) -> Some(loadRunWith policy s k)
                 | _ -> None)
             |> Array.sortBy (fun r -> r.Seed)
             |> List.ofArray
@@ -166,6 +181,8 @@ let loadRows (dir: string) (order: string list) (seeds: int list option) =
     |> Array.sortBy (fun (n, _) -> (match List.tryFindIndex ((=) n) order with Some i -> i | None -> 1000), n)
     |> Array.map (fun (n, rs) -> { Strategy = n; Runs = rs })
     |> Array.toList
+
+let loadRows (dir: string) (order: string list) (seeds: int list option) = loadRowsWith Budget.Softmax dir order seeds
 
 /// Accuracy at budget b of every seed that has a threshold within it: (seed, accuracy).
 let budgetValues (r: Row) (b: int) = r.Runs |> List.choose (fun s -> s.Budgets[b] |> Option.map (fun v -> s.Seed, v))
@@ -177,6 +194,18 @@ let exitSummary (r: Row) (e: int) = exitValues r e |> List.map snd |> Statistics
 let deltaAt (r: Row) (baseline: Row) (b: int) = Statistics.paired (budgetValues r b) (budgetValues baseline b)
 
 let fig3Thresholds = [ 0.5; 0.6; 0.7; 0.8; 0.9; 0.95; 0.99 ]
+
+/// The parameters Fig. 3 shows under a policy: the papers' thresholds for softmax, fractions of ln C for entropy (the
+/// smaller, the later samples leave), every patience.
+let fig3Parameters (policy: Budget.Policy) (o: Budget.ExitOutputs) =
+    match policy with
+    | Budget.Softmax -> fig3Thresholds
+    | Budget.Entropy -> [ 0.5; 0.3; 0.2; 0.1; 0.05; 0.02 ] |> List.map (fun f -> f * log (float (max 2 o.Classes)))
+    | Budget.Patience -> [ for k in 0 .. o.Exits - 1 -> float k ]
+
+/// Test accuracy at budget b under the honest protocol, per seed that has validation logits and a fitting parameter.
+let fittedValues (r: Row) (b: int) = r.Runs |> List.choose (fun s -> s.Fitted[b] |> Option.map (fun p -> s.Seed, p.Accuracy))
+let eceValues (r: Row) (e: int) = r.Runs |> List.map (fun s -> s.Seed, s.Ece[e])
 
 /// The CPUs and kernels that produced the rows (one line each; several when runs were made on different machines).
 let numericsOf (rows: Row list) =
@@ -239,13 +268,50 @@ let writeFig2 (dir: string) (title: string) (rows: Row list) =
     Plots.accuracyVsMacsBands (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" (provenanceOf rows) curves
 
 /// Fig. 3: the mean share of samples leaving at each exit over seeds, for several thresholds, one figure per method.
-let writeFig3 (dir: string) (title: string) (rows: Row list) =
+let writeFig3With (policy: Budget.Policy) (suffix: string) (dir: string) (title: string) (rows: Row list) =
     for r in rows do
         let exits = r.Runs.Head.Outputs.Exits
-        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}.png")) $"Exit ratios (mean over {r.Runs.Length} seeds): {r.Strategy}, {title}" (provenanceOf [ r ]) exits
-            [ for t in fig3Thresholds ->
-                let ratios = r.Runs |> List.map (fun s -> (Budget.pointAt s.Outputs t).ExitRatios)
-                t.ToString(inv), Array.init exits (fun e -> ratios |> List.averageBy (fun x -> x[e])) ]
+        Plots.exitRatios (Path.Combine(dir, $"fig3-{r.Strategy}{suffix}.png")) $"Exit ratios (mean over {r.Runs.Length} seeds, {Budget.policyName policy}): {r.Strategy}, {title}" (provenanceOf [ r ]) exits
+            [ for t in fig3Parameters policy r.Runs.Head.Outputs ->
+                let ratios = r.Runs |> List.map (fun s -> (Budget.pointWith s.Outputs policy t).ExitRatios)
+                t.ToString("G3", inv), Array.init exits (fun e -> ratios |> List.averageBy (fun x -> x[e])) ]
+
+let writeFig3 (dir: string) (title: string) (rows: Row list) = writeFig3With Budget.Softmax "" dir title rows
+
+/// The honest protocol and calibration beside Table 1: budgets fitted on the validation split (test accuracy, its
+/// MACs, the gap to the best threshold of the test sweep, paired) and every exit's ECE; reliability diagrams.
+let honestAndCalibration (dir: string) (suffix: string) (rows: Row list) =
+    let fittedRows = rows |> List.filter (fun r -> r.Runs |> List.exists (fun s -> s.Fitted |> Array.exists Option.isSome))
+    let fitted =
+        if fittedRows.IsEmpty then "## Thresholds fitted on the validation split\n\nNot available: these runs predate the cached validation logits.\n"
+        else
+            let header = [ "strategy"; "n"; "25%"; "50%"; "75%"; "100%"; "test MACs at 25% (% of backbone)"; "best on the test sweep − fitted, 25% (paired)"; "same, 100%" ]
+            let gap (r: Row) (b: int) = Statistics.paired (budgetValues r b) (fittedValues r b)
+            let macsAt (r: Row) (b: int) =
+                let v = r.Runs |> List.choose (fun s -> s.Fitted[b] |> Option.map (fun p -> 100.0 * p.AverageMacs / float s.Info.BackboneMacs))
+                if v.IsEmpty then "–" else Markdown.f2 (List.average v)
+            "## Thresholds fitted on the validation split (the honest protocol)\n\n" +
+            "The table above takes, for each budget, the best threshold of a sweep on the test set itself, as the papers do. Here the " +
+            "threshold is chosen on the validation split (the one that spends the most within the budget there) and applied once to the " +
+            "test set: test accuracy (%), mean ± 95% CI; its test cost may exceed the budget a little. The gap is what choosing on the test " +
+            "set adds, paired by seed.\n\n" +
+            Markdown.table header
+                [ for r in fittedRows ->
+                    [ r.Strategy; string (r.Runs |> List.filter (fun s -> s.Fitted |> Array.exists Option.isSome) |> List.length) ]
+                    @ [ for b in 0..3 -> Statistics.format 100.0 (fittedValues r b |> List.map snd |> Statistics.summarize) ]
+                    @ [ macsAt r 0; Statistics.formatSigned 100.0 (gap r 0); Statistics.formatSigned 100.0 (gap r 3) ] ]
+    let exits = rows |> List.map (fun r -> r.Runs.Head.ExitAccuracy.Length) |> List.max
+    let calibration =
+        $"## Calibration\n\nExpected calibration error of every exit ({Budget.calibrationBins} equal-width bins of the maximum softmax probability), in points (×100), mean ± 95%% CI over seeds; reliability diagrams of the first seed in reliability-STRATEGY.png.\n\n" +
+        Markdown.table ([ "strategy"; "n" ] @ [ for e in 1..exits -> $"exit {e}" ])
+            [ for r in rows ->
+                [ r.Strategy; string r.Runs.Length ]
+                @ [ for e in 0 .. exits - 1 -> if e < r.Runs.Head.Ece.Length then Statistics.format 100.0 (eceValues r e |> List.map snd |> Statistics.summarize) else "" ] ]
+    for r in rows do
+        let first = r.Runs.Head
+        Plots.reliability (Path.Combine(dir, $"reliability-{r.Strategy}{suffix}.png")) $"Reliability: {r.Strategy}, seed {first.Seed}" (provenanceOf [ r ])
+            [ for e in 0 .. first.Ece.Length - 1 -> $"exit {e + 1}", first.Ece[e], first.Calibration[e] ]
+    fitted + "\n" + calibration
 
 /// Results folder of an experiment: OUT/MODEL-DATA-SCALE.
 let resultsFolder (o: Options) (data: string) = Path.Combine(o.OutRoot, $"{o.Model}-{data}-{Scales.name o.Scale}")
@@ -304,7 +370,7 @@ let runAll (o: Options) (dir: string) (recipes: (string * Recipe) list) =
         | failed ->
             let what = failed |> List.map (fun f -> $"{f.Job.Name} seed {f.Job.Seed} (exit code {f.ExitCode}):\n{f.Tail}") |> String.concat "\n\n"
             raise (Interpreter.RunError $"{failed.Length} of {outcomes.Length} runs failed; the others are kept, and running again resumes:\n{what}")
-    loadRows dir (List.map fst recipes) (Some o.Seeds)
+    loadRowsWith o.Policy dir (List.map fst recipes) (Some o.Seeds)
 
 /// The footer every table carries.
 let provenanceText (o: Options) (dataNote: string) (data: string) (rows: Row list) (script: string) =
@@ -359,19 +425,33 @@ let run (o: Options) =
                | None -> "")
               num "F0" c.Epochs; num "F0" c.Steps; num "F2" (c.TrainingMacs / 1e12); num "F0" c.Seconds ] ]
     let provenance = provenanceText o dataNote data rows "table1.fsx"
+    // The papers' exit rule writes table1.*; another policy writes beside it with its name.
+    let suffix = if o.Policy = Budget.Softmax then "" else "-" + Budget.policyName o.Policy
+    let policyText =
+        match o.Policy with
+        | Budget.Softmax -> ""
+        | Budget.Entropy -> " Exit policy: entropy (a sample leaves at the first exit whose softmax entropy is below t; 100 thresholds over [0, ln C])."
+        | Budget.Patience -> " Exit policy: patience (PBEE: a sample leaves once its prediction stayed the same for t consecutive exits; t = 0..M−1)."
+    let titlePolicy = if suffix = "" then "" else " (" + Budget.policyName o.Policy + ")"
     let md =
-        "# Table 1: top-1 accuracy (%) under a compute budget\n\n" +
+        $"# Table 1: top-1 accuracy (%%) under a compute budget{titlePolicy}\n\n" +
         "Mean ± half-width of the 95% confidence interval over seeds (Student t; n seeds, one run each). Accuracy at the last " +
         "confidence threshold (100 evenly spaced in [0, 1], strict >) whose average MACs per sample stay within 25/50/75/100% " +
         "of the backbone; \"–\" where no threshold fits. Δ vs separate: the mean of the paired differences (same seed) with its " +
-        "95% CI; verdict: better or worse where the CI excludes 0, indistinguishable where it does not.\n\n" +
-        Markdown.table header body + "\n## Accuracy per exit (%)\n\n" + exitTable rows + "\n" + provenance + "\n"
-    Markdown.writeAtomic (Path.Combine(dir, "table1.md")) md
+        "95% CI; verdict: better or worse where the CI excludes 0, indistinguishable where it does not." + policyText + "\n\n" +
+        Markdown.table header body + "\n## Accuracy per exit (%)\n\n" + exitTable rows + "\n" + honestAndCalibration dir suffix rows + "\n" + provenance + "\n"
+    Markdown.writeAtomic (Path.Combine(dir, $"table1{suffix}.md")) md
     let deltas (r: Row) =
         match separate with
         | Some s when r.Strategy <> "separate" -> [ for b, f in Array.indexed Budget.standardBudgets -> $"Δ vs separate at {int (100.0 * f)}%% budget (paired)", deltaAt r s b ]
         | _ -> []
-    writeCsv (Path.Combine(dir, "table1.csv")) rows deltas
+    let extra (r: Row) =
+        deltas r
+        @ [ for b, f in Array.indexed Budget.standardBudgets do
+              let v = fittedValues r b
+              if not v.IsEmpty then yield $"accuracy at {int (100.0 * f)}%% budget, threshold fitted on validation", Statistics.summarize (List.map snd v) ]
+        @ [ for e in 0 .. r.Runs.Head.Ece.Length - 1 -> $"ECE of exit {e + 1} ({Budget.calibrationBins} bins)", Statistics.summarize (eceValues r e |> List.map snd) ]
+    writeCsv (Path.Combine(dir, $"table1{suffix}.csv")) rows extra
     let summaryJson (s: Statistics.Summary) = {| n = s.N; mean = s.Mean; std = s.Std; ci95HalfWidth = s.HalfWidth; values = s.Values |}
     let json =
         {| data = data
@@ -386,6 +466,7 @@ let run (o: Options) =
            equalSteps = o.EqualSteps
            backboneMacs = rows.Head.Info.BackboneMacs
            exitMacs = rows.Head.Info.ExitMacs
+           policy = Budget.policyName o.Policy
            budgets = Budget.standardBudgets
            rows =
             rows
@@ -395,14 +476,26 @@ let run (o: Options) =
                    seeds = r.Seeds
                    budgetedAccuracy = [ for b in 0..3 -> {| budget = Budget.standardBudgets[b]; summary = summaryJson (budgetSummary r b); perSeed = budgetValues r b |> List.map (fun (k, v) -> {| seed = k; value = v |}) |} ]
                    exitAccuracy = [ for e in 0 .. r.Runs.Head.ExitAccuracy.Length - 1 -> summaryJson (exitSummary r e) ]
+                   fittedOnValidation = [ for b in 0..3 -> {| budget = Budget.standardBudgets[b]; summary = summaryJson (fittedValues r b |> List.map snd |> Statistics.summarize); perSeed = fittedValues r b |> List.map (fun (k, v) -> {| seed = k; value = v |}) |} ]
+                   expectedCalibrationError = [ for e in 0 .. r.Runs.Head.Ece.Length - 1 -> summaryJson (eceValues r e |> List.map snd |> Statistics.summarize) ]
                    deltaVsSeparate = deltas r |> List.map (fun (q, s) -> {| quantity = q; summary = summaryJson s; verdict = Statistics.verdictName (Statistics.verdict s) |})
                    cost = costOf r
                    curves = r.Runs |> List.map (fun s -> {| seed = s.Seed; curve = s.Sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |}) |}) |}) |}
     let options = JsonSerializerOptions(WriteIndented = true, NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
-    Markdown.writeAtomic (Path.Combine(dir, "table1.json")) (JsonSerializer.Serialize(json, options))
-    let title = $"{o.Model} on {data}, {Scales.name o.Scale} scale"
-    writeFig2 dir title rows
-    writeFig3 dir title (rows |> List.filter (fun r -> r.Strategy.StartsWith "sequential"))
-    let mdPath = Path.Combine(dir, "table1.md")
-    o.Log $"wrote {mdPath}, table1.csv, table1.json, fig2.png, fig3-*.png"
+    Markdown.writeAtomic (Path.Combine(dir, $"table1{suffix}.json")) (JsonSerializer.Serialize(json, options))
+    let title = $"{o.Model} on {data}, {Scales.name o.Scale} scale" + (if suffix = "" then "" else $", {Budget.policyName o.Policy} exits")
+    if suffix = "" then writeFig2 dir title rows
+    else
+        let curves =
+            [ for r in rows ->
+                let points = r.Runs.Head.Sweep.Length
+                let at k = r.Runs |> List.map (fun s -> s.Sweep[k])
+                $"{r.Strategy} (n={r.Runs.Length})",
+                Array.init points (fun k -> at k |> List.averageBy (fun p -> p.AverageMacs)),
+                Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).Mean),
+                Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).HalfWidth) ]
+        Plots.accuracyVsMacsBands (Path.Combine(dir, $"fig2{suffix}.png")) $"Accuracy against MACs: {title}" (provenanceOf rows) curves
+    writeFig3With o.Policy suffix dir title (rows |> List.filter (fun r -> r.Strategy.StartsWith "sequential"))
+    let mdPath = Path.Combine(dir, $"table1{suffix}.md")
+    o.Log $"wrote {mdPath}, table1{suffix}.csv, table1{suffix}.json, fig2{suffix}.png, fig3-*{suffix}.png, reliability-*{suffix}.png"
     md
