@@ -51,6 +51,15 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
     rm -rf "$smoke"
   done
 fi
+# The training-dynamics experiment (joint, disjoint, mixed with gradients, ranks, landscapes and paths) at smoke scale.
+if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
+  smoke=$(mktemp -d)
+  dotnet fsi experiments/dynamics.fsx --scale smoke --threads 1 --out "$smoke/dynamics" > "$smoke/log" 2>&1 \
+    && grep -q "^## Mode connectivity" "$smoke"/dynamics/*/dynamics.md && [ -s "$smoke"/dynamics/*/analysis/connectivity-disjoint-mixed.png ] \
+    && [ -s "$smoke"/dynamics/*/analysis/landscape-joint-exit1.png ] && grep -q "| mixed | joint | segment 1 |" "$smoke"/dynamics/*/dynamics.md
+  report "dynamics smoke" $? "$smoke/log"
+  rm -rf "$smoke"
+fi
 # The benchmark harness, at smoke size (seconds): every figure is produced and written (19, and training throughput
 # under each convolution backend of this CPU, at least default and no-onednn); its numbers mean nothing.
 if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then

@@ -153,4 +153,24 @@ let connectivity =
         }
     ]
 
-let all = testList "training dynamics" [ rank; gradients; landscape; connectivity ]
+let recorded =
+    testList "recorded during training" [
+        test "a run that records gradient dominance every step and ranks after every stage trains the same bits as one that does not" {
+            use dir = new EarlyExit.Tests.Support.TempDir()
+            let r = EarlyExit.Experiments.Runner.Scales.recipe EarlyExit.Experiments.Runner.Scales.Smoke EarlyExit.Experiments.Recipes.Builders.Mixed "resnet34" "fashion-mnist" 2
+            let measured = { r with Dynamics = { GradientEvery = 1; RankSamples = 32 } }
+            let quiet: EarlyExit.Experiments.Runner.Interpreter.RunOptions =
+                { OutDir = ""; Resume = false; PrefixCache = None; Scale = "smoke"; Device = Some "cpu"; Log = ignore }
+            EarlyExit.Experiments.Runner.Interpreter.run { quiet with OutDir = dir.File "plain" } r |> ignore
+            EarlyExit.Experiments.Runner.Interpreter.run { quiet with OutDir = dir.File "measured" } measured |> ignore
+            let sha (p: string) = Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(IO.File.ReadAllBytes p))
+            Expect.equal (sha (IO.Path.Combine(dir.File "measured", "test-logits.tensors"))) (sha (IO.Path.Combine(dir.File "plain", "test-logits.tensors"))) "same test logits"
+            let stages = EarlyExit.Experiments.Analysis.Analyze.gradientsOf (dir.File "measured")
+            Expect.equal (stages |> List.map (fun g -> g.Stage)) [ "warmup"; "joint" ] "both stages measured"
+            Expect.isTrue (stages |> List.forall (fun g -> g.Samples = 3)) "every step of the 3 per stage"
+            Expect.equal (EarlyExit.Experiments.Analysis.Analyze.ranksOf (dir.File "measured") |> List.length) 2 "a rank after each stage"
+            Expect.isEmpty (EarlyExit.Experiments.Analysis.Analyze.gradientsOf (dir.File "plain")) "nothing recorded when not asked"
+        }
+    ]
+
+let all = testList "training dynamics" [ rank; gradients; landscape; connectivity; recorded ]

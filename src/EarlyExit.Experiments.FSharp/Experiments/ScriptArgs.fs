@@ -172,7 +172,8 @@ let bodyOf (experiment: string) : Table1.Options -> string =
     | "table1" -> Table1.run
     | "table2" -> Table2.run
     | "regularisers" -> Regularisers.run
-    | other -> raise (ScriptArgError $"unknown experiment '{other}' (table1, table2, regularisers)")
+    | "dynamics" -> Dynamics.run
+    | other -> raise (ScriptArgError $"unknown experiment '{other}' (table1, table2, regularisers, dynamics)")
 
 /// Runs an experiment's body; prints its tables and the claims file, or, when its runs went to a scheduler (or were
 /// only planned), what to do next.
