@@ -4,12 +4,13 @@
 //   mas        MAS (memory aware synapses) at λ = 0.1, 1, 10 beside EWC λ = 100 and LwF ρ = 0.7
 //
 //   dotnet build -c Release && dotnet fsi experiments/regularisers.fsx [--parts schedules,fisher,mas] [--seeds N | --seeds 0,1,2]
-//        [--scale smoke|cpu|paper] [--model resnet34|msdnet] [--data ...] [--jobs N] [--threads T] [--out results/regularisers]
+//        [--scale smoke|cpu|paper] [--model resnet34|msdnet] [--data ...] [--jobs N] [--threads T] [--out results/table2]
 //        [--deterministic] [--numerics NAME] [--device auto|cpu|cuda]
 //
-// Rows shared by parts (the constants) run once; finished runs are reused and interrupted ones resumed, the warm-up and
-// the first sequential stage are trained once per seed for every row. Writes results/regularisers/<model>-<data>-<scale>/
-// (regularisers.md, regularisers.csv with per-seed values, fig2.png) and prints the tables.
+// The grid extends Table 2's, in its folder: the constants (EWC λ = 10, 100, 1000 and LwF ρ = 0.7, with the warm-up) are
+// Table 2's own runs, trained once for both; finished runs are reused and interrupted ones resumed, and the warm-up and
+// the first sequential stage are trained once per seed for every row. Writes results/table2/<model>-<data>-<scale>/
+// regularisers.md, regularisers.csv (per-seed values) and fig2-regularisers.png, and prints the tables.
 #load "Load.fsx"
 
 open EarlyExit.Experiments.Experiments

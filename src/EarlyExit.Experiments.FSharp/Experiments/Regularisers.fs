@@ -33,7 +33,8 @@ type GridRow =
       Strength: string }
 
 let private row n strategy fisher reg strength = { Name = n; Strategy = strategy; Fisher = fisher; Regulariser = reg; Strength = strength }
-let private ewcRow (l: float) = row (name "ewc-lambda" l) (Sequential [ ewc l ]) "empirical" "EWC" $"λ={l}"
+/// The constants are Table 2's own rows (same names, recipes and folder: trained once for both).
+let private ewcRow (l: float) = row $"ewc-lambda{l}-warmup" (Sequential [ ewc l ]) "empirical" "EWC" $"λ={l}"
 
 /// The rows of the parts asked for, each once (the constants serve the schedules, the Fisher sweep and MAS alike).
 let grid (asked: string list) =
@@ -46,7 +47,7 @@ let grid (asked: string list) =
           for l in lambdas do yield row (name "ewc-exact-lambda" l) (Sequential [ ewc l ]) "exact" "EWC" $"λ={l}"
       if List.contains "mas" asked then
           for l in masLambdas do yield row (name "mas-lambda" l) (Sequential [ mas l ]) "" "MAS" $"λ={l}"
-          yield row "lwf-rho0.7" (Sequential [ lwf 0.7 ]) "" "LwF" "ρ=0.7" ]
+          yield row "lwf-rho0.7-warmup" (Sequential [ lwf 0.7 ]) "" "LwF" "ρ=0.7" ]
 
 /// One paired comparison: a − b of one measure per seed.
 type Comparison =
@@ -68,19 +69,19 @@ let comparisons (asked: string list) =
     [ if List.contains "schedules" asked then
           for n, s in schedules do
               for m, f in measures ->
-                  { Part = "schedules"; Question = $"{n} ({Strength.format s}) against the paper's constant λ = 100"; A = n; B = "ewc-lambda100"; Measure = m; Value = f }
+                  { Part = "schedules"; Question = $"{n} ({Strength.format s}) against the paper's constant λ = 100"; A = n; B = "ewc-lambda100-warmup"; Measure = m; Value = f }
           for m, f in measures ->
               { Part = "schedules"; Question = "increasing against decreasing λ"; A = "ewc-geometric-up"; B = "ewc-geometric-down"; Measure = m; Value = f }
       if List.contains "fisher" asked then
           for l in lambdas do
               for m, f in [ measures[0]; measures[1]; measures[3] ] ->
-                  { Part = "fisher"; Question = $"exact against empirical Fisher at λ = {l}"; A = name "ewc-exact-lambda" l; B = name "ewc-lambda" l; Measure = m; Value = f }
-          for est, prefix in [ "empirical", "ewc-lambda"; "exact", "ewc-exact-lambda" ] do
+                  { Part = "fisher"; Question = $"exact against empirical Fisher at λ = {l}"; A = name "ewc-exact-lambda" l; B = $"ewc-lambda{l}-warmup"; Measure = m; Value = f }
+          for est, high, low in [ "empirical", "ewc-lambda1000-warmup", "ewc-lambda10-warmup"; "exact", name "ewc-exact-lambda" 1000.0, name "ewc-exact-lambda" 10.0 ] do
               for m, f in [ measures[0]; measures[1] ] ->
-                  { Part = "fisher"; Question = $"λ sensitivity with the {est} Fisher: λ = 1000 against λ = 10"; A = name prefix 1000.0; B = name prefix 10.0; Measure = m; Value = f }
+                  { Part = "fisher"; Question = $"λ sensitivity with the {est} Fisher: λ = 1000 against λ = 10"; A = high; B = low; Measure = m; Value = f }
       if List.contains "mas" asked then
           for l in masLambdas do
-              for other, label in [ "ewc-lambda100", "EWC λ = 100"; "lwf-rho0.7", "LwF ρ = 0.7" ] do
+              for other, label in [ "ewc-lambda100-warmup", "EWC λ = 100"; "lwf-rho0.7-warmup", "LwF ρ = 0.7" ] do
                   for m, f in [ measures[2]; measures[3] ] ->
                       { Part = "mas"; Question = $"MAS λ = {l} against {label}"; A = name "mas-lambda" l; B = other; Measure = m; Value = f } ]
 
@@ -170,5 +171,14 @@ let run (o: Table1.Options) =
         [ for c, d in compared do
             if c.A = r.Strategy then yield $"{c.Question}: {c.Measure} (paired, {c.A} − {c.B})", d ]
     Table1.writeCsv (Path.Combine(dir, "regularisers.csv")) rows extra
-    Table1.writeFig2 dir $"regularisers, {o.Model} on {data}, {Scales.name o.Scale} scale" rows
+    // Beside Table 2's own fig2.png.
+    let curves =
+        [ for r in rows ->
+            let points = r.Runs.Head.Sweep.Length
+            let at k = r.Runs |> List.map (fun s -> s.Sweep[k])
+            $"{r.Strategy} (n={r.Runs.Length})",
+            Array.init points (fun k -> at k |> List.averageBy (fun p -> p.AverageMacs)),
+            Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).Mean),
+            Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).HalfWidth) ]
+    Plots.accuracyVsMacsBands (Path.Combine(dir, "fig2-regularisers.png")) $"Accuracy against MACs: regularisers, {o.Model} on {data}, {Scales.name o.Scale} scale" (Table1.provenanceOf rows) curves
     md

@@ -96,7 +96,8 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
       DataRoot = opts.TryFind "data-root"
       Model = model
       Seeds = seeds
-      OutRoot = defaultArg (opts.TryFind "out") (Path.Combine(repoRoot, "results", experiment))
+      // regularisers.fsx extends Table 2's grid and shares its runs (the constants are Table 2's rows): same folder.
+      OutRoot = defaultArg (opts.TryFind "out") (Path.Combine(repoRoot, "results", (if experiment = "regularisers" then "table2" else experiment)))
       Device = opts.TryFind "device"
       Strategies =
         opts.TryFind "strategies"
