@@ -166,19 +166,12 @@ let run (o: Table1.Options) =
         "does not. Each comparison is tested on its own at 95% (no correction for the number of comparisons: with this many, " +
         "expect about one in twenty to exclude 0 by chance).\n\n" +
         Markdown.table header body + "\n" + String.Join("\n", sections) + "\n## Accuracy per exit (%)\n\n" + Table1.exitTable rows + "\n" + provenance + "\n"
-    Markdown.writeAtomic (Path.Combine(dir, "regularisers.md")) md
+    let suffix = Table1.policySuffix o
+    Markdown.writeAtomic (Path.Combine(dir, $"regularisers{suffix}.md")) md
     let extra (r: Table1.Row) =
         [ for c, d in compared do
             if c.A = r.Strategy then yield $"{c.Question}: {c.Measure} (paired, {c.A} − {c.B})", d ]
-    Table1.writeCsv (Path.Combine(dir, "regularisers.csv")) rows extra
+    Table1.writeCsv (Path.Combine(dir, $"regularisers{suffix}.csv")) rows extra
     // Beside Table 2's own fig2.png.
-    let curves =
-        [ for r in rows ->
-            let points = r.Runs.Head.Sweep.Length
-            let at k = r.Runs |> List.map (fun s -> s.Sweep[k])
-            $"{r.Strategy} (n={r.Runs.Length})",
-            Array.init points (fun k -> at k |> List.averageBy (fun p -> p.AverageMacs)),
-            Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).Mean),
-            Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).HalfWidth) ]
-    Plots.accuracyVsMacsBands (Path.Combine(dir, "fig2-regularisers.png")) $"Accuracy against MACs: regularisers, {o.Model} on {data}, {Scales.name o.Scale} scale" (Table1.provenanceOf rows) curves
+    Table1.writeFig2To (Path.Combine(dir, $"fig2-regularisers{suffix}.png")) $"regularisers, {o.Model} on {data}, {Scales.name o.Scale} scale" rows
     md

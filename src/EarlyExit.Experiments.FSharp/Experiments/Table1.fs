@@ -255,7 +255,21 @@ let writeCsv (path: string) (rows: Row list) (extra: (Row -> (string * Statistic
                 yield line r q s (s.Values |> List.mapi (fun i v -> i, v)) ]
     Markdown.writeAtomic path (Markdown.csv header body)
 
+/// "" for the papers' exit rule, "-entropy" or "-patience" otherwise: what a table's files are suffixed with.
+let policySuffix (o: Options) = if o.Policy = Budget.Softmax then "" else "-" + Budget.policyName o.Policy
+
 /// Fig. 2: accuracy against average MACs, one mean curve per method with its 95% band over seeds.
+let writeFig2To (path: string) (title: string) (rows: Row list) =
+    let curves =
+        [ for r in rows ->
+            let points = r.Runs.Head.Sweep.Length
+            let at k = r.Runs |> List.map (fun s -> s.Sweep[k])
+            $"{r.Strategy} (n={r.Runs.Length})",
+            Array.init points (fun k -> at k |> List.averageBy (fun p -> p.AverageMacs)),
+            Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).Mean),
+            Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).HalfWidth) ]
+    Plots.accuracyVsMacsBands path $"Accuracy against MACs: {title}" (provenanceOf rows) curves
+
 let writeFig2 (dir: string) (title: string) (rows: Row list) =
     let curves =
         [ for r in rows ->
@@ -426,7 +440,7 @@ let run (o: Options) =
               num "F0" c.Epochs; num "F0" c.Steps; num "F2" (c.TrainingMacs / 1e12); num "F0" c.Seconds ] ]
     let provenance = provenanceText o dataNote data rows "table1.fsx"
     // The papers' exit rule writes table1.*; another policy writes beside it with its name.
-    let suffix = if o.Policy = Budget.Softmax then "" else "-" + Budget.policyName o.Policy
+    let suffix = policySuffix o
     let policyText =
         match o.Policy with
         | Budget.Softmax -> ""
@@ -485,16 +499,7 @@ let run (o: Options) =
     Markdown.writeAtomic (Path.Combine(dir, $"table1{suffix}.json")) (JsonSerializer.Serialize(json, options))
     let title = $"{o.Model} on {data}, {Scales.name o.Scale} scale" + (if suffix = "" then "" else $", {Budget.policyName o.Policy} exits")
     if suffix = "" then writeFig2 dir title rows
-    else
-        let curves =
-            [ for r in rows ->
-                let points = r.Runs.Head.Sweep.Length
-                let at k = r.Runs |> List.map (fun s -> s.Sweep[k])
-                $"{r.Strategy} (n={r.Runs.Length})",
-                Array.init points (fun k -> at k |> List.averageBy (fun p -> p.AverageMacs)),
-                Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).Mean),
-                Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).HalfWidth) ]
-        Plots.accuracyVsMacsBands (Path.Combine(dir, $"fig2{suffix}.png")) $"Accuracy against MACs: {title}" (provenanceOf rows) curves
+    else writeFig2To (Path.Combine(dir, $"fig2{suffix}.png")) title rows
     writeFig3With o.Policy suffix dir title (rows |> List.filter (fun r -> r.Strategy.StartsWith "sequential"))
     let mdPath = Path.Combine(dir, $"table1{suffix}.md")
     o.Log $"wrote {mdPath}, table1{suffix}.csv, table1{suffix}.json, fig2{suffix}.png, fig3-*{suffix}.png, reliability-*{suffix}.png"

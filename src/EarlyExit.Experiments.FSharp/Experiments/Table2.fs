@@ -61,7 +61,8 @@ let run (o: Table1.Options) =
         "seeds (W.U.: warm-up of the backbone with its final exit). The paired comparisons the paper draws from this grid are " +
         $"in ../../claims-{data}-{Scales.name o.Scale}.md.\n\n" +
         Markdown.table header body + "\n## Accuracy per exit (%)\n\n" + Table1.exitTable rows + "\n" + provenance + "\n"
-    Markdown.writeAtomic (Path.Combine(dir, "table2.md")) md
-    Table1.writeCsv (Path.Combine(dir, "table2.csv")) rows (fun _ -> [])
-    Table1.writeFig2 dir $"ablation, {o.Model} on {data}, {Scales.name o.Scale} scale" rows
+    let suffix = Table1.policySuffix o
+    Markdown.writeAtomic (Path.Combine(dir, $"table2{suffix}.md")) md
+    Table1.writeCsv (Path.Combine(dir, $"table2{suffix}.csv")) rows (fun _ -> [])
+    Table1.writeFig2To (Path.Combine(dir, $"fig2{suffix}.png")) $"ablation, {o.Model} on {data}, {Scales.name o.Scale} scale" rows
     md
