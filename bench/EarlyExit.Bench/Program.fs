@@ -379,6 +379,21 @@ let main argv =
         let naiveN = if smoke then 8 else 64
         let naive = fisher FisherEstimator.PerSampleEmpiricalNaive naiveN / float naiveN * float n
         info "for scale: one backward pass per sample / one training pass" (naive / trainingPass ()) $"(the naive oracle, extrapolated from {naiveN} samples)"
+        // The other importance estimators on the same samples, each against the empirical Fisher, side by side.
+        let mas () =
+            let clock = Stopwatch.StartNew()
+            let f = EarlyExit.Regularisers.MasRegulariser.Compute(net, m, data.Train, n, 128, 1, device)
+            sync device
+            let t = clock.Elapsed.TotalSeconds
+            for v in f.Values do v.Dispose()
+            t
+        let classes = data.Train.NumClasses
+        for label, other, expected in
+            [ "exact Fisher", (fun () -> fisher FisherEstimator.Exact n), $"C = {classes} gradient passes per batch: about {classes}x by construction"
+              "sampled Fisher", (fun () -> fisher FisherEstimator.Sampled n), "one more forward pass to draw the labels"
+              "MAS importances", mas, "the same passes, |g| instead of g²" ] do
+            let ratios = [ for _ in 1..repeats -> let e = fisher FisherEstimator.PerSampleEmpirical n in other () / e ]
+            info $"{label} / empirical Fisher (time, N samples)" (median ratios) $"(N = {n}; {expected})"
 
     // 5. Early-exit inference at the threshold where about half the test samples leave early (timing needs no training).
     if runs "inference" then
