@@ -97,7 +97,33 @@ let rssMiB () =
     p.Refresh()
     float p.WorkingSet64 / float (1 <<< 20)
 
-let sections = [ "numerics"; "allocator"; "threads"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory" ]
+let sections = [ "numerics"; "allocator"; "threads"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory"; "pytorch" ]
+
+/// Debian's PyTorch (python3-torch 1.13), when /usr/bin/python3 can import it: its version line, else why not.
+let pytorchPeer () =
+    let python = "/usr/bin/python3"
+    if not (File.Exists python) then Error "no /usr/bin/python3"
+    else
+        let psi = ProcessStartInfo(python, [| "-c"; "import torch; print(torch.__version__)" |], RedirectStandardOutput = true, RedirectStandardError = true)
+        use p = Process.Start psi
+        let out = p.StandardOutput.ReadToEnd().Trim()
+        p.WaitForExit()
+        if p.ExitCode = 0 then Ok(python, out) else Error "/usr/bin/python3 cannot import torch (apt-get install -y python3-torch libopenblas0-pthread)"
+
+/// One measurement by the PyTorch peer (bench/pytorch/peer.py): its JSON answer.
+let runPeer (python: string) (script: string) (args: string list) =
+    let psi = ProcessStartInfo(python, RedirectStandardOutput = true, RedirectStandardError = true)
+    psi.ArgumentList.Add script
+    for a in args do psi.ArgumentList.Add a
+    // The peer's own OpenMP pool sized like ours (libgomp reads it when it loads).
+    psi.Environment["OMP_NUM_THREADS"] <- (match List.tryFindIndex ((=) "--threads") args with Some i -> args[i + 1] | None -> "1")
+    use p = Process.Start psi
+    let out = p.StandardOutput.ReadToEnd()
+    let err = p.StandardError.ReadToEnd()
+    p.WaitForExit()
+    match out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{") with
+    | Some line when p.ExitCode = 0 -> JsonDocument.Parse(line).RootElement.Clone()
+    | _ -> failwithf "the PyTorch peer failed (exit code %d): %s" p.ExitCode (err.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue "")
 
 /// Runs the probe's training-throughput mode under this process's kernels: images/s and minor page faults per step.
 let probeThroughput (backend: string) (threads: string) (steps: int) (env: (string * string) list) =
@@ -115,7 +141,7 @@ usage: dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smo
 
   --quick            fewer steps and 5 repeats (a few minutes here); the default is 9 repeats (~15 minutes)
   --smoke            one repeat of a few steps (seconds): checks that every figure is produced; its numbers mean nothing
-  --only SECTIONS    comma-separated subset of: numerics, allocator, threads, trainer, regularisers, fisher, inference, pipeline, memory
+  --only SECTIONS    comma-separated subset of: numerics, allocator, threads, trainer, regularisers, fisher, inference, pipeline, memory, pytorch
                      (a partial run writes nothing)
   --out DIR          where bench.md and bench.json go (default results/bench)
   --numerics NAME    force the convolution kernels of this process (default: what the numerics check chose)
@@ -349,8 +375,10 @@ let main argv =
         let cost = EarlyExit.Flops.MacCounter.Count net
         let cum = cost.Exits |> Seq.map (fun e -> float e.CumulativeMacs) |> Seq.toArray
         let teacherForwards = (Array.sum cum[.. m - 2]) / cum[m - 1]
-        add "sequential + LwF step, per-exit teachers (the paper's definition) / plain step" lwfRatio "<= 1.5" (lwfRatio <= 1.5)
-            $"(by MACs: the {m - 1} teacher forwards cost {teacherForwards:F2} full forwards and a training step about 3, so about {1.0 + teacherForwards / 3.0:F2} before the earlier heads' own gradients; time need not follow MACs)"
+        // The floor by MACs: a step (≈ 3 forward passes) plus the teachers' forwards. The target is within 5% of it.
+        let floor = 1.0 + teacherForwards / 3.0
+        add "sequential + LwF step, per-exit teachers (the paper's definition) / plain step" lwfRatio $"<= {1.05 * floor:F2} (5%% above its MACs floor)" (lwfRatio <= 1.05 * floor)
+            $"(by MACs: the {m - 1} teacher forwards cost {teacherForwards:F2} full forwards and a training step about 3, so a floor of {floor:F2} before the earlier heads' own gradients)"
         add "sequential + LwF step, one previous-stage teacher (--lwf-teachers previous-stage) / plain step" prevRatio "<= 1.5" (prevRatio <= 1.5)
             $"(one teacher forward up to exit {m - 1})"
 
@@ -437,11 +465,17 @@ let main argv =
             let rl = median (runs |> List.map (fun (_, l, _, _, _) -> l))
             let (_, _, byMacs, byLatency, exits) = runs.Head
             let early = exits |> Array.filter (fun e -> e < m) |> Array.length
-            add $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r ">= 0.9" (r >= 0.9)
-                $"(threshold {half.Threshold:F2}: {100.0 * float early / float samples:F0}%% of {samples} leave early; predicted {byMacs:F2}x{threadNote ()})"
             let latencies = latency |> Array.map (fun t -> t.ToString "F2") |> String.concat " "
-            info $"early-exit inference, batch {b}: measured speed-up / speed-up predicted by each exit's measured latency" rl
-                $"(predicted {byLatency:F2}x; exit latencies at batch {b}: {latencies} ms)"
+            let macsDetail = $"(threshold {half.Threshold:F2}: {100.0 * float early / float samples:F0}%% of {samples} leave early; predicted {byMacs:F2}x{threadNote ()})"
+            let latencyDetail = $"(predicted {byLatency:F2}x; exit latencies at batch {b}: {latencies} ms)"
+            // At batch 64, MACs mispredict time on this CPU (shallow layers run fewer MACs per second): the target is
+            // against each exit's measured latency, with the MACs figure beside it.
+            if b = 1 then
+                add $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r ">= 0.9" (r >= 0.9) macsDetail
+                info $"early-exit inference, batch {b}: measured speed-up / speed-up predicted by each exit's measured latency" rl latencyDetail
+            else
+                info $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r macsDetail
+                add $"early-exit inference, batch {b}: measured speed-up / speed-up predicted by each exit's measured latency" rl ">= 0.95" (rl >= 0.95) latencyDetail
 
         torch.set_num_threads threads
 
@@ -462,6 +496,80 @@ let main argv =
         let trainRate = float batch / plainStep ()
         let pipeRatio = median pipeline / trainRate
         add "data pipeline (read + crop/flip + Mixup/CutMix) images/s / training images/s" pipeRatio ">= 10" (pipeRatio >= 10.0) $"({median pipeline:F0} vs {trainRate:F0} images/s)"
+
+    // 8. PyTorch itself (Debian's 1.13) side by side: the same network, batch and threads, alternating run by run.
+    if runs "pytorch" && device.``type`` = DeviceType.CPU then
+        match pytorchPeer () with
+        | Error why -> log $"  pytorch: skipped ({why})"
+        | Ok (python, version) ->
+            let script = Path.Combine(AppContext.BaseDirectory, "pytorch", "peer.py")
+            let described = runPeer python script [ "describe" ]
+            use ours = model device
+            let ourParameters = ours.parameters() |> Seq.sumBy (fun p -> p.numel())
+            let theirs = described.GetProperty("parameters").GetInt64()
+            let blas = described.GetProperty("blas").GetString()
+            add "PyTorch peer: parameters / ours" (float theirs / float ourParameters) "1.0 (the same network)" (theirs = ourParameters)
+                $"({theirs} against {ourParameters}; PyTorch {version}, BLAS {blas}; ours libtorch {numerics.libtorch} with oneDNN {numerics.onednn}, kernels {numerics.kernels})"
+            let processThreads = torch.get_num_threads()
+            let threadCounts = if smoke then [ 1 ] else List.distinct [ 1; processThreads ]
+            let n = if smoke then 128 elif quick then 512 else 2048
+            let trainSteps = if smoke then 2 elif quick then 10 else 20
+            for t in threadCounts do
+                torch.set_num_threads t
+                let label = $"{t} thread(s)"
+                // Training: our trainer's joint step against PyTorch's (same batch, AdamW, the loss read back every step).
+                let train =
+                    [ for _ in 1..repeats ->
+                        let oursStep () =
+                            use netA = model device
+                            use regs = new RegulariserSet()
+                            let clock = StepClock device
+                            StageTrainer.Run(netA, basePlan "joint" netA.ExitCount (warmupSteps + trainSteps) batch 1 false, data, regs, device, clock) |> ignore
+                            float batch / clock.PerStepSeconds
+                        let theirsStep () =
+                            (runPeer python script [ "train"; "--threads"; string t; "--batch"; string batch; "--steps"; string trainSteps; "--warmup"; string warmupSteps ]).GetProperty("imagesPerSecond").GetDouble()
+                        let a = oursStep ()
+                        let b = theirsStep ()
+                        a / b, a, b ]
+                let r = median (train |> List.map (fun (x, _, _) -> x))
+                add $"training images/s, ours / PyTorch {version} ({label})" r ">= 1.0" (r >= 1.0)
+                    $"(cpu-scale ResNet, batch {batch}, joint loss, AdamW; ours {median (train |> List.map (fun (_, a, _) -> a)):F0}, PyTorch {median (train |> List.map (fun (_, _, b) -> b)):F0} images/s)"
+                // Inference latency: every exit, eval mode, no gradients.
+                for b in [ 1; 64 ] do
+                    let iterations = if smoke then 5 elif b = 1 then 200 else 30
+                    let lat =
+                        [ for _ in 1..repeats ->
+                            ours.eval() |> ignore
+                            use x = torch.randn([| int64 b; 1L; 28L; 28L |], device = device)
+                            let once () =
+                                use scope = torch.NewDisposeScope()
+                                use _ = torch.no_grad()
+                                let out = ours.forward x
+                                out[out.Length - 1].sum().item<float32>() |> ignore
+                            for _ in 1..5 do once ()
+                            let clock = Stopwatch.StartNew()
+                            for _ in 1..iterations do once ()
+                            let mine = clock.Elapsed.TotalMilliseconds / float iterations
+                            let other = (runPeer python script [ "latency"; "--threads"; string t; "--batch"; string b; "--iterations"; string iterations; "--warmup"; "5" ]).GetProperty("msPerBatch").GetDouble()
+                            mine / other, mine, other ]
+                    let r = median (lat |> List.map (fun (x, _, _) -> x))
+                    let detail = $"(every exit, eval mode; ours {median (lat |> List.map (fun (_, a, _) -> a)):F3}, PyTorch {median (lat |> List.map (fun (_, _, c) -> c)):F3} ms per batch)"
+                    if b = 1 then add $"batch-1 latency, ours / PyTorch ({label})" r "<= 1.0" (r <= 1.0) detail
+                    else info $"batch-64 latency, ours / PyTorch ({label})" r detail
+                // The per-sample empirical Fisher of the last exit over N samples: ours against functorch's vmap(grad).
+                let fisherRuns =
+                    [ for _ in 1..(if smoke then 1 else 3) ->
+                        ours.eval() |> ignore
+                        let clock = Stopwatch.StartNew()
+                        let f = FisherInformation.Compute(ours, ours.ExitCount, data.Train, FisherEstimator.PerSampleEmpirical, n, 128, 1, device)
+                        let mine = clock.Elapsed.TotalSeconds
+                        for v in f.Values do v.Dispose()
+                        let other = (runPeer python script [ "fisher"; "--threads"; string t; "--samples"; string n; "--chunk"; "128" ]).GetProperty("seconds").GetDouble()
+                        mine / other, mine, other ]
+                let r = median (fisherRuns |> List.map (fun (x, _, _) -> x))
+                add $"per-sample Fisher over N = {n}, ours / PyTorch functorch ({label})" r "<= 1.0" (r <= 1.0)
+                    $"(ours {median (fisherRuns |> List.map (fun (_, a, _) -> a)):F2} s, functorch vmap(grad) in chunks of 128: {median (fisherRuns |> List.map (fun (_, _, c) -> c)):F2} s)"
+            torch.set_num_threads processThreads
 
     // 7. Memory: live tensors and resident memory after epoch 10 against epoch 1.
     if runs "memory" then

@@ -1,0 +1,192 @@
+"""The benchmark's PyTorch peer: the same multi-exit ResNet as EarlyExit's cpu scale (width 8, blocks [2,2,2,2],
+exits after blocks 1, 2, 4, 6, 8, SDN heads, 1x28x28 input, 10 classes), timed the way EarlyExit's benchmark times
+its own: a training step (joint loss = mean of the exits' cross-entropies, AdamW), inference latency (every exit, eval
+mode, no gradients), and the per-sample empirical Fisher of the last exit over N samples (functorch vmap of grad,
+chunked; PyTorch 1.13's fastest way). The bench runs this script once per measurement, alternating with its own, and
+reads one JSON line from standard output.
+
+    python3 peer.py describe
+    python3 peer.py train   --threads T --batch B --steps S --warmup W
+    python3 peer.py latency --threads T --batch B --iterations I --warmup W
+    python3 peer.py fisher  --threads T --samples N --chunk C
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class SdnHead(nn.Module):
+    """alpha * adaptive max pool + (1 - alpha) * adaptive avg pool to 4x4, flatten, linear (alpha as is, no sigmoid)."""
+
+    def __init__(self, channels, classes, pool=4):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.rand(1))
+        self.pool = pool
+        self.linear = nn.Linear(channels * pool * pool, classes)
+        # Pooled in channels-last layout as EarlyExit's head does (faster on CPU); functorch's vmap refuses that layout,
+        # so the Fisher turns it off (the same values).
+        self.channels_last = True
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pooled = self.alpha * F.adaptive_max_pool2d(x, self.pool) + (1 - self.alpha) * F.adaptive_avg_pool2d(x, self.pool)
+        return self.linear(pooled.flatten(1))
+
+
+class MultiExitResNet(nn.Module):
+    def __init__(self, blocks=(2, 2, 2, 2), width=8, exits=(1, 2, 4, 6, 8), classes=10, channels=1):
+        super().__init__()
+        widths = [width << i for i in range(len(blocks))]
+        plan = [(s, b) for s in range(len(blocks)) for b in range(blocks[s])]
+        self.segments, self.heads = nn.ModuleList(), nn.ModuleList()
+        c, start = widths[0], 0
+        for e, end in enumerate(exits):
+            layers = []
+            if e == 0:
+                layers += [nn.Conv2d(channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+            for blk in range(start, end):
+                s, b = plan[blk]
+                stride = 2 if s > 0 and b == 0 else 1
+                layers.append(BasicBlock(c, widths[s], stride))
+                c = widths[s]
+            start = end
+            self.segments.append(nn.Sequential(*layers))
+            last = e == len(exits) - 1
+            self.heads.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes)) if last else SdnHead(c, classes))
+
+    def forward(self, x):
+        out = []
+        for seg, head in zip(self.segments, self.heads):
+            x = seg(x)
+            out.append(head(x))
+        return out
+
+
+def model():
+    torch.manual_seed(0)
+    return MultiExitResNet()
+
+
+def versions():
+    blas = "unknown"
+    try:
+        import os
+        blas = os.path.realpath("/etc/alternatives/libblas.so.3-x86_64-linux-gnu")
+    except Exception:
+        pass
+    mkldnn = torch.backends.mkldnn.is_available()
+    return {"torch": torch.__version__, "onednn_available": mkldnn, "blas": blas, "threads": torch.get_num_threads()}
+
+
+def train(a):
+    net = model().train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(a.batch, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (a.batch,), generator=g)
+    times = []
+    for step in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        logits = net(x)
+        loss = sum(F.cross_entropy(l, y) for l in logits) / len(logits)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        loss.item()  # the trainer reads the loss back every step too
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    return {"secondsPerStep": sum(times) / len(times), "imagesPerSecond": a.batch * len(times) / sum(times)}
+
+
+def latency(a):
+    net = model().eval()
+    x = torch.randn(a.batch, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for _ in range(a.warmup):
+            net(x)
+        t0 = time.perf_counter()
+        for _ in range(a.iterations):
+            out = net(x)
+            out[-1].sum().item()
+        t = time.perf_counter() - t0
+    return {"msPerBatch": 1000 * t / a.iterations, "msPerSample": 1000 * t / a.iterations / a.batch}
+
+
+def fisher(a):
+    from functorch import make_functional_with_buffers, vmap, grad
+
+    net = model().eval()
+    for h in net.heads:
+        if isinstance(h, SdnHead):
+            h.channels_last = False
+    # The last exit's log-likelihood with respect to the backbone's parameters (segments 1..M), as EarlyExit computes F(M).
+    fmodel, params, buffers = make_functional_with_buffers(net)
+    names = [n for n, _ in net.named_parameters()]
+    keep = [i for i, n in enumerate(names) if n.startswith("segments.")]
+
+    def loglik(p, b, x, y):
+        logits = fmodel(p, b, x.unsqueeze(0))[-1]
+        return F.log_softmax(logits, 1).gather(1, y.view(1, 1)).sum()
+
+    per_sample = vmap(grad(loglik), in_dims=(None, None, 0, 0))
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(a.samples, 1, 28, 28, generator=g)
+    ys = torch.randint(0, 10, (a.samples,), generator=g)
+    sums = [torch.zeros_like(params[i]) for i in keep]
+    t0 = time.perf_counter()
+    for s in range(0, a.samples, a.chunk):
+        grads = per_sample(params, buffers, xs[s:s + a.chunk], ys[s:s + a.chunk])
+        for k, i in enumerate(keep):
+            sums[k].add_((grads[i] ** 2).sum(0))
+    fisher = [t / a.samples for t in sums]
+    t = time.perf_counter() - t0
+    return {"seconds": t, "samples": a.samples, "parameters": int(sum(f.numel() for f in fisher))}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["describe", "train", "latency", "fisher"])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--samples", type=int, default=2048)
+    p.add_argument("--chunk", type=int, default=128)
+    a = p.parse_args()
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    if a.mode == "describe":
+        net = model()
+        result = {"parameters": sum(t.numel() for t in net.parameters()),
+                  "backboneParameters": sum(t.numel() for n, t in net.named_parameters() if n.startswith("segments."))}
+    else:
+        result = {"train": train, "latency": latency, "fisher": fisher}[a.mode](a)
+    result.update(versions())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
