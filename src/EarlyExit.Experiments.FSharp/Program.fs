@@ -195,3 +195,14 @@ let main argv =
     | :? NumericsException as e ->
         eprintfn "error: %s" e.Message
         1
+    | Failure msg ->
+        eprintfn "error: %s" msg
+        1
+    | :? IO.IOException
+    | :? UnauthorizedAccessException as e ->
+        eprintfn "error: %s" e.Message
+        1
+    | e when Environment.GetEnvironmentVariable "EARLYEXIT_DEBUG" <> "1" ->
+        // Anything else is a bug of ours: one line, and how to see where it happened.
+        eprintfn "error: %s (%s; an unexpected error: rerun with EARLYEXIT_DEBUG=1 for the stack trace, and report it)" e.Message (e.GetType().Name)
+        70

@@ -116,4 +116,43 @@ let executor =
         }
     ]
 
-let all = testList "runs, seeds and the executor" [ determinism; executor ]
+/// Ordinary mistakes on the command line: each must end with a clear message and a non-zero exit code, never a stack
+/// trace or an abort.
+let mistakes =
+    testList "a command line that never crashes" [
+        test "ordinary mistakes give one clear message, a non-zero exit code and no stack trace; nothing is created" {
+            use dir = new TempDir()
+            File.WriteAllText(dir.File "bad.json", "{ not json")
+            Directory.CreateDirectory(dir.File "unfinished") |> ignore
+            File.WriteAllText(Path.Combine(dir.File "unfinished", "recipe.json"), "{}")
+            let missing = dir.File "no-such-run"
+            let cases =
+                [ [ "eval"; missing ], "no such run folder"
+                  [ "eval"; dir.File "unfinished" ], "not a finished run"
+                  [ "analyze"; missing ], "not a finished run"
+                  [ "analyze"; dir.File "unfinished"; "--metrics"; "bogus" ], "unknown metric 'bogus'"
+                  [ "train"; "--strategy"; "nosuch"; "--out"; dir.File "x" ], "unknown strategy 'nosuch'"
+                  [ "train"; "--strategy"; "joint"; "--lambda"; "5"; "--out"; dir.File "x" ], "would have no effect"
+                  [ "train"; "--recipe"; dir.File "missing.json"; "--out"; dir.File "x" ], "recipe file not found"
+                  [ "train"; "--recipe"; dir.File "bad.json"; "--out"; dir.File "x" ], "not valid JSON"
+                  [ "train"; "--strategy"; "joint" ], "missing argument '--out'"
+                  [ "describe"; "nosuchmodel" ], "unknown model 'nosuchmodel'"
+                  [ "--threads"; "0"; "models" ], "--threads 0"
+                  [ "data"; "check"; "nosuch" ], "unknown data set 'nosuch'"
+                  [ "sweep"; "status"; missing ], "holds no sweep"
+                  [ "sweep"; "task"; missing; "0" ], "holds no sweep"
+                  [ "sweep"; "collect"; missing ], "holds no sweep"
+                  [ "sweep"; "plan"; "table9" ], "unknown experiment 'table9'"
+                  [ "bogus" ], "unrecognized argument: 'bogus'" ]
+            for args, says in cases do
+                let code, output = runCli args
+                let line = String.Join(" ", args)
+                Expect.isTrue (code <> 0 && code <> 134) $"{line}: exit code {code}"
+                Expect.isFalse (output.Contains "   at ") $"{line}: a stack trace in\n{output}"
+                Expect.stringContains output says $"{line}: says what is wrong"
+            Expect.isFalse (Directory.Exists missing) "no folder was created for the missing run"
+            Expect.isFalse (Directory.Exists(dir.File "x")) "no run folder was created for a refused command"
+        }
+    ]
+
+let all = testList "runs, seeds and the executor" [ determinism; executor; mistakes ]

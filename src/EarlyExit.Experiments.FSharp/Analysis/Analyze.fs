@@ -106,9 +106,10 @@ let private write (path: string) (value: obj) = Markdown.writeAtomic path (JsonS
 /// RUN/analysis/): JSON and PNGs per metric. Returns the Markdown summary.
 let run (runDir: string) (vs: string option) (metrics: string list) (s: Settings) (outDir: string option) (log: string -> unit) =
     let runDir = Path.GetFullPath runDir
+    // The run is read first: a mistyped folder must not be created as an output folder.
+    let recipe, net, data = loadRun runDir
     let out = outDir |> Option.defaultValue (Path.Combine(runDir, "analysis"))
     Directory.CreateDirectory out |> ignore
-    let recipe, net, data = loadRun runDir
     use net = net
     let prov = provenance runDir
     let name = Path.GetFileName(Path.GetDirectoryName runDir) + "/" + Path.GetFileName runDir

@@ -32,7 +32,9 @@ and RunCost = { Epochs: int; Steps: int; TrainingMacs: float }
 
 let readInfo (dir: string) =
     let path = Path.Combine(dir, "metrics.json")
-    if not (File.Exists path) then failwithf "%s: no metrics.json; the run is not finished (train it, or pass --resume)" dir
+    if not (File.Exists path) then
+        if not (Directory.Exists dir) then failwithf "%s: no such run folder" dir
+        else failwithf "%s: no metrics.json, so not a finished run (train it with earlyexit train, or finish it with --resume)" dir
     use doc = JsonDocument.Parse(File.ReadAllText path)
     let r = doc.RootElement
     let str (k: string) = r.GetProperty(k).GetString()
