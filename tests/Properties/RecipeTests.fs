@@ -238,6 +238,26 @@ let interpreter =
             let resumed = Interpreter.run { quiet with OutDir = out; Resume = true } (smokeRecipe Joint)
             Expect.equal resumed.TestAccuracy first.TestAccuracy "resuming after the last stage gives the same model"
         }
+        test "TensorBoard: Unix wall times, the training loss at one global step across stages, the recipe as text" {
+            Expect.equal (EarlyExit.Experiments.Reports.TensorBoard.crc32c (ReadOnlySpan(Text.Encoding.ASCII.GetBytes "123456789"))) 0xE3069283u "CRC-32C check value"
+            use dir = new TempDir()
+            let out = dir.File "run"
+            Interpreter.run { quiet with OutDir = out } (smokeRecipe Mixed) |> ignore
+            let files = Directory.GetFiles(Path.Combine(out, "tensorboard"))
+            Expect.equal files.Length 1 "one event file"
+            let events = EarlyExit.Experiments.Reports.TensorBoard.read files[0]
+            let now = float (DateTimeOffset.UtcNow.ToUnixTimeSeconds())
+            Expect.isTrue (events |> List.forall (fun e -> abs (e.WallTime - now) < 3600.0)) "every wall time within an hour of now (Unix seconds)"
+            Expect.equal events.Head.FileVersion (Some "brain.Event:2") "the file's first event"
+            let losses = events |> List.filter (fun e -> e.Tag = "train/loss")
+            // Mixed at this size: a warm-up and a joint stage of 2 steps each (1 epoch): steps 0, 1, then 2, 3.
+            Expect.equal (losses |> List.map (fun e -> e.Step)) [ 0L; 1L; 2L; 3L ] "one global step across the stages"
+            Expect.isTrue (losses |> List.forall (fun e -> e.Scalar |> Option.exists Double.IsFinite)) "finite losses"
+            let recipe = events |> List.find (fun e -> e.Tag = "recipe")
+            Expect.equal recipe.Text (Some(File.ReadAllText(Path.Combine(out, "recipe.json")))) "the recipe as text"
+            Expect.isTrue (events |> List.exists (fun e -> e.Tag = "metrics" && e.Text.IsSome)) "the metrics at the end"
+            Expect.isTrue (events |> List.exists (fun e -> e.Tag = "validation/accuracy_exit1")) "validation accuracy per exit"
+        }
         test "a NaN loss stops the run with a message that names the numerics check and the kernels in use" {
             use dir = new TempDir()
             let r = smokeRecipe Joint

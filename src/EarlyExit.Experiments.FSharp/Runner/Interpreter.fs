@@ -216,8 +216,8 @@ type Progress =
       Updated: string }
 
 /// Progress: a live bar when interactive, plain log lines otherwise; progress.json for the executor's view.
-type private Observer(log: string -> unit, writer: Modules.SummaryWriter, task: ProgressTask option, stageIndex: int, stageCount: int,
-                      progressPath: string, remainingAfter: int64, batchSize: int) =
+type private Observer(log: string -> unit, writer: TensorBoard.EventWriter, task: ProgressTask option, stageIndex: int, stageCount: int,
+                      progressPath: string, remainingAfter: int64, batchSize: int, stepOffset: int64) =
     let mutable step = 0
     let clock = Stopwatch.StartNew()
     let mutable lastWrite = -10.0
@@ -237,6 +237,9 @@ type private Observer(log: string -> unit, writer: Modules.SummaryWriter, task: 
                 t.Value <- float (startEpoch * batches))
         member this.OnBatch(plan, epoch, batch, batches, loss) =
             step <- step + 1
+            // One global step across the run's stages (every earlier stage at its epoch cap, so it does not depend on
+            // early stopping, a resume or the prefix cache).
+            writer.Scalar("train/loss", loss, stepOffset + int64 epoch * int64 batches + int64 batch)
             epochSteps <- epochSteps + 1
             this.StepsDone <- this.StepsDone + 1
             this.ImagesDone <- this.ImagesDone + int64 plan.BatchSize
@@ -263,8 +266,11 @@ type private Observer(log: string -> unit, writer: Modules.SummaryWriter, task: 
             let mark = if r.Improved then " *" else ""
             log $"  {plan.Name} epoch {r.Epoch + 1}: train loss {r.TrainLoss:F4}, validation accuracy per exit [{accs}], monitored {r.Monitor:F4}{mark} ({r.Seconds:F1} s, lr {r.LearningRate:G3})"
             let tag = $"{stageIndex:D2}-{plan.Name}"
-            writer.add_scalar($"{tag}/train_loss", float32 r.TrainLoss, r.Epoch)
-            r.ValidationAccuracy |> Array.iteri (fun e a -> writer.add_scalar($"{tag}/val_acc_exit{e + 1}", float32 a, r.Epoch))
+            writer.Scalar($"{tag}/train_loss", r.TrainLoss, int64 r.Epoch)
+            r.ValidationAccuracy |> Array.iteri (fun e a -> writer.Scalar($"{tag}/val_acc_exit{e + 1}", a, int64 r.Epoch))
+            let globalStep = stepOffset + int64 (r.Epoch + 1) * int64 r.Steps
+            writer.Scalar("train/learning_rate", r.LearningRate, globalStep)
+            r.ValidationAccuracy |> Array.iteri (fun e a -> writer.Scalar($"validation/accuracy_exit{e + 1}", a, globalStep))
 
 /// What a finished stage cost, from its state JSON (older runs lack the figures: zeros).
 let private stageCostOf (path: string) (stage: Stage) (macsOf: Stage -> int64 -> int -> float) =
@@ -369,7 +375,9 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
     let cost = MacCounter.Count net
     let exitMacs = cost.Exits |> Seq.map (fun e -> e.CumulativeMacs) |> Seq.toArray
     use regs = regulariserSet recipe
-    let writer = torch.utils.tensorboard.SummaryWriter(Path.Combine(out, "tensorboard"))
+    use writer = new TensorBoard.EventWriter(Path.Combine(out, "tensorboard"))
+    // The run's hyper-parameters: its whole recipe.
+    writer.Text("recipe", recipeJson, 0L)
     let stages = recipe.Stages
     let n = stages.Length
     let stepsPerEpoch (s: Stage) =
@@ -415,7 +423,8 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
         let s = stages[i]
         let p = plan recipe i (Some(stageDir out i s))
         let later = [ i + 1 .. n - 1 ] |> List.sumBy (fun j -> int64 (stepsPerEpoch stages[j] * stages[j].MaxEpochs))
-        let observer = Observer(log, writer, task, i, n, Path.Combine(out, "progress.json"), later, s.BatchSize)
+        let offset = [ 0 .. i - 1 ] |> List.sumBy (fun j -> int64 (stepsPerEpoch stages[j] * stages[j].MaxEpochs))
+        let observer = Observer(log, writer, task, i, n, Path.Combine(out, "progress.json"), later, s.BatchSize, offset)
         let stageClock = Stopwatch.StartNew()
         let gradients = if recipe.Dynamics.GradientEvery > 0 then Some(EarlyExit.Analysis.GradientDominanceProbe(recipe.Dynamics.GradientEvery)) else None
         let probes: Collections.Generic.IReadOnlyList<ITrainingProbe> =
@@ -434,15 +443,15 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
                 for sample in g.Samples do
                     for k, e in Array.indexed sample.Exits do
                         for seg in 0 .. sample.Shares[k].Length - 1 do
-                            if sample.Norms[k][seg] > 0.0 then writer.add_scalar($"{tag}/grad_share/exit{e}_segment{seg + 1}", float32 (sample.Shares[k][seg]), sample.Step)
+                            if sample.Norms[k][seg] > 0.0 then writer.Scalar($"{tag}/grad_share/exit{e}_segment{seg + 1}", sample.Shares[k][seg], int64 sample.Step)
                 {| every = g.Every; seconds = g.Seconds; samples = g.Samples |})
         let rankInfo =
             if recipe.Dynamics.RankSamples > 0 then
                 let clock = Stopwatch.StartNew()
                 let ranks = EarlyExit.Analysis.RepresentationRank.Compute(net, data.Validation, recipe.Dynamics.RankSamples, recipe.Seed, device)
                 for r in ranks do
-                    writer.add_scalar($"rank/segment{r.Segment}", float32 r.Rank, i)
-                    writer.add_scalar($"effective_rank/segment{r.Segment}", float32 r.EffectiveRank, i)
+                    writer.Scalar($"rank/segment{r.Segment}", float r.Rank, int64 i)
+                    writer.Scalar($"effective_rank/segment{r.Segment}", r.EffectiveRank, int64 i)
                 Some {| seconds = clock.Elapsed.TotalSeconds; tolerance = "σ_max · max(N, D) · ε(float32)"; segments = ranks |}
             else None
         // Release the state no later stage reads (LwF: all teachers after the last LwF stage; with one previous-stage
@@ -562,7 +571,7 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            wallSeconds = clock.Elapsed.TotalSeconds
            finished = DateTime.UtcNow.ToString("o") |}
     writeAtomic metricsPath (JsonSerializer.Serialize(metrics, json))
-    writer.add_text("metrics", JsonSerializer.Serialize(metrics), 0)
+    writer.Text("metrics", JsonSerializer.Serialize(metrics, json), 0L)
     let accText = acc |> Array.mapi (fun i a -> $"exit{i + 1} {a:F4}") |> String.concat ", "
     log $"test accuracy: {accText}; {totals.Steps} optimiser steps, {totals.TrainingMacs / 1e12:F2} TMACs of training; {clock.Elapsed.TotalSeconds:F0} s"
     { OutDir = out; TestAccuracy = acc; AlreadyFinished = false; WallSeconds = clock.Elapsed.TotalSeconds }
