@@ -32,32 +32,56 @@ let accuracyVsMacs (path: string) (title: string) (provenance: string) (curves: 
     plt.ShowLegend(ScottPlot.Alignment.LowerRight) |> ignore
     plt.SavePng(path, 1000, 650) |> ignore
 
+/// A distinct look per series even past ten of them: a colour of Category20 and, cycling apart from it, a line
+/// pattern and a marker shape.
+let private styleOf (i: int) =
+    let palette = ScottPlot.Palettes.Category20()
+    let patterns = [| ScottPlot.LinePattern.Solid; ScottPlot.LinePattern.Dashed; ScottPlot.LinePattern.Dotted; ScottPlot.LinePattern.DenselyDashed |]
+    let markers = [| ScottPlot.MarkerShape.FilledCircle; ScottPlot.MarkerShape.FilledSquare; ScottPlot.MarkerShape.FilledTriangleUp; ScottPlot.MarkerShape.FilledDiamond; ScottPlot.MarkerShape.OpenCircle |]
+    palette.GetColor i, patterns[(i / 2) % patterns.Length], markers[i % markers.Length]
+
 /// One curve per method over seeds: the mean (average MACs, accuracy) at each threshold of the sweep, and a band of
-/// ± the half-width of the 95% confidence interval of the accuracy (none where n < 2).
-let accuracyVsMacsBands (path: string) (title: string) (provenance: string) (curves: (string * float[] * float[] * float[]) list) =
+/// ± the half-width of the 95% confidence interval of the accuracy (none where n < 2). With `backboneMacs` > 0,
+/// vertical lines mark the 25/50/75/100% budgets. The accuracy axis spans at least 10 points, so that sub-point
+/// differences do not look like gulfs.
+let accuracyVsMacsBands (path: string) (title: string) (provenance: string) (curves: (string * float[] * float[] * float[]) list) (backboneMacs: float) =
     let plt = ScottPlot.Plot()
-    let palette = ScottPlot.Palettes.Category10()
+    let mutable lo, hi = infinity, -infinity
     curves
     |> List.iteri (fun i (name, macs, acc, halfWidth) ->
         let order = Array.init macs.Length id |> Array.sortBy (fun k -> macs[k])
         let xs = order |> Array.map (fun k -> macs[k] / 1e6)
         let ys = order |> Array.map (fun k -> 100.0 * acc[k])
-        let color = palette.GetColor i
+        let color, pattern, marker = styleOf i
         if halfWidth |> Array.forall (fun h -> not (System.Double.IsNaN h)) then
-            let lo = order |> Array.map (fun k -> 100.0 * (acc[k] - halfWidth[k]))
-            let hi = order |> Array.map (fun k -> 100.0 * (acc[k] + halfWidth[k]))
-            let band = plt.Add.FillY(xs, lo, hi)
-            band.FillColor <- color.WithAlpha(0.2)
+            let bandLo = order |> Array.map (fun k -> 100.0 * (acc[k] - halfWidth[k]))
+            let bandHi = order |> Array.map (fun k -> 100.0 * (acc[k] + halfWidth[k]))
+            let band = plt.Add.FillY(xs, bandLo, bandHi)
+            band.FillColor <- color.WithAlpha(0.12)
             band.LineWidth <- 0.0f
         let s = plt.Add.Scatter(xs, ys)
         s.Color <- color
+        s.LinePattern <- pattern
+        s.MarkerShape <- marker
         s.LegendText <- name
-        s.MarkerSize <- 3.0f)
+        s.MarkerSize <- 4.0f
+        for y in ys do
+            lo <- min lo y
+            hi <- max hi y)
+    if backboneMacs > 0.0 then
+        for f in Budget.standardBudgets do
+            let v = plt.Add.VerticalLine(f * backboneMacs / 1e6, 1.0f, System.Nullable(ScottPlot.Colors.Gray), ScottPlot.LinePattern.Dotted)
+            v.Text <- $"{int (100.0 * f)}%%"
+            v.LabelOppositeAxis <- true
     titled plt title provenance
-    plt.XLabel("average MACs per sample (millions; one multiply-add = 1)")
+    plt.XLabel("average MACs per sample (millions; one multiply-add = 1); dotted: 25/50/75/100% of the backbone")
     plt.YLabel("top-1 accuracy (%), mean over seeds with 95% CI")
+    if not (System.Double.IsInfinity lo) then
+        let mid = (lo + hi) / 2.0
+        let half = max 5.0 ((hi - lo) / 2.0 + 1.0)
+        plt.Axes.SetLimitsY(max 0.0 (mid - half), min 100.0 (mid + half))
     plt.ShowLegend(ScottPlot.Alignment.LowerRight) |> ignore
-    plt.SavePng(path, 1000, 650) |> ignore
+    plt.SavePng(path, 1100, 700) |> ignore
 
 /// Grouped bars: for each threshold, the share of samples leaving at each exit (exits left to right).
 let exitRatios (path: string) (title: string) (provenance: string) (exitsCount: int) (groups: (string * float[]) list) =

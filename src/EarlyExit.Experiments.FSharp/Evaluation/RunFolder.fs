@@ -9,6 +9,8 @@ open EarlyExit.Experiments.Evaluation.Budget
 type RunInfo =
     { Dir: string
       Recipe: string
+      /// The network as built: family, blocks, widths, exits, classes, input.
+      Model: string
       Scale: string
       Device: string
       Data: string
@@ -40,6 +42,9 @@ let readInfo (dir: string) =
     let str (k: string) = r.GetProperty(k).GetString()
     { Dir = dir
       Recipe = str "recipe"
+      Model = (match r.TryGetProperty "model" with
+               | true, v when v.ValueKind = JsonValueKind.String -> v.GetString()
+               | _ -> "")
       Scale = str "scale"
       Device = str "device"
       Data = str "data"

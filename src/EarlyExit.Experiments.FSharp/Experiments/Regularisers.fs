@@ -109,7 +109,9 @@ let run (o: Table1.Options) =
     let gridRows = grid asked
     let fisherSamples = Interpreter.settingsOf (recipeOf o data (ewcRow 100.0)) "ewc" |> fun s -> s["samples"]
     o.Log $"""regularisers ({String.Join(", ", asked)}) on {dataNote}, scale {Scales.name o.Scale}, seeds {String.Join(",", o.Seeds)}; {gridRows.Length} rows; results in {dir}"""
-    let rows = Table1.runAll o dir [ for r in gridRows -> r.Name, recipeOf o data r ]
+    // Only this grid's rows: the folder is Table 2's, with its other runs.
+    let names = gridRows |> List.map (fun r -> r.Name) |> set
+    let rows = Table1.runAll o dir [ for r in gridRows -> r.Name, recipeOf o data r ] |> List.filter (fun r -> names.Contains r.Strategy)
     let byName = rows |> List.map (fun r -> r.Strategy, r) |> Map.ofList
     let inv = Globalization.CultureInfo.InvariantCulture
     let num (format: string) (v: float) = if Double.IsNaN v then "–" else v.ToString(format, inv)

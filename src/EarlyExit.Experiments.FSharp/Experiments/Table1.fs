@@ -215,12 +215,13 @@ let numericsOf (rows: Row list) =
     | several ->
         String.Join(" | ", several |> List.map (fun n -> $"""{n} (runs: {String.Join(",", all |> List.filter (fun (_, x) -> x = n) |> List.map fst |> List.distinct)})"""))
 
-/// One line naming what produced a figure.
+/// One line naming what produced a figure: the network as built, data, scale, device, kernels, seeds, code.
 let provenanceOf (rows: Row list) =
     let r = rows.Head
     let seeds = rows |> List.collect (fun r -> r.Seeds) |> List.distinct |> List.sort
     let seedText = String.Join(",", seeds)
-    $"{r.Info.Data}, scale {r.Info.Scale}, {r.Info.Device}, {r.Info.NumericsShort}, seeds {seedText}, code {r.Info.CodeVersion}"
+    let model = if r.Info.Model = "" then "" else r.Info.Model.Replace(", ", "; ") + ", "
+    $"{model}{r.Info.Data}, scale {r.Info.Scale}, {r.Info.Device}, {r.Info.NumericsShort}, seeds {seedText}, code {r.Info.CodeVersion}"
 
 /// Mean training cost of a row: epochs, optimiser steps, training MACs (from every seed that recorded it) and the
 /// runs' own wall time (a stage reused from the prefix cache costs its MACs but no time).
@@ -258,28 +259,22 @@ let writeCsv (path: string) (rows: Row list) (extra: (Row -> (string * Statistic
 /// "" for the papers' exit rule, "-entropy" or "-patience" otherwise: what a table's files are suffixed with.
 let policySuffix (o: Options) = if o.Policy = Budget.Softmax then "" else "-" + Budget.policyName o.Policy
 
-/// Fig. 2: accuracy against average MACs, one mean curve per method with its 95% band over seeds.
-let writeFig2To (path: string) (title: string) (rows: Row list) =
+/// Fig. 2: accuracy against average MACs, one mean curve per method with its 95% band over seeds, each row's legend
+/// given by `label` (Table 2: "EWC λ=10, warm-up").
+let writeFig2Labelled (path: string) (title: string) (label: Row -> string) (rows: Row list) =
     let curves =
         [ for r in rows ->
             let points = r.Runs.Head.Sweep.Length
             let at k = r.Runs |> List.map (fun s -> s.Sweep[k])
-            $"{r.Strategy} (n={r.Runs.Length})",
+            $"{label r} (n={r.Runs.Length})",
             Array.init points (fun k -> at k |> List.averageBy (fun p -> p.AverageMacs)),
             Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).Mean),
             Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).HalfWidth) ]
-    Plots.accuracyVsMacsBands path $"Accuracy against MACs: {title}" (provenanceOf rows) curves
+    Plots.accuracyVsMacsBands path $"Accuracy against MACs: {title}" (provenanceOf rows) curves (float rows.Head.Info.BackboneMacs)
 
-let writeFig2 (dir: string) (title: string) (rows: Row list) =
-    let curves =
-        [ for r in rows ->
-            let points = Budget.thresholds 100 |> Array.length
-            let at k = r.Runs |> List.map (fun s -> s.Sweep[k])
-            let macs = Array.init points (fun k -> at k |> List.averageBy (fun p -> p.AverageMacs))
-            let acc = Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).Mean)
-            let hw = Array.init points (fun k -> (at k |> List.map (fun p -> p.Accuracy) |> Statistics.summarize).HalfWidth)
-            $"{r.Strategy} (n={r.Runs.Length})", macs, acc, hw ]
-    Plots.accuracyVsMacsBands (Path.Combine(dir, "fig2.png")) $"Accuracy against MACs: {title}" (provenanceOf rows) curves
+let writeFig2To (path: string) (title: string) (rows: Row list) = writeFig2Labelled path title (fun (r: Row) -> r.Strategy) rows
+
+let writeFig2 (dir: string) (title: string) (rows: Row list) = writeFig2To (Path.Combine(dir, "fig2.png")) title rows
 
 /// Fig. 3: the mean share of samples leaving at each exit over seeds, for several thresholds, one figure per method.
 let writeFig3With (policy: Budget.Policy) (suffix: string) (dir: string) (title: string) (rows: Row list) =

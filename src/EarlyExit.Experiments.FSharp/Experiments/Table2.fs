@@ -37,7 +37,9 @@ let run (o: Table1.Options) =
     let dir = Table1.resultsFolder o data
     o.Log $"""table 2 (ablation) on {dataNote}, scale {Scales.name o.Scale}, seeds {String.Join(",", o.Seeds)}; results in {dir}"""
     let runs = gridOf o.Regularisers
-    let rows = Table1.runAll o dir [ for (s, name) in runs -> name, Table1.recipeOf o s data ]
+    // Only the grid's own rows: the folder also holds regularisers.fsx's (it extends this grid).
+    let names = runs |> List.map snd |> set
+    let rows = Table1.runAll o dir [ for (s, name) in runs -> name, Table1.recipeOf o s data ] |> List.filter (fun r -> names.Contains r.Strategy)
     let byName = rows |> List.map (fun r -> r.Strategy, r) |> Map.ofList
     let header = [ "run"; "reg."; "strength"; "W.U."; "n"; "25%"; "50%"; "75%"; "100%"; "accuracy per exit (means)" ]
     let body =
@@ -64,5 +66,10 @@ let run (o: Table1.Options) =
     let suffix = Table1.policySuffix o
     Markdown.writeAtomic (Path.Combine(dir, $"table2{suffix}.md")) md
     Table1.writeCsv (Path.Combine(dir, $"table2{suffix}.csv")) rows (fun _ -> [])
-    Table1.writeFig2To (Path.Combine(dir, $"fig2{suffix}.png")) $"ablation, {o.Model} on {data}, {Scales.name o.Scale} scale" rows
+    let labelOf (r: Table1.Row) =
+        match runs |> List.tryFind (fun (_, n) -> n = r.Strategy) with
+        | Some (Sequential ps, _) -> $"{Table1.regulariserLabel ps} {Table1.strengthLabel ps}, warm-up"
+        | Some (SequentialNoWarmup ps, _) -> $"{Table1.regulariserLabel ps} {Table1.strengthLabel ps}, no warm-up"
+        | _ -> r.Strategy
+    Table1.writeFig2Labelled (Path.Combine(dir, $"fig2{suffix}.png")) $"ablation, {o.Model} on {data}, {Scales.name o.Scale} scale" labelOf rows
     md
