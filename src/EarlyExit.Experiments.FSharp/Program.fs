@@ -119,6 +119,12 @@ let main argv =
         results.TryGetResult Numerics |> Option.iter (fun b -> NumericsGuard.Requested <- b)
         results.TryGetResult Threads |> Option.iter (fun t -> TorchThreads.Parse t |> ignore; TorchThreads.Requested <- t)
         match results.TryGetSubCommand() with
+        | _ when results.Contains Version ->
+            let informational =
+                typeof<CliArgs>.Assembly.GetCustomAttributes(typeof<Reflection.AssemblyInformationalVersionAttribute>, false)
+                |> Array.tryHead |> Option.map (fun a -> (a :?> Reflection.AssemblyInformationalVersionAttribute).InformationalVersion)
+            printfn "earlyexit %s (TorchSharp %O)" (defaultArg informational "unknown") (typeof<TorchSharp.torch.Tensor>.Assembly.GetName().Version)
+            0
         | Some Models ->
             Describe.listModels AnsiConsole.Console
             0

@@ -252,6 +252,7 @@ type DoctorArgs =
             | All -> "with --recheck: check every backend, not only up to the first that passes"
 
 type CliArgs =
+    | Version
     | [<Inherit>] Numerics of backend: string
     | [<Inherit>] Threads of threads: string
     | [<CliPrefix(CliPrefix.None)>] Models
@@ -267,6 +268,7 @@ type CliArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
+            | Version -> "print the version (with the git commit the build comes from) and stop"
             | Numerics _ -> "force the convolution kernels: auto (default: the first that passes the numerics check), default, onednn-avx512_core, onednn-avx2, onednn-avx, onednn-sse41 or no-onednn (also EARLYEXIT_NUMERICS)"
             | Threads _ -> "torch threads of this process: a number, or auto (default: the cores minus the processes already running; also EARLYEXIT_THREADS)"
             | Models -> "list the model families"
