@@ -574,4 +574,22 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
     writer.Text("metrics", JsonSerializer.Serialize(metrics, json), 0L)
     let accText = acc |> Array.mapi (fun i a -> $"exit{i + 1} {a:F4}") |> String.concat ", "
     log $"test accuracy: {accText}; {totals.Steps} optimiser steps, {totals.TrainingMacs / 1e12:F2} TMACs of training; {clock.Elapsed.TotalSeconds:F0} s"
+    // A summary at the end of an interactive run: what each stage did and cost, then every exit's accuracy.
+    if AnsiConsole.Profile.Capabilities.Interactive then
+        let t = Table(Title = TableTitle(Markup.Escape $"{recipe.Name}: {out}"))
+        t.AddColumns("stage", "epochs", "steps", "best epoch", "validation (monitored)", "training TMACs", "seconds") |> ignore
+        for i, st in List.indexed stages do
+            use doc = JsonDocument.Parse(File.ReadAllText(doneFile out i st + ".json"))
+            let r = doc.RootElement
+            let c = stageCosts[i]
+            let get (k: string) = match r.TryGetProperty k with
+                                  | true, v when v.ValueKind = JsonValueKind.Number -> v.GetDouble()
+                                  | _ -> nan
+            t.AddRow(Markup.Escape st.Name, string c.Epochs, string c.Steps, (if c.Reused then "reused" else string (int (get "bestEpoch"))),
+                     (get "bestMonitor").ToString("F4"), (c.TrainingMacs / 1e12).ToString("F3"), (if c.Reused then "–" else c.Seconds.ToString("F0"))) |> ignore
+        AnsiConsole.Write t
+        let e = Table()
+        e.AddColumns(Array.append [| "" |] [| for i in 1 .. acc.Length -> $"exit {i}" |]) |> ignore
+        e.AddRow(Array.append [| "test accuracy (%)" |] (acc |> Array.map (fun a -> (100.0 * a).ToString("F2")))) |> ignore
+        AnsiConsole.Write e
     { OutDir = out; TestAccuracy = acc; AlreadyFinished = false; WallSeconds = clock.Elapsed.TotalSeconds }
