@@ -128,4 +128,39 @@ let scriptOptions =
         }
     ]
 
-let all = testList "comparisons over seeds" [ statistics; seeds; cost; scriptOptions ]
+let claims =
+    testList "claims from a checkout's tables" [
+        test "a folder with table1.csv but no runs: per-seed values read back (quoted fields with commas), paired, verdict" {
+            let root = IO.Path.Combine(IO.Path.GetTempPath(), $"ee-claims-{Guid.NewGuid():N}")
+            let folder = IO.Path.Combine(root, "table1", "resnet34-fashion-mnist-cpu")
+            IO.Directory.CreateDirectory folder |> ignore
+            let row name (q: string) (values: string) = $"{name},{q},3,0.5,0.1,0.1,{values},fashion-mnist/test,cpu,\"cpu (1 thread, 2 cores)\",1,abc,\"CPU X (a, b)\""
+            let lines =
+                [ "row,quantity,n,mean,std,ci95 half-width,per-seed values (seed:value),data,scale,device,threads,code version,cpu and kernels"
+                  row "separate" "accuracy at 25% budget" "0:0.80;1:0.82;2:0.85"
+                  row "separate" "accuracy of exit 1" "0:0.70;1:0.71;2:0.72"
+                  row "separate" "accuracy of exit 2" "0:0.90;1:0.91;2:0.92"
+                  row "sequential-ewc" "accuracy at 25% budget" "0:0.82;1:0.83;2:0.90"
+                  row "sequential-ewc" "accuracy of exit 1" "0:0.75;1:0.75;2:0.75"
+                  row "sequential-ewc" "accuracy of exit 2" "0:0.91;1:0.91;2:0.91" ]
+            IO.File.WriteAllLines(IO.Path.Combine(folder, "table1.csv"), lines)
+            try
+                let rows = EarlyExit.Experiments.Experiments.Claims.rowsOfCsv (IO.Path.Combine(folder, "table1.csv"))
+                let ewc = rows["sequential-ewc"]
+                Expect.equal (ewc |> List.map (fun r -> r.Seed)) [ 0; 1; 2 ] "three seeds"
+                Expect.equal ewc.Head.ExitAccuracy [| 0.75; 0.91 |] "exits in order"
+                Expect.equal ewc.Head.Budgets[0] (Some 0.82) "25% budget"
+                Expect.equal ewc.Head.Budgets[1] None "50% not in the table"
+                let md = EarlyExit.Experiments.Experiments.Claims.write root "fashion-mnist" "cpu"
+                // differences .02, .01, .05 (the worked example above): +2.67 ± 5.17, n = 3, inconclusive
+                let line = md.Split('\n') |> Array.find (fun l -> l.Contains "sequential EWC beats separate")
+                Expect.stringContains line "+2.67 ± 5.17 (n = 3)" "the paired difference from the CSV"
+                Expect.stringContains line "inconclusive" "verdict"
+                let lwf = md.Split('\n') |> Array.find (fun l -> l.Contains "sequential LwF beats separate")
+                Expect.stringContains lwf "not run" "a row the table lacks"
+            finally
+                IO.Directory.Delete(root, true)
+        }
+    ]
+
+let all = testList "comparisons over seeds" [ statistics; seeds; cost; scriptOptions; claims ]

@@ -1,13 +1,21 @@
 /// claims.md: every claim of the two papers that our tables can test, with our paired difference over seeds, its 95%
 /// confidence interval and n, the paper's figure where the paper gives one, and a verdict: reproduced (our CI lies on
 /// the claimed side of 0), reversed (on the other side) or inconclusive (the CI contains 0). Written from whatever
-/// results exist; a claim whose runs do not exist says which command makes them.
+/// results exist: the run folders, or, where a checkout holds the tables but not the runs, the per-seed values of the
+/// tables' CSVs; a claim whose results do not exist says which command makes them.
 module EarlyExit.Experiments.Experiments.Claims
 
 open System
 open System.IO
 open EarlyExit.Experiments.Runner
+open EarlyExit.Experiments.Evaluation
 open EarlyExit.Experiments.Reports
+
+/// What a claim reads of one run: its seed, its accuracy at each budget and of each exit.
+type ClaimRun = { Seed: int; Budgets: float option[]; ExitAccuracy: float[] }
+
+/// A results folder's rows by name.
+type ClaimRows = Map<string, ClaimRun list>
 
 /// Where a claim's numbers come from, and how a seed's difference is computed from the rows of that folder.
 type Claim =
@@ -22,34 +30,77 @@ type Claim =
       /// What we compare, in words.
       Measure: string
       /// Per-seed differences from the rows by name (None when a row is missing).
-      Differences: Map<string, Table1.Row> -> (int * float) list option }
+      Differences: ClaimRows -> (int * float) list option }
 
-let private valueAt (r: Table1.Row) (f: Table1.SeedRun -> float option) = r.Runs |> List.choose (fun s -> f s |> Option.map (fun v -> s.Seed, v))
+let private valueAt (r: ClaimRun list) (f: ClaimRun -> float option) = r |> List.choose (fun s -> f s |> Option.map (fun v -> s.Seed, v))
 
 /// Per seed a − b for the seeds both have.
 let private diff (a: (int * float) list) (b: (int * float) list) =
     let bs = Map.ofList b
     a |> List.choose (fun (k, x) -> bs.TryFind k |> Option.map (fun y -> k, x - y))
 
-let private rows (names: string list) (m: Map<string, Table1.Row>) = names |> List.map m.TryFind |> (fun l -> if List.forall Option.isSome l then Some(List.choose id l) else None)
+let private rows (names: string list) (m: ClaimRows) = names |> List.map m.TryFind |> (fun l -> if List.forall Option.isSome l then Some(List.choose id l) else None)
 
-let private budget b (s: Table1.SeedRun) = s.Budgets[b]
-let private exitAt e (s: Table1.SeedRun) = Some s.ExitAccuracy[if e < 0 then s.ExitAccuracy.Length + e else e]
-let private meanBudgets (s: Table1.SeedRun) = s.Budgets |> Array.choose id |> fun xs -> if xs.Length = 0 then None else Some(Array.average xs)
-let private meanExits (s: Table1.SeedRun) = Some(Array.average s.ExitAccuracy)
+let private budget b (s: ClaimRun) = s.Budgets[b]
+let private exitAt e (s: ClaimRun) = Some s.ExitAccuracy[if e < 0 then s.ExitAccuracy.Length + e else e]
+let private meanBudgets (s: ClaimRun) = s.Budgets |> Array.choose id |> fun xs -> if xs.Length = 0 then None else Some(Array.average xs)
+let private meanExits (s: ClaimRun) = Some(Array.average s.ExitAccuracy)
 
 /// a − b of one measure.
-let private compare (a: string) (b: string) (f: Table1.SeedRun -> float option) (m: Map<string, Table1.Row>) =
+let private compare (a: string) (b: string) (f: ClaimRun -> float option) (m: ClaimRows) =
     rows [ a; b ] m |> Option.map (fun rs -> diff (valueAt rs[0] f) (valueAt rs[1] f))
 
 /// Per seed, the mean over pairs (a_i − b_i) of one measure.
-let private compareMean (pairs: (string * string) list) (f: Table1.SeedRun -> float option) (m: Map<string, Table1.Row>) =
+let private compareMean (pairs: (string * string) list) (f: ClaimRun -> float option) (m: ClaimRows) =
     let ds = pairs |> List.map (fun (a, b) -> compare a b f m)
     if ds |> List.exists Option.isNone then None
     else
         let ds = ds |> List.choose id
         let seeds = ds |> List.map (List.map fst >> Set.ofList) |> Set.intersectMany
         Some [ for k in seeds -> k, ds |> List.averageBy (fun d -> d |> List.find (fst >> (=) k) |> snd) ]
+
+/// Splits one CSV line (fields may be quoted, with "" for a quote).
+let private csvFields (line: string) =
+    let fields = Collections.Generic.List<string>()
+    let sb = Text.StringBuilder()
+    let mutable quoted = false
+    let mutable i = 0
+    while i < line.Length do
+        let c = line[i]
+        if quoted then
+            if c = '"' && i + 1 < line.Length && line[i + 1] = '"' then (sb.Append '"' |> ignore; i <- i + 1)
+            elif c = '"' then quoted <- false
+            else sb.Append c |> ignore
+        elif c = '"' then quoted <- true
+        elif c = ',' then (fields.Add(sb.ToString()); sb.Clear() |> ignore)
+        else sb.Append c |> ignore
+        i <- i + 1
+    fields.Add(sb.ToString())
+    List.ofSeq fields
+
+/// The rows of a table's CSV (Table1.writeCsv's long form): per row and seed, the budgets and exit accuracies.
+let rowsOfCsv (path: string) : ClaimRows =
+    let inv = Globalization.CultureInfo.InvariantCulture
+    let lines = File.ReadAllLines path |> Array.skip 1 |> Array.map csvFields
+    let perSeed (cell: string) =
+        cell.Split(';', StringSplitOptions.RemoveEmptyEntries)
+        |> Array.map (fun kv -> let p = kv.Split(':') in int p[0], Double.Parse(p[1], inv))
+        |> Map.ofArray
+    lines
+    |> Array.groupBy (fun f -> f[0])
+    |> Array.map (fun (name, rs) ->
+        let budgetMaps = [| for b in Budget.standardBudgets -> rs |> Array.tryFind (fun f -> f[1] = $"accuracy at {int (100.0 * b)}%% budget") |> Option.map (fun f -> perSeed f[6]) |]
+        let exits = rs |> Array.filter (fun f -> f[1].StartsWith "accuracy of exit ") |> Array.sortBy (fun f -> int (f[1].Substring 17)) |> Array.map (fun f -> perSeed f[6])
+        let seeds = exits |> Array.collect (fun m -> m |> Map.keys |> Array.ofSeq) |> Array.distinct |> Array.sort
+        name,
+        [ for k in seeds ->
+            { Seed = k
+              Budgets = budgetMaps |> Array.map (Option.bind (Map.tryFind k))
+              ExitAccuracy = exits |> Array.map (fun m -> defaultArg (m.TryFind k) nan) } ])
+    |> Map.ofArray
+
+let private ofTableRows (rs: Table1.Row list) : ClaimRows =
+    rs |> List.map (fun r -> r.Strategy, r.Runs |> List.map (fun s -> { Seed = s.Seed; Budgets = s.Budgets; ExitAccuracy = s.ExitAccuracy })) |> Map.ofList
 
 let private t2 (reg: string) (strength: string) (warm: bool) = $"""{reg}-{strength}-{if warm then "warmup" else "nowarmup"}"""
 
@@ -95,21 +146,31 @@ let all: Claim list =
 let folderOf (resultsRoot: string) (data: string) (scale: string) (c: Claim) =
     let at model = Path.Combine(resultsRoot, c.Experiment, $"{model}-{data}-{scale}")
     if c.Model <> "" then at c.Model
-    elif Directory.Exists(Path.Combine(at "msdnet", "runs")) then at "msdnet"
+    elif Directory.Exists(Path.Combine(at "msdnet", "runs")) || File.Exists(Path.Combine(at "msdnet", $"{c.Experiment}.csv")) then at "msdnet"
     else at "resnet34"
 
 /// Evaluates every claim from the results under RESULTS for one data set and scale; writes RESULTS/claims-DATA-SCALE.md
 /// and returns its text.
 let write (resultsRoot: string) (data: string) (scale: string) =
-    let cache = Collections.Generic.Dictionary<string, Map<string, Table1.Row> option>()
-    let rowsOf (folder: string) =
+    let cache = Collections.Generic.Dictionary<string, ClaimRows option>()
+    // Run folders when they are there; else the table's CSV (a checkout holds the tables, not the runs). Where both
+    // are, the CSV's rows fill in what the runs lack (rows of an earlier run whose folders are gone).
+    let rowsOf (folder: string) (experiment: string) =
         match cache.TryGetValue folder with
         | true, r -> r
         | _ ->
-            let r =
+            let csv = Path.Combine(folder, $"{experiment}.csv")
+            let fromCsv = if File.Exists csv then Some(rowsOfCsv csv) else None
+            let fromRuns =
                 if Directory.Exists(Path.Combine(folder, "runs")) then
-                    Some(Table1.loadRows folder [] None |> List.map (fun r -> r.Strategy, r) |> Map.ofList)
+                    let rs = Table1.loadRows folder [] None
+                    if rs.IsEmpty then None else Some(ofTableRows rs)
                 else None
+            let r =
+                match fromRuns, fromCsv with
+                | Some runs, Some table -> Some(Map.fold (fun acc k v -> if Map.containsKey k acc then acc else Map.add k v acc) runs table)
+                | Some runs, None -> Some runs
+                | None, t -> t
             cache[folder] <- r
             r
     let lines =
@@ -119,7 +180,7 @@ let write (resultsRoot: string) (data: string) (scale: string) =
             let command =
                 let model = if c.Model = "" then "resnet34 (or msdnet)" else c.Model
                 $"dotnet fsi experiments/{c.Experiment}.fsx --model {model} --data {data} --scale {scale}"
-            match rowsOf folder |> Option.bind c.Differences with
+            match rowsOf folder c.Experiment |> Option.bind c.Differences with
             | None -> [ c.Paper; c.Text; c.Measure; $"not run: `{command}`"; "–"; c.PaperFigure; "–" ]
             | Some [] -> [ c.Paper; c.Text; c.Measure; where; "no seed has a value (e.g. no threshold fits the budget)"; c.PaperFigure; "–" ]
             | Some d ->
@@ -133,7 +194,7 @@ let write (resultsRoot: string) (data: string) (scale: string) =
         "contains 0 (or n < 2). The papers' figures are on CIFAR-100 at full scale; ours are at the scale named above, so a " +
         "verdict says what this scale shows, not what the paper's would.\n\n" +
         Markdown.table [ "paper"; "claim"; "what we compare"; "results"; "ours (points)"; "paper"; "verdict" ] lines +
-        "\nWritten " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC from the run folders under " + resultsRoot + ".\n"
+        "\nWritten " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC from the run folders under " + resultsRoot + " (and, where a folder holds a table but not its runs, from the per-seed values of the table's CSV).\n"
     let path = Path.Combine(resultsRoot, $"claims-{data}-{scale}.md")
     Markdown.writeAtomic path md
     md
