@@ -10,11 +10,53 @@ using System.Threading.Tasks;
 
 namespace EarlyExit.Data
 {
-    /// <summary>Where data sets live and how to load them by name: cifar100, cifar10, fashion-mnist.</summary>
+    /// <summary>
+    /// Where data sets live and how to load them by name: the built-in cifar100, cifar10 and fashion-mnist, and a
+    /// user's own images, "image-folder" (ImageFolder) or "npy" (NpyFolder), read from the folder given as the root.
+    /// </summary>
     public static class DataCatalog
     {
         public const string RootVariable = "EARLYEXIT_DATA";
-        public static readonly string[] Names = { "cifar100", "cifar10", "fashion-mnist" };
+        public static readonly string[] BuiltIn = { "cifar100", "cifar10", "fashion-mnist" };
+        /// <summary>A user's own data: the root is the folder that holds it.</summary>
+        public static readonly string[] OwnFormats = { "image-folder", "npy" };
+        public static readonly string[] Names = BuiltIn.Concat(OwnFormats).ToArray();
+
+        /// <summary>True for image-folder and npy, whose root is the data's own folder (and must be given).</summary>
+        public static bool IsOwnFormat(string name) => OwnFormats.Contains(Normalise(name));
+
+        /// <summary>
+        /// For a user's own data: SHA-256 (20 hex digits) over every file under its folder, by relative path, size and
+        /// last write time, so that a changed file changes what caches key on. Empty for the built-in sets.
+        /// </summary>
+        public static string Fingerprint(string name, string? root)
+        {
+            if (!IsOwnFormat(name)) return "";
+            var folder = FolderOf(name, root);
+            if (!Directory.Exists(folder)) return "missing";
+            var sb = new System.Text.StringBuilder();
+            foreach (var f in Directory.GetFiles(folder, "*", SearchOption.AllDirectories).OrderBy(f => f, StringComparer.Ordinal))
+            {
+                var info = new FileInfo(f);
+                sb.Append(Path.GetRelativePath(folder, f)).Append('|').Append(info.Length).Append('|').Append(info.LastWriteTimeUtc.Ticks).Append('\n');
+            }
+            return Convert.ToHexString(SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(sb.ToString()))).Substring(0, 20).ToLowerInvariant();
+        }
+
+        /// <summary>Channels, height, width and number of classes of a data set, as read from its files.</summary>
+        public static (int C, int H, int W, int Classes) Describe(string name, string? root)
+        {
+            var n = Normalise(name);
+            var folder = FolderOf(n, root);
+            return n switch
+            {
+                "image-folder" => ImageFolder.Describe(folder),
+                "npy" => NpyFolder.Describe(folder),
+                "fashion-mnist" => (1, 28, 28, 10),
+                "cifar10" => (3, 32, 32, 10),
+                _ => (3, 32, 32, 100),
+            };
+        }
 
         /// <summary>Default data root: $EARLYEXIT_DATA, else ~/.local/share/earlyexit/data.</summary>
         public static string DefaultRoot()
@@ -36,6 +78,8 @@ namespace EarlyExit.Data
             "cifar-100" or "cifar100" => "cifar100",
             "cifar-10" or "cifar10" => "cifar10",
             "fashion-mnist" or "fashionmnist" or "fmnist" => "fashion-mnist",
+            "image-folder" or "imagefolder" or "images" => "image-folder",
+            "npy" or "numpy" => "npy",
             var other => other,
         };
 
@@ -43,6 +87,12 @@ namespace EarlyExit.Data
         public static string FolderOf(string name, string? root)
         {
             var n = Normalise(name);
+            if (OwnFormats.Contains(n))
+            {
+                if (string.IsNullOrWhiteSpace(root))
+                    throw new ArgumentException($"data set '{n}' is read from the folder given as its root: set data.root in the recipe, or --data-root on the command line");
+                return Path.GetFullPath(root);
+            }
             bool given = root is not null;
             root ??= DefaultRoot();
             if (CifarVariant(n) is { } v)
@@ -67,6 +117,8 @@ namespace EarlyExit.Data
         public static bool IsPresent(string name, string? root)
         {
             var folder = FolderOf(name, root);
+            if (Normalise(name) == "image-folder") return ImageFolder.IsPresent(folder);
+            if (Normalise(name) == "npy") return NpyFolder.IsPresent(folder);
             if (CifarVariant(name) is { } v) return v.TrainFiles.Concat(v.TestFiles).All(f => File.Exists(Path.Combine(folder, f)));
             return File.Exists(Path.Combine(folder, "t10k-labels-idx1-ubyte.gz")) || File.Exists(Path.Combine(folder, "t10k-labels-idx1-ubyte"));
         }
@@ -76,7 +128,13 @@ namespace EarlyExit.Data
         {
             var n = Normalise(name);
             var folder = FolderOf(n, root);
-            var (train, test) = CifarVariant(n) is { } v ? CifarBinary.ReadFolder(v, folder) : FashionMnist.ReadFolder(folder);
+            var (train, test) = n switch
+            {
+                "image-folder" => ImageFolder.ReadFolder(folder),
+                "npy" => NpyFolder.ReadFolder(folder),
+                _ when CifarVariant(n) is { } v => CifarBinary.ReadFolder(v, folder),
+                _ => FashionMnist.ReadFolder(folder),
+            };
             var (tr, val) = Splits.TrainValidation(train, validationFraction, seed);
             return new DataSplits(tr, val, test, folder);
         }

@@ -48,8 +48,8 @@ type DataCheckArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Name _ -> "cifar100, cifar10 or fashion-mnist"
-            | Root _ -> "data root (default $EARLYEXIT_DATA or ~/.local/share/earlyexit/data)"
+            | Name _ -> "cifar100, cifar10, fashion-mnist, or your own: image-folder (ROOT/train/CLASS/*.png, ROOT/test/CLASS/*) or npy (ROOT/train-images.npy, train-labels.npy, test-images.npy, test-labels.npy)"
+            | Root _ -> "data root (default $EARLYEXIT_DATA or ~/.local/share/earlyexit/data); for image-folder and npy, the folder of the data"
 
 type DataArgs =
     | [<CliPrefix(CliPrefix.None)>] Check of ParseResults<DataCheckArgs>
@@ -91,7 +91,7 @@ type TrainArgs =
             | Recipe _ -> "train from a JSON recipe (see `--save-recipe` for the format)"
             | Strategy _ -> "joint, disjoint, mixed, branchwise, separate, or sequential-R with registered regularisers R (sequential-ewc, sequential-lwf, sequential-mas, sequential-ewc-lwf; -nowarmup: without the warm-up)"
             | Model _ -> "model family (default resnet34)"
-            | Data _ -> "cifar100, cifar10 or fashion-mnist (default fashion-mnist)"
+            | Data _ -> "cifar100, cifar10, fashion-mnist (default), or your own: image-folder or npy, read from --data-root"
             | Scale _ -> "smoke (seconds), cpu (minutes on a 2-core CPU) or paper (default: paper on a GPU, cpu otherwise); with --recipe, only the name recorded in the run's provenance"
             | Seed _ -> "random seed (default 0)"
             | Seeds _ -> "several seeds, one run folder each (OUT/seed-K): a list (0,1,2) or a count (3 means 0,1,2); run by the local executor"
@@ -104,7 +104,7 @@ type TrainArgs =
             | Fisher _ -> "EWC's Fisher estimator: empirical (the paper's, default), exact, sampled, squared-minibatch, empirical-naive"
             | Setting _ -> "NAME.KEY=VALUE, a regulariser setting (ewc.samples=2000, lwf.teachers=previous-stage, mas.samples=500); repeatable"
             | Lwf_Teachers _ -> "per-exit (the paper: one frozen copy per earlier exit, default) or previous-stage (classic LwF: one copy, one teacher forward per step)"
-            | Data_Root _ -> "folder of the data sets"
+            | Data_Root _ -> "folder of the data sets (image-folder, npy: the folder of your data)"
             | Out _ -> "run folder (checkpoints, log, metrics.json)"
             | Resume -> "continue an unfinished run in --out from its last checkpoint"
             | Device _ -> "auto, cpu, cuda or cuda:N (default auto)"

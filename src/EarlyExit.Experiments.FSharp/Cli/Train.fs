@@ -101,8 +101,13 @@ let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string 
                         match r.TryGetResult TrainArgs.Data_Root with
                         | Some root -> { recipe with Data = { recipe.Data with Root = Some root } }
                         | None -> recipe
+                    let recipe =
+                        if EarlyExit.Data.DataCatalog.IsOwnFormat recipe.Data.Name && recipe.Data.Root.IsNone then recipe
+                        else Scales.fitToData recipe
                     Validation.validate recipe |> Result.map (fun v -> v, Scales.name scale)
-                with :? ArgumentException as e -> Error [ e.Message ]
+                with
+                | :? ArgumentException as e -> Error [ e.Message ]
+                | :? EarlyExit.Data.DataFormatException as e -> Error [ e.Message ]
 
 /// Ends this process (as kill -9 would: the epoch in flight is lost, the run resumes) when process `pid` ends: the
 /// executor's runs must not outlive it.

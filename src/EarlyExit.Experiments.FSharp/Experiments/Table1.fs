@@ -339,6 +339,7 @@ let runAll (o: Options) (dir: string) (recipes: (string * Recipe) list) =
                         Data = (match o.DataRoot with
                                 | Some r -> { recipe.Data with Root = Some r }
                                 | None -> recipe.Data) }
+                let recipe = if recipe.Data.Root.IsSome then Scales.fitToData recipe else recipe
                 { Executor.Name = name; Executor.Seed = seed; Executor.Recipe = recipe; Executor.RunDir = runDir dir name seed } ]
     let prefixCache = Path.Combine(dir, "prefix-cache")
     let sweepOf () =

@@ -109,7 +109,7 @@ let text () =
             [ "name" ]
     let data =
         objectOf RecipeJson.Keys.data
-            [ prop "name" (enumOf [ "cifar100"; "cifar10"; "fashion-mnist" ]) "data set"
+            [ prop "name" (enumOf (List.ofArray EarlyExit.Data.DataCatalog.Names)) "data set (image-folder and npy: a user's own, read from data.root)"
               prop "root" "{ \"type\": \"string\" }" "data root (default: $EARLYEXIT_DATA, ~/.local/share/earlyexit/data, /usr/share/datasets)"
               prop "validationFraction" "{ \"type\": \"number\", \"exclusiveMinimum\": 0, \"exclusiveMaximum\": 0.5 }" "stratified validation split of the training set"
               prop "trainLimit" nonNegativeInt "training samples used (stratified; 0: all)"

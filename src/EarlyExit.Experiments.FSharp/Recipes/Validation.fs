@@ -24,7 +24,7 @@ let exitCount (m: ModelSpec) =
     let family = ModelRegistry.Get m.Name
     family.ExitCount.Invoke(modelOptions m)
 
-let private dataNames = set [ "cifar100"; "cifar10"; "fashion-mnist" ]
+let private dataNames = set EarlyExit.Data.DataCatalog.Names
 
 /// All problems of a recipe, as "path: message" lines; empty when the recipe can run.
 let problems (r: Recipe) : string list =
@@ -49,7 +49,9 @@ let problems (r: Recipe) : string list =
               $"model: {p}"
       // Data
       if not (dataNames.Contains(EarlyExit.Data.DataCatalog.Normalise r.Data.Name)) then
-          $"data.name: unknown data set '{r.Data.Name}'; known: cifar100, cifar10, fashion-mnist"
+          $"""data.name: unknown data set '{r.Data.Name}'; known: {String.Join(", ", EarlyExit.Data.DataCatalog.Names)}"""
+      elif EarlyExit.Data.DataCatalog.IsOwnFormat r.Data.Name && (r.Data.Root |> Option.forall String.IsNullOrWhiteSpace) then
+          $"data.root: data set '{EarlyExit.Data.DataCatalog.Normalise r.Data.Name}' is read from the folder given as its root; set data.root (--data-root on the command line)"
       if r.Data.ValidationFraction <= 0.0 || r.Data.ValidationFraction >= 0.5 then
           $"data.validationFraction: {r.Data.ValidationFraction} must lie in (0, 0.5)"
       if r.Data.TrainLimit < 0 then "data.trainLimit: must be 0 (all) or positive"

@@ -142,7 +142,11 @@ let prefixKey (recipe: Recipe) (k: int) =
             let read = stateReadAfter recipe name k
             let exits = [ for i, names in consolidated do if List.contains name names && read.Contains recipe.Stages[i].Exit then recipe.Stages[i].Exit ]
             if not exits.IsEmpty then $"|held:{name}=" + String.Join(",", exits) ]
-    let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix + String.concat "" (settingsText @ kept @ held)))
+    // A user's own data (image-folder, npy) may change under the same path: its files' names, sizes and times enter
+    // the key. The built-in sets add nothing, so their keys are what they always were.
+    let dataText =
+        if DataCatalog.IsOwnFormat recipe.Data.Name then [ "|data:" + DataCatalog.Fingerprint(recipe.Data.Name, Option.toObj recipe.Data.Root) ] else []
+    let bytes = SHA256.HashData(Encoding.UTF8.GetBytes(RecipeJson.toJson prefix + String.concat "" (settingsText @ kept @ held @ dataText)))
     Convert.ToHexString(bytes).Substring(0, 20).ToLowerInvariant()
 
 /// Loads the data of a recipe: train/validation/test, limited as the recipe says (stratified, seeded).
@@ -153,6 +157,17 @@ let loadData (recipe: Recipe) =
     let valLimit = if d.TrainLimit > 0 then max 1 (int (float d.TrainLimit * d.ValidationFraction / (1.0 - d.ValidationFraction))) else 0
     let validation = if valLimit > 0 then splits.Validation.Take(valLimit, recipe.Seed) else splits.Validation
     let test = if d.TestLimit > 0 then splits.Test.Take(d.TestLimit, recipe.Seed) else splits.Test
+    // The network must take the data's images and have a logit for every class the data has.
+    let shape = [ int64 train.Channels; int64 train.Height; int64 train.Width ]
+    match recipe.Model.Input with
+    | Some input when input <> shape ->
+        let show (l: int64 list) = String.Join("×", l)
+        raise (RunError $"model.input is {show input}, but the images of {d.Name} ({splits.Source}) are {show shape}; set model.input to {show shape}")
+    | _ -> ()
+    match recipe.Model.Classes with
+    | Some c when c < train.NumClasses ->
+        raise (RunError $"model.classes is {c}, but {d.Name} ({splits.Source}) has {train.NumClasses} classes; set model.classes to {train.NumClasses}")
+    | _ -> ()
     DataSplits(train, validation, test, splits.Source)
 
 let private stageDir (out: string) (i: int) (s: Stage) = Path.Combine(out, "stages", $"%02d{i}-{s.Name}")

@@ -128,6 +128,17 @@ let recipeWith (adjust: ScaleSettings -> ScaleSettings) (scale: Scale) (strategy
       Stages = stagesOf strategy m s.Stages }
     |> Settings.complete
 
+/// For a user's own data (image-folder, npy: the recipe's data root holds it): the model takes the data's image shape
+/// and classes, and the random crop pads by an eighth of the image side (4 pixels at 32×32, as the scales use for
+/// CIFAR). Built-in data sets are left as they are.
+let fitToData (recipe: Recipe) : Recipe =
+    if not (EarlyExit.Data.DataCatalog.IsOwnFormat recipe.Data.Name) then recipe
+    else
+        let struct (c, h, w, classes) = EarlyExit.Data.DataCatalog.Describe(recipe.Data.Name, Option.toObj recipe.Data.Root)
+        { recipe with
+            Model = { recipe.Model with Input = Some [ int64 c; int64 h; int64 w ]; Classes = Some classes }
+            Augment = { recipe.Augment with CropPadding = max 1 (min h w / 8) } }
+
 /// The recipe of a strategy at a scale.
 let recipe (scale: Scale) (strategy: Strategy) (model: string) (data: string) (seed: int) : Recipe =
     recipeWith id scale strategy model data seed
