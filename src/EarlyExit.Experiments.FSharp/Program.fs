@@ -178,6 +178,26 @@ let main argv =
             match EarlyExit.Experiments.Evaluation.Budget.parsePolicy (r.GetResult(EvalArgs.Policy, "softmax")) with
             | Error e -> raise (ArgumentException e)
             | Ok policy -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256)) policy
+        | Some (Export r) ->
+            TorchNativeLoader.EnsureLoaded() |> ignore
+            let format = EarlyExit.Interop.WeightFiles.Parse(r.GetResult(ExportArgs.Format, "safetensors"))
+            Weights.export (r.GetResult ExportArgs.Run_Dir) format (r.TryGetResult ExportArgs.Out) |> ignore
+            0
+        | Some (Import r) ->
+            let recipe =
+                match r.TryGetResult ImportArgs.Like, r.TryGetResult ImportArgs.Recipe with
+                | Some dir, None ->
+                    if not (IO.Directory.Exists dir) then failwithf "%s: no such run folder" dir
+                    match EarlyExit.Experiments.Recipes.RecipeJson.load (IO.Path.Combine(dir, "recipe.json")) with
+                    | Ok rc -> rc
+                    | Error e -> failwithf "%s: %s" dir (String.Join("; ", e))
+                | None, Some file ->
+                    match EarlyExit.Experiments.Recipes.RecipeJson.load file with
+                    | Ok rc -> rc
+                    | Error e -> failwithf "%s" (String.Join("; ", e))
+                | _ -> raise (ArgumentException "give --like RUN_DIR or --recipe FILE (the network, data and seed the weights are for)")
+            Weights.import (r.GetResult ImportArgs.Weights) recipe (r.GetResult ImportArgs.Out) (r.TryGetResult ImportArgs.Device) |> ignore
+            0
         | Some (Train r) ->
             r.TryGetResult Parent_Pid |> Option.iter Train.watchParent
             TorchNativeLoader.EnsureLoaded() |> ignore
@@ -193,6 +213,9 @@ let main argv =
         eprintfn "error: %s" e.Message
         2
     | :? DataFormatException as e ->
+        eprintfn "error: %s" e.Message
+        1
+    | :? EarlyExit.Interop.WeightFileException as e ->
         eprintfn "error: %s" e.Message
         1
     | :? TorchUnavailableException as e ->

@@ -241,6 +241,34 @@ type SweepArgs =
             | Collect _ -> "the experiment's tables, figures and claims from whatever finished, saying what is missing"
             | Task _ -> "run one task of a sweep in this process (what a Slurm array task does)"
 
+type ExportArgs =
+    | [<MainCommand; ExactlyOnce>] Run_Dir of dir: string
+    | Format of format: string
+    | Out of file: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Run_Dir _ -> "a finished run folder"
+            | Format _ -> "safetensors (default), pt (what torch.save writes; torch.load reads it) or tensors (ours)"
+            | Out _ -> "the weights file (default RUN_DIR/export/model.EXT); FILE.json beside it describes the network, its input normalisation and names"
+
+type ImportArgs =
+    | [<MainCommand; ExactlyOnce>] Weights of file: string
+    | Like of run_dir: string
+    | Recipe of file: string
+    | [<Mandatory>] Out of dir: string
+    | Device of device: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Weights _ -> "a state dict: .safetensors, .pt/.pth/.bin (torch.save, zip format) or .tensors"
+            | Like _ -> "take the network, data and seed of this run folder's recipe"
+            | Recipe _ -> "or of this recipe file"
+            | Out _ -> "a new run folder: the weights, evaluated (validation and test logits, metrics.json), for eval and analyze"
+            | Device _ -> "auto (default), cpu or cuda"
+
 type DoctorArgs =
     | Recheck
     | All
@@ -264,6 +292,8 @@ type CliArgs =
     | [<CliPrefix(CliPrefix.None)>] Schema of ParseResults<SchemaArgs>
     | [<CliPrefix(CliPrefix.None)>] Analyze of ParseResults<AnalyzeArgs>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepArgs>
+    | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Import of ParseResults<ImportArgs>
 
     interface IArgParserTemplate with
         member a.Usage =
@@ -279,4 +309,6 @@ type CliArgs =
             | Eval _ -> "per-exit accuracy, budget table, accuracy-MACs curve and timing of a finished run"
             | Analyze _ -> "training-dynamics analysis of a finished run: gradient dominance, rank, loss landscape, mode connectivity (--vs)"
             | Sweep _ -> "sweeps of runs beyond one machine: plan, submit (local or slurm), status, resubmit, collect"
+            | Export _ -> "a finished run's weights as a PyTorch state dict (safetensors or torch.save's format), with a JSON description"
+            | Import _ -> "a PyTorch state dict into a registered network, evaluated as a run folder that eval and analyze read"
             | Schema _ -> "the JSON Schema of recipe files (the keys this build reads, and the registered regularisers and their settings)"
