@@ -5,6 +5,7 @@
 // Build first:  dotnet build -c Release
 #r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/TorchSharp.dll"
 #r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/EarlyExit.Core.dll"
+#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/SkiaSharp.dll"
 #r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Argu.dll"
 #r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Spectre.Console.dll"
 #r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.dll"
@@ -28,5 +29,13 @@ let torchLoad =
     | :? System.ArgumentException as e ->
         eprintfn "error: %s" e.Message
         exit 1
+// --plugin DLL (models or regularisers of your own): loaded here, and passed on to the runs the executor starts.
+(match fsi.CommandLineArgs |> Array.tryFindIndex ((=) "--plugin") with
+ | Some i when i + 1 < fsi.CommandLineArgs.Length -> EarlyExit.Extensions.Plugins.Export [ fsi.CommandLineArgs[i + 1] ]
+ | _ -> ())
+try EarlyExit.Extensions.Plugins.LoadFromEnvironment()
+with :? EarlyExit.Extensions.PluginException as e ->
+    eprintfn "error: %s" e.Message
+    exit 1
 // Spectre assumes 80 columns when output is redirected; tables of numbers need more.
 if System.Console.IsOutputRedirected then Spectre.Console.AnsiConsole.Profile.Width <- 140

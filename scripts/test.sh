@@ -60,6 +60,23 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
   report "dynamics smoke" $? "$smoke/log"
   rm -rf "$smoke"
 fi
+# The samples: a network of one's own on one's own images (written from Fashion-MNIST by the F# script), through the
+# recipes and runner (F# script), the C# core (console app), and the command line with the C# app as its plugin.
+if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
+  smoke=$(mktemp -d)
+  plugin=samples/CustomModel.CSharp/bin/Release/net10.0/linux-x64/CustomModel.CSharp.dll
+  ee() { dotnet src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll --plugin "$plugin" "$@"; }
+  { dotnet fsi samples/custom-model.fsx --out "$smoke" \
+      && dotnet samples/CustomModel.CSharp/bin/Release/net10.0/linux-x64/CustomModel.CSharp.dll "$smoke/images" 1 5 \
+      && ee models | grep tinycnn \
+      && ee train --strategy sequential-ewc --model tinycnn --data image-folder --data-root "$smoke/images" --scale smoke --out "$smoke/cli" \
+      && ee eval "$smoke/cli" --timing-samples 16 \
+      && ee export "$smoke/cli" --format pt; } > "$smoke/log" 2>&1 \
+    && grep -q "^exit 3: test accuracy" "$smoke/log" && grep -q "^test accuracy per exit" "$smoke/log" \
+    && [ -s "$smoke/cli/export/model.pt" ] && [ -s "$smoke/run/metrics.json" ]
+  report "samples (own network and images: F# script, C# app, command line with a plugin)" $? "$smoke/log"
+  rm -rf "$smoke"
+fi
 # The benchmark harness, at smoke size (seconds): every figure is produced and written (22, and training throughput
 # under each convolution backend of this CPU, at least default and no-onednn; and, where Debian's python3-torch is
 # installed, the 5 of the PyTorch peer at one thread); its numbers mean nothing.

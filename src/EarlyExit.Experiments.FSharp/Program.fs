@@ -111,13 +111,23 @@ let main argv =
         let global' = parser.ParseCommandLine(argv[.. i - 1], raiseOnUsage = true)
         global'.TryGetResult Numerics |> Option.iter (fun b -> NumericsGuard.Requested <- b)
         global'.TryGetResult Threads |> Option.iter (fun t -> TorchThreads.Parse t |> ignore; TorchThreads.Requested <- t)
-        SweepCommand.plan argv[i + 2] (List.ofArray argv[i + 3 ..])
+        try
+            EarlyExit.Extensions.Plugins.Export(global'.GetResults Plugin)
+            EarlyExit.Extensions.Plugins.LoadFromEnvironment()
+            SweepCommand.plan argv[i + 2] (List.ofArray argv[i + 3 ..])
+        with :? EarlyExit.Extensions.PluginException as e ->
+            eprintfn "error: %s" e.Message
+            1
     | None ->
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         // Before the first use of torch: the guard applies the kernels once per process.
         results.TryGetResult Numerics |> Option.iter (fun b -> NumericsGuard.Requested <- b)
         results.TryGetResult Threads |> Option.iter (fun t -> TorchThreads.Parse t |> ignore; TorchThreads.Requested <- t)
+        // Plugins (models and regularisers of the user's own) before anything looks a name up; the processes this
+        // one starts inherit them through $EARLYEXIT_PLUGINS.
+        EarlyExit.Extensions.Plugins.Export(results.GetResults Plugin)
+        EarlyExit.Extensions.Plugins.LoadFromEnvironment()
         match results.TryGetSubCommand() with
         | _ when results.Contains Version ->
             let informational =
@@ -125,8 +135,10 @@ let main argv =
                 |> Array.tryHead |> Option.map (fun a -> (a :?> Reflection.AssemblyInformationalVersionAttribute).InformationalVersion)
             printfn "earlyexit %s (TorchSharp %O)" (defaultArg informational "unknown") (typeof<TorchSharp.torch.Tensor>.Assembly.GetName().Version)
             0
-        | Some Models ->
-            Describe.listModels AnsiConsole.Console
+        | Some (Models r) ->
+            if r.Contains ModelsArgs.Json then
+                Console.Out.WriteLine(Text.Json.JsonSerializer.Serialize([ for f in ModelRegistry.Families -> {| name = f.Name; summary = f.Summary; defaults = f.Defaults |} ], Text.Json.JsonSerializerOptions(WriteIndented = true)))
+            else Describe.listModels AnsiConsole.Console
             0
         | Some (Describe r) -> describe r
         | Some (Data r) -> data r
@@ -213,6 +225,9 @@ let main argv =
         eprintfn "error: %s" e.Message
         2
     | :? DataFormatException as e ->
+        eprintfn "error: %s" e.Message
+        1
+    | :? EarlyExit.Extensions.PluginException as e ->
         eprintfn "error: %s" e.Message
         1
     | :? EarlyExit.Interop.WeightFileException as e ->

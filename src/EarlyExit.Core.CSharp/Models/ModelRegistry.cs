@@ -101,13 +101,16 @@ namespace EarlyExit.Models
         public static ModelFamily Get(string name) =>
             families.TryGetValue(name, out var f)
                 ? f
-                : throw new ArgumentException($"unknown model '{name}'; known models: {string.Join(", ", families.Keys.OrderBy(k => k))}");
+                : throw new ArgumentException($"unknown model '{name}'; known models: {string.Join(", ", families.Keys.OrderBy(k => k))} " +
+                    "(a model of your own is registered by its plugin: --plugin ASSEMBLY.dll or $EARLYEXIT_PLUGINS)");
 
         /// <summary>Builds a registered model; options that do not fit the family are refused with every reason.</summary>
         public static MultiExitNetwork Create(string name, ModelOptions? options = null)
         {
             var family = Get(name);
             options ??= ModelOptions.Default;
+            // A library user's first use may be here: TorchSharp must be loadable before any module is made.
+            Native.TorchNativeLoader.EnsureLoaded();
             var problems = family.Problems(options);
             if (problems.Count > 0) throw new ArgumentException($"{family.Name}: " + string.Join("; ", problems));
             return family.Create(options);

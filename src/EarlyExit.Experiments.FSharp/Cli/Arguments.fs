@@ -241,6 +241,14 @@ type SweepArgs =
             | Collect _ -> "the experiment's tables, figures and claims from whatever finished, saying what is missing"
             | Task _ -> "run one task of a sweep in this process (what a Slurm array task does)"
 
+type ModelsArgs =
+    | Json
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Json -> "print a JSON array of {name, summary, defaults}"
+
 type ExportArgs =
     | [<MainCommand; ExactlyOnce>] Run_Dir of dir: string
     | Format of format: string
@@ -283,7 +291,8 @@ type CliArgs =
     | Version
     | [<Inherit>] Numerics of backend: string
     | [<Inherit>] Threads of threads: string
-    | [<CliPrefix(CliPrefix.None)>] Models
+    | [<Inherit>] Plugin of assembly: string
+    | [<CliPrefix(CliPrefix.None)>] Models of ParseResults<ModelsArgs>
     | [<CliPrefix(CliPrefix.None)>] Describe of ParseResults<DescribeArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
     | [<CliPrefix(CliPrefix.None)>] Doctor of ParseResults<DoctorArgs>
@@ -300,8 +309,9 @@ type CliArgs =
             match a with
             | Version -> "print the version (with the git commit the build comes from) and stop"
             | Numerics _ -> "force the convolution kernels: auto (default: the first that passes the numerics check), default, onednn-avx512_core, onednn-avx2, onednn-avx, onednn-sse41 or no-onednn (also EARLYEXIT_NUMERICS)"
+            | Plugin _ -> "load models or regularisers of your own from this assembly (a class implementing EarlyExit.Extensions.IEarlyExitPlugin; also $EARLYEXIT_PLUGINS, paths separated by ':'); passed on to the runs it starts"
             | Threads _ -> "torch threads of this process: a number, or auto (default: the cores minus the processes already running; also EARLYEXIT_THREADS)"
-            | Models -> "list the model families"
+            | Models _ -> "list the model families (the built-in ones and those of loaded plugins)"
             | Describe _ -> "parameters and cumulative MACs of every exit of a model"
             | Data _ -> "check or download data sets"
             | Doctor _ -> "show how TorchSharp was loaded, the CPU and the convolution kernels the numerics check chose, threads, load and device"

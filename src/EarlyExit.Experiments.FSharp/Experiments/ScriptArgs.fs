@@ -16,7 +16,9 @@ let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "t
               // Where the runs go, and the Slurm backend's options.
               "backend"; "partition"; "time"; "mem"; "cpus-per-task"; "gres"; "max-concurrent"; "sbatch"
               // The exit policy of the budget tables (softmax, entropy, patience).
-              "policy" ]
+              "policy"
+              // A plugin assembly (models, regularisers of your own), loaded by experiments/Load.fsx.
+              "plugin" ]
 /// Options without a value.
 let flags = [ "deterministic"; "equal-steps"; "no-requeue" ]
 

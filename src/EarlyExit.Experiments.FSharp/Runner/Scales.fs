@@ -41,7 +41,10 @@ let private inputOf (data: string) =
 /// The model at a scale: the family's own shape knobs (MSDNet: channels and number of blocks; ResNet: width, blocks, exits).
 let private modelAt (scale: Scale) (model: string) (input: int64 list) (classes: int) : ModelSpec =
     let spec = { Defaults.model model with Classes = Some classes; Input = Some input }
+    let builtIn = model.StartsWith "msdnet" || model.StartsWith "resnet"
     match scale, model.StartsWith "msdnet" with
+    // A family of the user's own (a plugin's) takes only classes and input from the scale: its size is its own.
+    | _ when not builtIn -> spec
     | Smoke, true -> { spec with Width = Some 4; Blocks = Some [ 3 ] }
     | Cpu, true -> { spec with Width = Some 8; Blocks = Some [ 5 ] }
     | Smoke, false -> { spec with Width = Some 4; Blocks = Some [ 1; 1; 1; 1 ]; Exits = Some [ 1; 2; 3; 4 ] }
@@ -61,6 +64,7 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
     let preset = Presets.forModel model
     let isFashion = EarlyExit.Data.DataCatalog.Normalise data = "fashion-mnist"
     let isMsd = model.StartsWith "msdnet"
+    let builtIn = isMsd || model.StartsWith "resnet"
     match scale with
     | Smoke ->
         { Model = modelAt scale model input classes
@@ -75,7 +79,7 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
               MaxStepsPerEpoch = 3
               WarmupEpochs = 1 }
           Description =
-            (if isMsd then "smoke: MSDNet with 4 channels and 3 blocks" else "smoke: width-4 ResNet [1,1,1,1] with 4 exits")
+            (if not builtIn then $"smoke: {model} (a plugin's family, at its own size)" elif isMsd then "smoke: MSDNet with 4 channels and 3 blocks" else "smoke: width-4 ResNet [1,1,1,1] with 4 exits")
             + ", 512 training images, 3 steps per stage; checks the plumbing, not accuracy" }
     | Cpu ->
         { Model = modelAt scale model input classes
@@ -91,7 +95,7 @@ let settings (scale: Scale) (model: string) (data: string) : ScaleSettings =
               MaxStepsPerEpoch = 0
               WarmupEpochs = 6 }
           Description =
-            (if isMsd then "cpu: MSDNet with 8 channels and 5 blocks (5 exits)" else "cpu: width-8 ResNet [2,2,2,2] (resnet34 family) with 5 exits after blocks 1,2,4,6,8")
+            (if not builtIn then $"cpu: {model} (a plugin's family, at its own size)" elif isMsd then "cpu: MSDNet with 8 channels and 5 blocks (5 exits)" else "cpu: width-8 ResNet [2,2,2,2] (resnet34 family) with 5 exits after blocks 1,2,4,6,8")
             + ", 16,000 training images, 6 epochs for stages that train a backbone from scratch (warm-up, joint) and 2 for the others, crop+flip, AdamW lr 2e-3 cosine, no weight decay" }
     | Paper ->
         { Model = modelAt scale model input classes
