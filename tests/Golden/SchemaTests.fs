@@ -45,6 +45,8 @@ let all =
                         let perStage = { r with Stages = r.Stages |> List.map (fun st -> { st with Regularisers = st.Regularisers |> List.map (fun p -> { p with Strength = Strength.PerStage [ for k in 2..m -> float k ] }) }) }
                         for recipe in [ r; perStage ] do
                             Expect.equal (errorsOf schema (RecipeJson.toJson recipe)) [] $"{Scales.name scale} {model} {strategyName s}"
+                            // The compact form --save-recipe writes ($schema, "defaults") too.
+                            Expect.equal (errorsOf schema (RecipeJson.toCompactJson (Some "schemas/recipe.schema.json") recipe)) [] $"compact: {Scales.name scale} {model} {strategyName s}"
         }
         test "the schema refuses an unknown key, a wrong type, an unknown regulariser, setting or value, and a bad strength" {
             let schema = JsonSchema.FromText(committed ())

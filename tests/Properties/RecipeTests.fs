@@ -3,6 +3,7 @@ module EarlyExit.Tests.Properties.RecipeTests
 
 open System
 open System.IO
+open System.Text.Json
 open Expecto
 open FsCheck
 open FsCheck.FSharp
@@ -71,6 +72,51 @@ let builders =
             |> List.forall (fun strength ->
                 let r = recipeWith m (Sequential [ penalty name strength ]) |> Settings.complete
                 Validation.problems r = [] && RecipeJson.parse (RecipeJson.toJson r) = Ok r)))
+
+        testProperty "the compact form (shared stage keys under \"defaults\", default values left out, $schema) reads back as the same recipe" (Prop.forAll (Arb.fromGen (Gen.zip3 strategyGen (Gen.choose (2, 6)) (Gen.elements [ "resnet34"; "msdnet" ]))) (fun (strategy, m, model) ->
+            let r = (if model = "resnet34" then recipeWith m strategy else Scales.recipe Scales.Smoke strategy "msdnet" "fashion-mnist" 0) |> Settings.complete
+            let compact = RecipeJson.toCompactJson (Some "schemas/recipe.schema.json") r
+            let full = RecipeJson.toJson r
+            RecipeJson.parse compact = Ok r && compact.Length < full.Length && compact.Contains "\"$schema\""
+            && (r.Stages.Length < 2 || compact.Contains "\"defaults\"")))
+
+        test "a stage's own value wins over \"defaults\"; unknown keys of defaults are reported with their path" {
+            let r = recipeWith 3 (Sequential [ ewc 100.0 ]) |> Settings.complete
+            let compact = Nodes.JsonNode.Parse(RecipeJson.toCompactJson None r)
+            compact["stages"][1]["maxEpochs"] <- Nodes.JsonValue.Create 7
+            compact["defaults"]["optimiser"]["lr"] <- Nodes.JsonValue.Create 0.01
+            match RecipeJson.parse (compact.ToJsonString()) with
+            | Ok back ->
+                Expect.equal (back.Stages |> List.map (fun s -> s.MaxEpochs)) [ 3; 7; 2; 2 ] "stage 1's own maxEpochs (the warm-up's 3 its own too)"
+                Expect.isTrue (back.Stages |> List.forall (fun s -> s.Optimiser.LearningRate = 0.01)) "every stage inherits the default lr"
+            | Error e -> failtestf "%A" e
+            compact["defaults"]["maxEpoch"] <- Nodes.JsonValue.Create 3
+            match RecipeJson.parse (compact.ToJsonString()) with
+            | Error [ e ] -> Expect.stringContains e "defaults.maxEpoch: unknown key" "the path"
+            | other -> failtestf "expected one error, got %A" other
+        }
+
+        test "overrides: PATH=VALUE in the JSON shape changes exactly that, the name records it, mistakes are refused with their path" {
+            let r = recipeWith 3 (Sequential [ ewc 100.0 ]) |> Settings.complete
+            match RecipeJson.withOverrides [ "stages[3].maxEpochs", "5"; "model.width", "8"; "stages[2].regularisers", "[{\"name\":\"ewc\",\"lambda\":10}]" ] r with
+            | Ok o ->
+                Expect.equal (o.Stages |> List.map (fun s -> s.MaxEpochs)) [ 3; 2; 2; 5 ] "only stage 3"
+                Expect.equal o.Model.Width (Some 8) "model.width"
+                Expect.equal o.Stages[2].Regularisers [ { Name = "ewc"; Strength = Strength.Constant 10.0 } ] "a JSON value"
+                Expect.equal o.Stages[3].Regularisers r.Stages[3].Regularisers "the other stages keep theirs"
+                Expect.equal o.Name (r.Name + "+stages[3].maxEpochs=5,model.width=8,stages[2].regularisers=[{\"name\":\"ewc\",\"lambda\":10}]") "the name records what changed"
+                Expect.equal { o with Name = r.Name; Stages = r.Stages; Model = r.Model } r "nothing else changed"
+            | Error e -> failtestf "%A" e
+            let err overrides = match RecipeJson.withOverrides overrides r with
+                                | Error e -> String.Join("; ", e)
+                                | Ok _ -> ""
+            Expect.stringContains (err [ "stages[9].maxEpochs", "1" ]) "stages has 4 items ([0] to [3])" "past the last stage"
+            Expect.stringContains (err [ "model.widht", "3" ]) "model.widht: unknown key" "a misspelt key"
+            Expect.stringContains (err [ "stages[1].maxEpochs", "abc" ]) "stages[1].maxEpochs: expected an integer, found 'abc'" "a wrong type"
+            Expect.stringContains (err [ "stages[1].maxEpochs", "0" ]) "stages[1].maxEpochs: must be at least 1" "a wrong meaning"
+            Expect.stringContains (err [ "..", "1" ]) "give a path like" "no path"
+            Expect.equal (RecipeJson.withOverrides [] r) (Ok r) "no overrides: the recipe as it was"
+        }
 
         test "a recipe says the settings of every regulariser it uses, defaults included; another teacher policy changes the cache key" {
             let r = recipeWith 3 (Sequential [ lwf 0.7 ])

@@ -84,10 +84,18 @@ type TrainArgs =
     | Device of device: string
     | Prefix_Cache of dir: string
     | Save_Recipe of file: string
+    | Set of path_value: string
+    | Epochs of epochs: int
+    | Lr of learning_rate: float
+    | Batch_Size of size: int
 
     interface IArgParserTemplate with
         member a.Usage =
             match a with
+            | Set _ -> "override one value of the recipe, PATH=VALUE in its JSON shape: stages[2].maxEpochs=5, model.width=16, model.blocks=[1,1,1,1], data.trainLimit=2000; repeatable; the run's recipe name records it"
+            | Epochs _ -> "every stage's maxEpochs (an override: the recipe name records it)"
+            | Lr _ -> "every stage's learning rate (an override)"
+            | Batch_Size _ -> "every stage's batch size (an override)"
             | Recipe _ -> "train from a JSON recipe (see `--save-recipe` for the format)"
             | Strategy _ -> "joint, disjoint, mixed, branchwise, separate, or sequential-R with registered regularisers R (sequential-ewc, sequential-lwf, sequential-mas, sequential-ewc-lwf; -nowarmup: without the warm-up)"
             | Model _ -> "model family (default resnet34)"
@@ -109,7 +117,7 @@ type TrainArgs =
             | Resume -> "continue an unfinished run in --out from its last checkpoint"
             | Device _ -> "auto, cpu, cuda or cuda:N (default auto)"
             | Prefix_Cache _ -> "folder where finished stage prefixes (e.g. the warm-up) are cached and reused across runs"
-            | Save_Recipe _ -> "write the resolved recipe to this JSON file and stop"
+            | Save_Recipe _ -> "write the resolved recipe to this JSON file and stop (compact: what the stages share under \"defaults\", a \"$schema\" for editors)"
 
 type EvalArgs =
     | [<MainCommand; ExactlyOnce>] Run_Dir of dir: string

@@ -47,13 +47,47 @@ let settingsOf (r: ParseResults<TrainArgs>) : Result<(string * string * string) 
     | [] -> Ok(parsed |> List.choose (function Ok p -> Some p | Error _ -> None))
     | errors -> Error errors
 
+/// The overrides of the command line (--epochs, --lr, --batch-size, --set PATH=VALUE) applied to a recipe; its name
+/// gets +WHAT=VALUE,... as given.
+let applyOverrides (r: ParseResults<TrainArgs>) (recipe: Recipe) : Result<Recipe, string list> =
+    let inv = Globalization.CultureInfo.InvariantCulture
+    let perStage (key: string) (v: string) = [ for i in 0 .. recipe.Stages.Length - 1 -> $"stages[{i}].{key}", v ]
+    let shortcuts =
+        [ for e in r.GetResults TrainArgs.Epochs -> $"epochs={e}", perStage "maxEpochs" (string e)
+          for lr in r.GetResults TrainArgs.Lr -> $"lr={lr.ToString(inv)}", perStage "optimiser.lr" (lr.ToString("R", inv))
+          for b in r.GetResults TrainArgs.Batch_Size -> $"batch-size={b}", perStage "batchSize" (string b) ]
+    let sets =
+        [ for spec in r.GetResults TrainArgs.Set ->
+            match spec.Split('=', 2) with
+            | [| path; value |] when path.Trim() <> "" -> Ok(spec.Trim(), (path.Trim(), value.Trim()))
+            | _ -> Error $"--set {spec}: give PATH=VALUE, e.g. stages[2].maxEpochs=5" ]
+    match sets |> List.choose (function Error e -> Some e | Ok _ -> None) with
+    | [] when shortcuts.IsEmpty && sets.IsEmpty -> Ok recipe
+    | [] ->
+        let sets = sets |> List.choose (function Ok s -> Some s | Error _ -> None)
+        let pairs = (shortcuts |> List.collect snd) @ (sets |> List.map snd)
+        RecipeJson.withOverrides pairs recipe
+        |> Result.map (fun changed -> { changed with Name = recipe.Name + "+" + String.Join(",", (shortcuts |> List.map fst) @ (sets |> List.map fst)) })
+    | errors -> Error errors
+
+/// Where the saved recipe's "$schema" points: schemas/recipe.schema.json of the checkout this build lives in, relative
+/// to the saved file (None outside a checkout; `earlyexit schema --out FILE` writes one).
+let schemaFor (recipeFile: string) =
+    let rec up (dir: string) =
+        if isNull dir then None
+        else
+            let candidate = Path.Combine(dir, "schemas", "recipe.schema.json")
+            if File.Exists candidate then Some candidate else up (Path.GetDirectoryName dir)
+    up AppContext.BaseDirectory
+    |> Option.map (fun schema -> Path.GetRelativePath(Path.GetDirectoryName(Path.GetFullPath recipeFile), schema))
+
 let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string list> =
     match r.TryGetResult TrainArgs.Recipe with
     | Some _ when [ r.Contains TrainArgs.Lwf_Teachers; r.Contains TrainArgs.Lambda; r.Contains TrainArgs.Rho; r.Contains TrainArgs.Strength
                     r.Contains TrainArgs.Fisher; r.Contains TrainArgs.Setting ] |> List.exists id ->
         Error [ "--lambda, --rho, --strength, --fisher, --setting and --lwf-teachers go with --strategy; in a recipe file, set the stages' \"regularisers\" and the recipe's \"regularisers\" settings (see --save-recipe)" ]
     | Some file ->
-        RecipeJson.load file |> Result.map (fun recipe -> recipe, "recipe")
+        RecipeJson.load file |> Result.bind (applyOverrides r) |> Result.map (fun recipe -> recipe, "recipe")
     | None ->
         let model = r.GetResult(TrainArgs.Model, "resnet34")
         let data = r.GetResult(TrainArgs.Data, "fashion-mnist")
@@ -104,7 +138,7 @@ let resolveRecipe (r: ParseResults<TrainArgs>) : Result<Recipe * string, string 
                     let recipe =
                         if EarlyExit.Data.DataCatalog.IsOwnFormat recipe.Data.Name && recipe.Data.Root.IsNone then recipe
                         else Scales.fitToData recipe
-                    Validation.validate recipe |> Result.map (fun v -> v, Scales.name scale)
+                    Validation.validate recipe |> Result.bind (applyOverrides r) |> Result.map (fun v -> v, Scales.name scale)
                 with
                 | :? ArgumentException as e -> Error [ e.Message ]
                 | :? EarlyExit.Data.DataFormatException as e -> Error [ e.Message ]
@@ -147,7 +181,9 @@ let run (r: ParseResults<TrainArgs>) =
         let scale = if r.Contains TrainArgs.Recipe then r.GetResult(TrainArgs.Scale, scale) else scale
         match r.TryGetResult TrainArgs.Save_Recipe, seeds with
         | Some file, _ ->
-            RecipeJson.save file recipe
+            let full = Path.GetFullPath file
+            Directory.CreateDirectory(Path.GetDirectoryName full) |> ignore
+            EarlyExit.Experiments.Reports.Markdown.writeAtomic full (RecipeJson.toCompactJson (schemaFor full) recipe)
             printfn "recipe written to %s" file
             0
         | None, Some seeds ->

@@ -11,7 +11,9 @@ open EarlyExit.Experiments.Recipes
 
 /// The keys the reader knows in each object of a recipe (the schema, `earlyexit schema`, lists the same).
 module Keys =
-    let root = [ "name"; "seed"; "deterministic"; "dynamics"; "model"; "data"; "augment"; "regularisers"; "fisher"; "lwf"; "stages" ]
+    let root = [ "$schema"; "name"; "seed"; "deterministic"; "dynamics"; "model"; "data"; "augment"; "regularisers"; "fisher"; "lwf"; "defaults"; "stages" ]
+    /// What stages inherit from the recipe's "defaults" when they do not say it themselves.
+    let defaults = [ "optimiser"; "batchSize"; "maxEpochs"; "patience"; "maxStepsPerEpoch" ]
     let dynamics = [ "gradientEvery"; "rankSamples" ]
     let model = [ "name"; "classes"; "input"; "width"; "blocks"; "exits"; "growth"; "stepMode"; "base"; "step"; "grFactor"; "bnFactor" ]
     let data = [ "name"; "root"; "validationFraction"; "trainLimit"; "testLimit" ]
@@ -149,18 +151,27 @@ let private readLegacyRegulariser (rd: Reader) (s: IConfiguration) (path: string
         | "ewc+lwf" | "both" -> [ ewc (); lwf () ]
         | other -> rd.Fail(p + "kind", $"unknown regulariser '{other}' (none, ewc, lwf, ewc+lwf)"); []
 
-let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
+let private readStage (rd: Reader) (defaults: IConfiguration) (path: string) (s: IConfiguration) : Stage =
     rd.Known(s, path.TrimEnd('.'), Keys.stage)
+    // A key the stage does not give comes from the recipe's "defaults" (and is reported under that path).
+    let from (key: string) = if s.GetSection(key).Exists() || not (defaults.GetSection(key).Exists()) then s, path else defaults, "defaults."
+    let stageOpt = s.GetSection "optimiser"
+    let defaultOpt = defaults.GetSection "optimiser"
+    let optFrom (key: string) =
+        if stageOpt.GetSection(key).Exists() || not (defaultOpt.GetSection(key).Exists()) then stageOpt :> IConfiguration, path + "optimiser."
+        else defaultOpt :> IConfiguration, "defaults.optimiser."
     let exits = rd.IntList(s, path, "lossExits") |> Option.defaultValue []
     let weights = rd.FloatList(s, path, "lossWeights") |> Option.defaultValue (exits |> List.map (fun _ -> 1.0 / float (max 1 exits.Length)))
     if weights.Length <> exits.Length then rd.Fail(path + "lossWeights", $"{weights.Length} weights for {exits.Length} loss exits")
-    let opt = s.GetSection "optimiser"
-    rd.Known(opt, path + "optimiser", Keys.optimiser)
+    rd.Known(stageOpt, path + "optimiser", Keys.optimiser)
     let schedule =
-        match rd.String(opt, path + "optimiser.", "schedule", "cosine").ToLowerInvariant() with
+        let sec, p = optFrom "schedule"
+        match rd.String(sec, p, "schedule", "cosine").ToLowerInvariant() with
         | "cosine" -> Cosine
         | "constant" -> Constant
-        | other -> rd.Fail(path + "optimiser.schedule", $"unknown schedule '{other}' (cosine, constant)"); Cosine
+        | other -> rd.Fail(p + "schedule", $"unknown schedule '{other}' (cosine, constant)"); Cosine
+    let intFrom (key: string) = let sec, p = from key in rd.Int(sec, p, key, 0)
+    let floatOpt (key: string) = let sec, p = optFrom key in rd.Float(sec, p, key, 0.0)
     { Name = rd.String(s, path, "name", "")
       LossExits = List.zip exits (if weights.Length = exits.Length then weights else exits |> List.map (fun _ -> 1.0))
       Trainable = rd.StringList(s, path, "train") |> Option.defaultValue []
@@ -171,13 +182,13 @@ let private readStage (rd: Reader) (path: string) (s: IConfiguration) : Stage =
       Exit = rd.Int(s, path, "exit", 0)
       Protects = rd.IntList(s, path, "protects") |> Option.defaultValue []
       Optimiser =
-        { LearningRate = rd.Float(opt, path + "optimiser.", "lr", 0.0)
-          WeightDecay = rd.Float(opt, path + "optimiser.", "weightDecay", 0.0)
+        { LearningRate = floatOpt "lr"
+          WeightDecay = floatOpt "weightDecay"
           Schedule = schedule }
-      BatchSize = rd.Int(s, path, "batchSize", 0)
-      MaxEpochs = rd.Int(s, path, "maxEpochs", 0)
-      Patience = rd.Int(s, path, "patience", 0)
-      MaxStepsPerEpoch = rd.Int(s, path, "maxStepsPerEpoch", 0) }
+      BatchSize = intFrom "batchSize"
+      MaxEpochs = intFrom "maxEpochs"
+      Patience = intFrom "patience"
+      MaxStepsPerEpoch = intFrom "maxStepsPerEpoch" }
 
 /// Reads a recipe from an IConfiguration root; all problems (format, then meaning) with their paths.
 let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
@@ -270,10 +281,13 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
     let dynamics =
         { GradientEvery = rd.Int(dyn, "dynamics.", "gradientEvery", 0)
           RankSamples = rd.Int(dyn, "dynamics.", "rankSamples", 0) }
+    let defaults = root.GetSection "defaults"
+    rd.Known(defaults, "defaults", Keys.defaults)
+    rd.Known(defaults.GetSection "optimiser", "defaults.optimiser", Keys.optimiser)
     let stages =
         match rd.Array(root, "", "stages") with
         | None -> []
-        | Some items -> items |> List.map (fun (p, c) -> readStage rd (p + ".") c)
+        | Some items -> items |> List.map (fun (p, c) -> readStage rd defaults (p + ".") c)
     let recipe =
         { Name = rd.String(root, "", "name", "")
           Seed = rd.Int(root, "", "seed", 0)
@@ -415,12 +429,108 @@ let toJson (r: Recipe) =
      w.WriteEndObject())
     Text.Encoding.UTF8.GetString(stream.ToArray())
 
+/// The recipe as JSON for a person to edit: what every stage shares moves to "defaults" (stages inherit it), keys at
+/// their default values are left out (no regularisers, no protected exits, exit 0, equal loss weights), and
+/// "$schema" names the schema when given. Reads back as the same recipe; run folders keep the full form (`toJson`).
+let toCompactJson (schema: string option) (r: Recipe) =
+    let root = Nodes.JsonNode.Parse(toJson r).AsObject()
+    let stages = root["stages"].AsArray() |> Seq.map (fun n -> n.AsObject()) |> List.ofSeq
+    let defaults = Nodes.JsonObject()
+    let shared (get: Nodes.JsonObject -> Nodes.JsonNode) =
+        match stages with
+        | first :: rest when not rest.IsEmpty && rest |> List.forall (fun s -> Nodes.JsonNode.DeepEquals(get s, get first)) -> Some(get first)
+        | _ -> None
+    for key in [ "batchSize"; "maxEpochs"; "patience"; "maxStepsPerEpoch" ] do
+        match shared (fun s -> s[key]) with
+        | Some v ->
+            defaults[key] <- v.DeepClone()
+            for s in stages do s.Remove key |> ignore
+        | None -> ()
+    let optimiser = Nodes.JsonObject()
+    for key in [ "lr"; "weightDecay"; "schedule" ] do
+        match shared (fun s -> s["optimiser"][key]) with
+        | Some v ->
+            optimiser[key] <- v.DeepClone()
+            for s in stages do s["optimiser"].AsObject().Remove key |> ignore
+        | None -> ()
+    if optimiser.Count > 0 then defaults["optimiser"] <- optimiser
+    for s in stages do
+        if s["optimiser"].AsObject().Count = 0 then s.Remove "optimiser" |> ignore
+        if s["regularisers"].AsArray().Count = 0 then s.Remove "regularisers" |> ignore
+        if s["protects"].AsArray().Count = 0 then s.Remove "protects" |> ignore
+        if s["exit"].GetValue<int>() = 0 then s.Remove "exit" |> ignore
+        let weights = s["lossWeights"].AsArray() |> Seq.map (fun n -> n.GetValue<float>()) |> List.ofSeq
+        if weights |> List.forall (fun w -> abs (w - 1.0 / float weights.Length) < 1e-12) then s.Remove "lossWeights" |> ignore
+    let result = Nodes.JsonObject()
+    schema |> Option.iter (fun p -> result["$schema"] <- Nodes.JsonValue.Create p)
+    for KeyValue (k, v) in List.ofSeq root do
+        if k = "stages" && defaults.Count > 0 then result["defaults"] <- defaults
+        result[k] <- v.DeepClone()
+    result.ToJsonString(JsonSerializerOptions(WriteIndented = true, Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping))
+
 /// Reads a recipe from JSON text (tests and round trips).
 let parse (json: string) : Result<Recipe, string list> =
     try
         use stream = new MemoryStream(Text.Encoding.UTF8.GetBytes json)
         fromConfiguration (ConfigurationBuilder().AddJsonStream(stream).Build())
     with :? FormatException as e -> Error [ $"not valid JSON: {e.Message}" ]
+
+/// Recipe overrides, as the command line gives them: PATH=VALUE with PATH in the recipe's JSON shape
+/// (`stages[2].maxEpochs`, `model.width`, `stages[0].optimiser.lr`, `model.blocks`), VALUE a JSON value (`5`,
+/// `[1,1,1,1]`, `{"name":"ewc","lambda":10}`) or else a text. The recipe's JSON gets them and is read again, so every
+/// override is checked as the file's own keys are (unknown key, wrong type, meaning); an index past an array's end
+/// is refused. The recipe's name records them: NAME+PATH=VALUE,...
+let withOverrides (overrides: (string * string) list) (r: Recipe) : Result<Recipe, string list> =
+    if overrides.IsEmpty then Ok r
+    else
+        let root = Nodes.JsonNode.Parse(toJson r)
+        let steps (path: string) =
+            // "stages[2].optimiser.lr" -> [ Key "stages"; Index 2; Key "optimiser"; Key "lr" ]
+            [ for part in path.Trim().Split('.') do
+                let m = Text.RegularExpressions.Regex.Match(part, @"^([^\[\]]*)((\[\d+\])*)$")
+                if not m.Success || (m.Groups[1].Value = "" && m.Groups[2].Value = "") then yield Error part
+                else
+                    if m.Groups[1].Value <> "" then yield Ok(Choice1Of2 m.Groups[1].Value)
+                    for i in Text.RegularExpressions.Regex.Matches(m.Groups[2].Value, @"\d+") do yield Ok(Choice2Of2(int i.Value)) ]
+        let valueOf (text: string) =
+            try Nodes.JsonNode.Parse text with :? JsonException -> Nodes.JsonValue.Create text :> Nodes.JsonNode
+        let apply (path: string, value: string) : string option =
+            let parts = steps path
+            if parts.IsEmpty || parts |> List.exists Result.isError then Some $"'{path}': give a path like stages[2].maxEpochs or model.width"
+            else
+                let parts = parts |> List.map (function Ok p -> p | Error _ -> failwith "unreachable")
+                let rec go (node: Nodes.JsonNode) (rest: Choice<string, int> list) (at: string) =
+                    match rest with
+                    | [] -> None
+                    | [ Choice1Of2 key ] ->
+                        match node with
+                        | :? Nodes.JsonObject as o -> o[key] <- valueOf value; None
+                        | _ -> Some $"{path}: {at} is not an object"
+                    | [ Choice2Of2 i ] ->
+                        match node with
+                        | :? Nodes.JsonArray as a when i < a.Count -> a[i] <- valueOf value; None
+                        | :? Nodes.JsonArray as a -> Some $"{path}: {at} has {a.Count} items ([0] to [{a.Count - 1}])"
+                        | _ -> Some $"{path}: {at} is not an array"
+                    | Choice1Of2 key :: tail ->
+                        match node with
+                        | :? Nodes.JsonObject as o ->
+                            if isNull o[key] then o[key] <- Nodes.JsonObject()
+                            go o[key] tail (if at = "" then key else $"{at}.{key}")
+                        | _ -> Some $"{path}: {at} is not an object"
+                    | Choice2Of2 i :: tail ->
+                        match node with
+                        | :? Nodes.JsonArray as a when i < a.Count -> go a[i] tail $"{at}[{i}]"
+                        | :? Nodes.JsonArray as a -> Some $"{path}: {at} has {a.Count} items ([0] to [{a.Count - 1}])"
+                        | _ -> Some $"{path}: {at} is not an array"
+                go root parts ""
+        match overrides |> List.choose apply with
+        | [] ->
+            parse (root.ToJsonString())
+            |> Result.map (fun changed ->
+                let said = overrides |> List.map (fun (p, v) -> $"{p.Trim()}={v.Trim()}") |> String.concat ","
+                { changed with Name = $"{r.Name}+{said}" })
+            |> Result.mapError (List.map (fun e -> $"override: {e}"))
+        | errors -> Error errors
 
 let save (path: string) (r: Recipe) =
     let full = Path.GetFullPath path

@@ -67,6 +67,22 @@ let private settingsOf (k: IRegulariserKind) =
             prop s.Name schema $"{s.Description} (default {s.Default})" ]
         []
 
+let private optimiserSchema () =
+    objectOf RecipeJson.Keys.optimiser
+        [ prop "lr" "{ \"type\": \"number\", \"exclusiveMinimum\": 0 }" "AdamW learning rate"
+          prop "weightDecay" "{ \"type\": \"number\", \"minimum\": 0 }" "AdamW weight decay (0: none)"
+          prop "schedule" (enumOf [ "cosine"; "constant" ]) "learning-rate schedule over the stage's epochs" ] []
+
+/// What stages inherit when they do not say it themselves.
+let private defaultsSchema () =
+    objectOf RecipeJson.Keys.defaults
+        [ prop "optimiser" (optimiserSchema ()) "AdamW settings every stage inherits"
+          prop "batchSize" positiveInt "training batch size every stage inherits"
+          prop "maxEpochs" positiveInt "epoch cap every stage inherits"
+          prop "patience" nonNegativeInt "early-stopping patience every stage inherits"
+          prop "maxStepsPerEpoch" nonNegativeInt "cap on optimiser steps per epoch every stage inherits" ]
+        []
+
 let private stageSchema () =
     objectOf RecipeJson.Keys.stage
         [ prop "name" "{ \"type\": \"string\", \"minLength\": 1 }" "unique name of the stage (its checkpoint folder)"
@@ -77,11 +93,7 @@ let private stageSchema () =
           prop "regulariser" "{ \"type\": \"object\", \"properties\": { \"kind\": { \"enum\": [\"none\", \"ewc\", \"lwf\", \"ewc+lwf\", \"both\"] }, \"lambda\": { \"type\": \"number\" }, \"rho\": { \"type\": \"number\" } }, \"additionalProperties\": false }" "the older single form (read as the list)"
           prop "exit" nonNegativeInt "μ of a sequential stage (the exit it adds), 0 otherwise"
           prop "protects" intList "earlier exits ν < μ the regularisers protect"
-          prop "optimiser" (objectOf RecipeJson.Keys.optimiser
-                                [ prop "lr" "{ \"type\": \"number\", \"exclusiveMinimum\": 0 }" "AdamW learning rate"
-                                  prop "weightDecay" "{ \"type\": \"number\", \"minimum\": 0 }" "AdamW weight decay (0: none)"
-                                  prop "schedule" (enumOf [ "cosine"; "constant" ]) "learning-rate schedule over the stage's epochs" ] [])
-               "AdamW settings"
+          prop "optimiser" (optimiserSchema ()) "AdamW settings (default: the recipe's defaults)"
           prop "batchSize" positiveInt "training batch size"
           prop "maxEpochs" positiveInt "epoch cap"
           prop "patience" nonNegativeInt "early-stopping patience in epochs on the validation split (0: none)"
@@ -135,7 +147,8 @@ let text () =
         " }, \"additionalProperties\": false }"
     let root =
         objectOf RecipeJson.Keys.root
-            [ prop "name" "{ \"type\": \"string\", \"minLength\": 1 }" "recipe name"
+            [ prop "$schema" "{ \"type\": \"string\" }" "the schema this file follows (for editors; earlyexit ignores it)"
+              prop "name" "{ \"type\": \"string\", \"minLength\": 1 }" "recipe name"
               prop "seed" nonNegativeInt "seed of initial weights, split, data order, augmentation and the Fisher's samples"
               prop "deterministic" "{ \"type\": \"boolean\" }" "deterministic mode: the same code, seed, threads and kernels give the same bits"
               prop "dynamics" (objectOf RecipeJson.Keys.dynamics
@@ -148,6 +161,7 @@ let text () =
               prop "regularisers" settings "settings of the regularisers, by name; a setting not given takes its default"
               prop "fisher" "{ \"type\": \"object\", \"properties\": { \"estimator\": { \"enum\": [\"per-sample\", \"per-sample-naive\", \"squared-minibatch\", \"empirical\", \"exact\", \"sampled\", \"empirical-naive\"] }, \"samples\": { \"type\": \"integer\", \"minimum\": 0 } }, \"additionalProperties\": false }" "the older form of EWC's settings"
               prop "lwf" "{ \"type\": \"object\", \"properties\": { \"teachers\": { \"enum\": [\"per-exit\", \"previous-stage\"] } }, \"additionalProperties\": false }" "the older form of LwF's settings"
+              prop "defaults" (defaultsSchema ()) "what every stage inherits unless it says otherwise (optimiser, batchSize, maxEpochs, patience, maxStepsPerEpoch)"
               prop "stages" "{ \"type\": \"array\", \"minItems\": 1, \"items\": { \"$ref\": \"#/$defs/stage\" } }" "the stages, in order" ]
             [ "name"; "model"; "data"; "stages" ]
     let penalties = "{ \"oneOf\": [ " + String.Join(", ", kinds |> List.map penalty) + " ] }"
