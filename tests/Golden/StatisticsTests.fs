@@ -118,6 +118,15 @@ let scriptOptions =
             Expect.stringContains (refused [ "--stage-epochs"; "0" ]) "--stage-epochs 0: give a positive integer" "zero epochs"
             Expect.stringContains (refused [ "--lambdas"; "1" ]) "unexpected argument '--lambdas'" "unknown option"
         }
+        test "every option of the scripts has its line in the scripts' help text" {
+            let described = EarlyExit.Experiments.Experiments.ScriptArgs.help |> List.map fst |> Set.ofList
+            for o in EarlyExit.Experiments.Experiments.ScriptArgs.known @ EarlyExit.Experiments.Experiments.ScriptArgs.flags do
+                Expect.isTrue (described.Contains o) $"--{o} is described"
+            let text = EarlyExit.Experiments.Experiments.ScriptArgs.usage "table1"
+            Expect.stringContains text "usage: dotnet fsi experiments/table1.fsx [options]" "the usage line"
+            Expect.stringContains text "--stage-epochs VALUE" "an option with a value"
+            Expect.isFalse (text.Contains "--deterministic VALUE") "a flag takes no value"
+        }
         test "each table refuses the other's choice of runs, saying which option to use" {
             let o = parse [ "--regularisers"; "lwf" ]
             let msg = try EarlyExit.Experiments.Experiments.Table1.run o |> ignore; "" with :? ArgumentException as e -> e.Message

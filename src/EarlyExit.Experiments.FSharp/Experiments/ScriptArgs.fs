@@ -22,6 +22,47 @@ let known = [ "scale"; "data"; "data-root"; "model"; "seed"; "seeds"; "jobs"; "t
 /// Options without a value.
 let flags = [ "deterministic"; "equal-steps"; "no-requeue" ]
 
+/// What every option does (`--help` of every script prints it); the test keeps it complete.
+let help =
+    [ "scale", "smoke (seconds), cpu (minutes here) or paper (default: paper on a GPU, cpu otherwise)"
+      "data", "cifar100, cifar10, fashion-mnist, image-folder or npy (default: CIFAR-100 when its files are present, else Fashion-MNIST)"
+      "data-root", "folder of the data sets (image-folder, npy: the folder of your data)"
+      "model", "resnet34 (default) or msdnet, or a plugin's family"
+      "seed", "one seed, K"
+      "seeds", "N seeds (0..N-1) or a list 0,1,2 (default 3, 2 at smoke scale); one run folder per seed, paired across rows"
+      "jobs", "runs at a time (default: one per core)"
+      "threads", "torch threads of each run (default 1 when several jobs run)"
+      "out", "results root (default results/EXPERIMENT); the tables go to OUT/MODEL-DATA-SCALE/"
+      "device", "auto, cpu or cuda"
+      "strategies", "table1: the rows, e.g. joint,disjoint,mixed (default: all seven)"
+      "lwf-teachers", "LwF rows once per teacher policy: per-exit (the paper's, default), previous-stage"
+      "numerics", "force the convolution kernels (default: the numerics check's choice)"
+      "stage-epochs", "epochs of every stage after the warm-up (a second protocol)"
+      "regularisers", "table2: ewc, lwf or both (default both)"
+      "parts", "regularisers: schedules, fisher, mas (default all)"
+      "backend", "local (the executor, default), slurm (a job array), plan (write the sweep only)"
+      "partition", "slurm: partition"
+      "time", "slurm: wall-clock limit of each task"
+      "mem", "slurm: memory of each task"
+      "cpus-per-task", "slurm: CPUs of each task (default: --threads)"
+      "gres", "slurm: generic resources (gpu:1)"
+      "max-concurrent", "slurm: tasks at a time"
+      "sbatch", "slurm: one more sbatch option"
+      "policy", "exit policy of the budget tables: softmax (the papers'), entropy, patience"
+      "plugin", "an assembly with models or regularisers of your own (IEarlyExitPlugin)"
+      "deterministic", "deterministic mode (same code, seed, threads and kernels give the same bits)"
+      "equal-steps", "every row gets the same total of optimiser steps"
+      "no-requeue", "slurm: do not requeue preempted tasks" ]
+
+/// The usage text of a script.
+let usage (experiment: string) =
+    let line (name: string) =
+        let value = if List.contains name flags then "" else " VALUE"
+        let text = help |> List.tryFind (fst >> (=) name) |> Option.map snd |> Option.defaultValue ""
+        $"  --{name}{value}".PadRight(26) + " " + text
+    String.concat "\n" ([ $"usage: dotnet fsi experiments/{experiment}.fsx [options]"; ""; "options:" ] @ [ for n in known @ flags -> line n ]
+                         @ [ $"  help (or -- --help)        this text (dotnet fsi takes --help for itself)" ])
+
 /// The Slurm options of a script's command line (`--partition`, `--time`, `--mem`, `--cpus-per-task` (default: the
 /// runs' threads), `--gres`, `--max-concurrent`, `--sbatch "--account=x"` (repeatable through commas? one option),
 /// `--no-requeue`).
@@ -197,6 +238,11 @@ let private runBody (options: Table1.Options) (body: Table1.Options -> string) =
 /// The whole body of an experiment script: parse the options, run, print the Markdown and the time; the exit code.
 let runScript (experiment: string) (scriptDir: string) (argv: string[]) (body: Table1.Options -> string) =
     let clock = Diagnostics.Stopwatch.StartNew()
+    // `dotnet fsi` answers --help and -h itself; a script sees them after "--", or the word help.
+    if argv |> Array.tail |> Array.exists (fun a -> a = "--help" || a = "-h" || a = "help") then
+        printfn "%s" (usage experiment)
+        0
+    else
     main (fun () ->
         let options = parse experiment (Path.Combine(scriptDir, "..")) (argv |> Array.tail |> List.ofArray)
         runBody options body
