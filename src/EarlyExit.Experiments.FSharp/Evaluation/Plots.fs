@@ -124,10 +124,47 @@ let landscape (path: string) (title: string) (provenance: string) (alphas: float
     hm.Colormap <- ScottPlot.Colormaps.Viridis()
     let bar = plt.Add.ColorBar(hm)
     bar.Label <- "log10 loss"
-    let coords = Array2D.init n m (fun a b -> ScottPlot.Coordinates3d(alphas[a], betas[b], log10 (max 1e-12 (loss[a][b]))))
-    let contours = plt.Add.ContourLines(coords, 10)
-    contours.LineColor <- ScottPlot.Colors.White.WithAlpha(0.7)
-    contours.LabelStyle.IsVisible <- false
+    // Contour lines of the log loss by marching squares (linear interpolation along each cell's edges) on the grid
+    // bilinearly refined four times: ScottPlot's ContourLines steps along the grid's vertices, which on an 11×11
+    // measurement comes out as staircases.
+    let z a b = log10 (max 1e-12 (loss[a][b]))
+    let fine = 4
+    let fn, fm = fine * (n - 1) + 1, fine * (m - 1) + 1
+    let at (u: float) (v: float) =
+        let a0, b0 = min (int u) (n - 2), min (int v) (m - 2)
+        let fu, fv = u - float a0, v - float b0
+        (1.0 - fu) * (1.0 - fv) * z a0 b0 + fu * (1.0 - fv) * z (a0 + 1) b0 + (1.0 - fu) * fv * z a0 (b0 + 1) + fu * fv * z (a0 + 1) (b0 + 1)
+    let grid = Array2D.init fn fm (fun i j -> at (float i / float fine) (float j / float fine))
+    let xOf i = alphas[0] + float i / float fine * da
+    let yOf j = betas[0] + float j / float fine * db
+    let lo, hi = Seq.min (Seq.cast<float> grid), Seq.max (Seq.cast<float> grid)
+    let levels = 10
+    for k in 1 .. levels do
+        let level = lo + float k * (hi - lo) / float (levels + 1)
+        for i in 0 .. fn - 2 do
+            for j in 0 .. fm - 2 do
+                // Corners counter-clockwise from (i, j); an edge is crossed where its ends lie on either side.
+                let corners = [| (i, j); (i + 1, j); (i + 1, j + 1); (i, j + 1) |]
+                let crossings =
+                    [ for c in 0 .. 3 do
+                        let (i0, j0), (i1, j1) = corners[c], corners[(c + 1) % 4]
+                        let v0, v1 = grid[i0, j0], grid[i1, j1]
+                        if (v0 < level) <> (v1 < level) then
+                            let t = (level - v0) / (v1 - v0)
+                            yield (xOf i0 + t * (xOf i1 - xOf i0), yOf j0 + t * (yOf j1 - yOf j0)) ]
+                // Two crossings: one segment; four (a saddle): the centre's side decides which pair of opposite corners the
+                // lines cut off.
+                let segments =
+                    match crossings with
+                    | [ p; q ] -> [ p, q ]
+                    | [ p0; p1; p2; p3 ] ->
+                        let centre = (grid[i, j] + grid[i + 1, j] + grid[i + 1, j + 1] + grid[i, j + 1]) / 4.0
+                        if (centre < level) = (grid[i, j] < level) then [ p0, p1; p2, p3 ] else [ p3, p0; p1, p2 ]
+                    | _ -> []
+                for (x0, y0), (x1, y1) in segments do
+                    let line = plt.Add.Line(x0, y0, x1, y1)
+                    line.LineColor <- ScottPlot.Colors.White.WithAlpha(0.7)
+                    line.LineWidth <- 1.0f
     let origin = plt.Add.Marker(0.0, 0.0)
     origin.Color <- ScottPlot.Colors.Red
     titled plt title provenance
