@@ -3,19 +3,19 @@
 // Never `#r "nuget: TorchSharp-cpu"` in a script: TorchSharp would copy ~500 MB of natives into the NuGet cache.
 //
 // Build first:  dotnet build -c Release
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/TorchSharp.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/EarlyExit.Core.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/SkiaSharp.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Argu.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Spectre.Console.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.Abstractions.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.Json.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.FileExtensions.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.FileProviders.Abstractions.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.FileProviders.Physical.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Primitives.dll"
-#r "../src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/TorchSharp.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/EarlyExit.Core.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/SkiaSharp.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Argu.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Spectre.Console.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.Abstractions.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.Json.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Configuration.FileExtensions.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.FileProviders.Abstractions.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.FileProviders.Physical.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/Microsoft.Extensions.Primitives.dll"
+#r "../src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/EarlyExit.Experiments.dll"
 
 // --numerics NAME (every script takes it) must reach the numerics guard before the first use of torch.
 match fsi.CommandLineArgs |> Array.tryFindIndex ((=) "--numerics") with

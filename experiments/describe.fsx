@@ -9,4 +9,4 @@ let model = match fsi.CommandLineArgs |> Array.tail with [| m |] -> m | _ -> "re
 TorchSharp.torch.manual_seed 0L |> ignore
 let net = ModelRegistry.Create(model, ModelOptions.Default)
 let cost = MacCounter.Count net
-EarlyExit.Experiments.Cli.Describe.render Spectre.Console.AnsiConsole.Console model net cost
+EarlyExit.Experiments.Reports.Describe.render Spectre.Console.AnsiConsole.Console model net cost

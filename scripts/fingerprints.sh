@@ -7,7 +7,7 @@
 #   bash scripts/fingerprints.sh [OUT_FILE]      (build first: dotnet build -c Release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-E=src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll
+E=src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll
 [ -f "$E" ] || { echo "build first: dotnet build -c Release" >&2; exit 1; }
 out=${1:-/dev/stdout}
 work=$(mktemp -d)

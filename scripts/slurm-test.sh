@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-E="$REPO/src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll"
+E="$REPO/src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll"
 [ -f "$E" ] || { echo "build first: dotnet build -c Release"; echo "slurm: 0 passed, 1 failed"; exit 1; }
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -65,7 +65,7 @@ fi
 if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
   smoke=$(mktemp -d)
   plugin=samples/CustomModel.CSharp/bin/Release/net10.0/linux-x64/CustomModel.CSharp.dll
-  ee() { dotnet src/EarlyExit.Experiments.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll --plugin "$plugin" "$@"; }
+  ee() { dotnet src/EarlyExit.Cli.FSharp/bin/Release/net10.0/linux-x64/earlyexit.dll --plugin "$plugin" "$@"; }
   { dotnet fsi samples/custom-model.fsx --out "$smoke" \
       && dotnet samples/CustomModel.CSharp/bin/Release/net10.0/linux-x64/CustomModel.CSharp.dll "$smoke/images" 1 5 \
       && ee models | grep tinycnn \
@@ -76,6 +76,14 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
     && [ -s "$smoke/cli/export/model.pt" ] && [ -s "$smoke/run/metrics.json" ]
   report "samples (own network and images: F# script, C# app, command line with a plugin)" $? "$smoke/log"
   rm -rf "$smoke"
+fi
+# The packages as a user gets them: packed into a local folder feed, both samples built outside the repository against
+# them and run, the earlyexit tool installed from the feed and run with the C# sample as its plugin (a few minutes).
+if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ] && [ -z "${EARLYEXIT_SKIP_PACKAGES:-}" ]; then
+  work=$(mktemp -d)
+  bash scripts/packages-test.sh "$work/pkg" > "$work/log" 2>&1
+  report "packages (dotnet pack; the samples against the packages; the tool from the feed)" $? "$work/log"
+  rm -rf "$work"
 fi
 # The benchmark harness, at smoke size (seconds): every figure is produced and written (22, and training throughput
 # under each convolution backend of this CPU, at least default and no-onednn; and, where Debian's python3-torch is

@@ -456,8 +456,8 @@ let main argv =
                     median ts |]
             let runs =
                 [ for _ in 1..repeats ->
-                    let early, full, exits = EarlyExit.Experiments.Cli.Eval.time net images b EarlyExit.Experiments.Evaluation.Budget.Softmax half.Threshold 3
-                    let byMacs = EarlyExit.Experiments.Cli.Eval.predictedSpeedUp exitMacs exits
+                    let early, full, exits = EarlyExit.Experiments.Evaluation.Eval.time net images b EarlyExit.Experiments.Evaluation.Budget.Softmax half.Threshold 3
+                    let byMacs = EarlyExit.Experiments.Evaluation.Eval.predictedSpeedUp exitMacs exits
                     let byLatency = latency[m - 1] / (exits |> Array.averageBy (fun e -> latency[e - 1]))
                     let measured = full / early
                     measured / byMacs, measured / byLatency, byMacs, byLatency, exits ]

@@ -8,6 +8,7 @@ using EarlyExit.Data;
 using EarlyExit.Extensions;
 using EarlyExit.Flops;
 using EarlyExit.Models;
+using EarlyExit.Native;
 using EarlyExit.Regularisers;
 using EarlyExit.Training;
 using TorchSharp;
@@ -47,8 +48,10 @@ namespace Samples
                 new TinyCnnPlugin().Register();
                 var data = DataCatalog.Load("image-folder", args[0], validationFraction: 0.1, seed: 0);
                 Console.WriteLine($"{data.Train.Count} training, {data.Validation.Count} validation, {data.Test.Count} test images of {string.Join("x", data.Train.Shape)}, {data.Train.NumClasses} classes");
+                // TorchSharp's first use: load it through EarlyExit first (the libstdc++ workaround and the numerics
+                // check). ModelRegistry.Create would do it too, but torch.manual_seed comes before it.
+                TorchNativeLoader.EnsureLoaded();
                 torch.manual_seed(0);
-                // ModelRegistry.Create loads TorchSharp first (the libstdc++ workaround and the numerics check).
                 using var net = ModelRegistry.Create("tinycnn", new ModelOptions { NumClasses = data.Train.NumClasses, InputShape = data.Train.Shape });
                 var device = torch.CPU;
                 var cost = MacCounter.Count(net);

@@ -42,13 +42,13 @@ let statistics =
 let seeds =
     testList "--seeds" [
         test "a count or a list" {
-            Expect.equal (EarlyExit.Experiments.Cli.Parse.seeds "3") (Ok [ 0; 1; 2 ]) "3 seeds"
-            Expect.equal (EarlyExit.Experiments.Cli.Parse.seeds "0,2,5") (Ok [ 0; 2; 5 ]) "a list"
-            Expect.equal (EarlyExit.Experiments.Cli.Parse.seeds "0,") (Ok [ 0 ]) "seed 0 alone, as the error for --seeds 0 suggests"
+            Expect.equal (EarlyExit.Experiments.Recipes.Parse.seeds "3") (Ok [ 0; 1; 2 ]) "3 seeds"
+            Expect.equal (EarlyExit.Experiments.Recipes.Parse.seeds "0,2,5") (Ok [ 0; 2; 5 ]) "a list"
+            Expect.equal (EarlyExit.Experiments.Recipes.Parse.seeds "0,") (Ok [ 0 ]) "seed 0 alone, as the error for --seeds 0 suggests"
         }
         test "empty, zero, negative, duplicated or not numbers: a clear error" {
             for bad, says in [ "", "give a list of seeds"; "0", "give at least one (for seed 0 alone: --seed 0, or --seeds 0,)"; "-2", "must not be negative"; "-1,2", "must not be negative"; "0,1,0", "seed 0 appears twice"; "x", "neither a number" ] do
-                match EarlyExit.Experiments.Cli.Parse.seeds bad with
+                match EarlyExit.Experiments.Recipes.Parse.seeds bad with
                 | Ok v -> failtestf "'%s' accepted as %A" bad v
                 | Error e -> Expect.stringContains e says $"'{bad}'"
         }

@@ -86,7 +86,7 @@ let describeJson =
         test "has parameters, macs and the exits in order with cumulative macs and parameters" {
             use net = resnet34 ModelOptions.Default
             let cost = MacCounter.Count net
-            use doc = JsonDocument.Parse(EarlyExit.Experiments.Cli.Describe.toJson "resnet34" net cost)
+            use doc = JsonDocument.Parse(EarlyExit.Experiments.Reports.Describe.toJson "resnet34" net cost)
             let root = doc.RootElement
             Expect.equal (root.GetProperty("parameters").GetInt64()) 21_328_292L "parameters"
             Expect.equal (root.GetProperty("macs").GetInt64()) 1_159_448_576L "macs"
@@ -314,8 +314,8 @@ let budgets =
         }
         test "the MACs-predicted speed-up of timed samples: last exit's cost over the mean cost of the exits they took" {
             // Exits cost 10, 20, 40 MACs; four samples left at exits 1, 3, 3, 1: mean 25 MACs, 40 / 25 = 1.6x.
-            Expect.equal (EarlyExit.Experiments.Cli.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 1; 3; 3; 1 |]) 1.6 "1.6x"
-            Expect.equal (EarlyExit.Experiments.Cli.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 3; 3 |]) 1.0 "nobody leaves early"
+            Expect.equal (EarlyExit.Experiments.Evaluation.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 1; 3; 3; 1 |]) 1.6 "1.6x"
+            Expect.equal (EarlyExit.Experiments.Evaluation.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 3; 3 |]) 1.0 "nobody leaves early"
         }
         test "entropy policy: leave where the softmax entropy is below t (H(.9,.1) = 0.325, H(.6,.4) = 0.673, H(.5,.5) = ln 2)" {
             let o = budgetFixture ()

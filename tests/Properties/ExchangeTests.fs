@@ -123,7 +123,7 @@ let exchange =
                 // eval reads the imported run.
                 let saved = Console.Out
                 Console.SetOut TextWriter.Null
-                let code = try EarlyExit.Experiments.Cli.Eval.run out true 0 EarlyExit.Experiments.Evaluation.Budget.Softmax finally Console.SetOut saved
+                let code = try EarlyExit.Experiments.Evaluation.Eval.run out true 0 EarlyExit.Experiments.Evaluation.Budget.Softmax finally Console.SetOut saved
                 Expect.equal code 0 "eval of the imported run"
         }
 

@@ -165,4 +165,23 @@ let mistakes =
         }
     ]
 
-let all = testList "runs, seeds and the executor" [ determinism; executor; mistakes ]
+/// Which earlyexit.dll the executor (and the Slurm backend) starts: the library no longer is the command line.
+let cliLookup =
+    testList "the command line the executor starts" [
+        testCase "earlyexit.dll beside the library; EARLYEXIT_CLI first; a clear error without either" <| fun () ->
+            let library = typeof<Executor.Options>.Assembly.Location
+            Expect.equal (Executor.resolveCli null library) (Path.Combine(Path.GetDirectoryName library, "earlyexit.dll")) "beside the library (the tests' folder has both)"
+            Expect.equal (Executor.cliAssembly ()) (Executor.resolveCli null library) "this process: the same (EARLYEXIT_CLI unset)"
+            use tmp = new TempDir()
+            let dir = tmp.Path
+            let failure f = try f () |> ignore; failwith "no error" with :? InvalidOperationException as e -> e.Message
+            let other = tmp.File "elsewhere.dll"
+            File.WriteAllText(other, "")
+            Expect.equal (Executor.resolveCli other library) other "the variable's file wins"
+            Expect.stringContains (failure (fun () -> Executor.resolveCli (tmp.File "nope.dll") library)) "EARLYEXIT_CLI" "a missing file names the variable"
+            let alone = failure (fun () -> Executor.resolveCli "" (tmp.File "EarlyExit.Experiments.dll"))
+            Expect.stringContains alone "reference the earlyexit package" "says what to do"
+            Expect.stringContains alone dir "says where it looked"
+    ]
+
+let all = testList "runs, seeds and the executor" [ determinism; executor; mistakes; cliLookup ]

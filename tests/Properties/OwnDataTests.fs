@@ -293,7 +293,7 @@ let endToEnd =
             let saved = Console.Out
             let sw = new StringWriter()
             Console.SetOut sw
-            let code = try EarlyExit.Experiments.Cli.Eval.run out true 16 EarlyExit.Experiments.Evaluation.Budget.Softmax finally Console.SetOut saved
+            let code = try EarlyExit.Experiments.Evaluation.Eval.run out true 16 EarlyExit.Experiments.Evaluation.Budget.Softmax finally Console.SetOut saved
             Expect.equal code 0 "eval succeeds"
             use doc = Text.Json.JsonDocument.Parse(sw.ToString())
             Expect.equal (doc.RootElement.GetProperty("exitAccuracy").GetArrayLength()) 4 "eval gives every exit"

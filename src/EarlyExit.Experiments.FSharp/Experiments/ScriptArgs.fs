@@ -120,7 +120,7 @@ let parse (experiment: string) (repoRoot: string) (argv: string list) : Table1.O
             | true, v when v >= 0 -> [ v ]
             | _ -> raise (ScriptArgError $"--seed: '{s}' is not a non-negative integer")
         | None, Some s ->
-            match EarlyExit.Experiments.Cli.Parse.seeds s with
+            match EarlyExit.Experiments.Recipes.Parse.seeds s with
             | Ok v -> v
             | Error e -> raise (ScriptArgError e)
         | None, None -> defaultSeeds scale

@@ -200,7 +200,7 @@ let fromConfiguration (root: IConfiguration) : Result<Recipe, string list> =
     let input =
         rd.Value(m, "model.", "input")
         |> Option.bind (fun v ->
-            match EarlyExit.Experiments.Cli.Parse.shape v with
+            match EarlyExit.Experiments.Recipes.Parse.shape v with
             | Ok s -> Some(List.ofArray s)
             | Error e -> rd.Fail("model.input", e); None)
     let optInt (sec: IConfiguration) path key = if sec.GetSection(key).Exists() then Some(rd.Int(sec, path, key, 0)) else None

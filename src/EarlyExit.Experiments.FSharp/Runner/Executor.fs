@@ -55,8 +55,30 @@ let validate (jobs: int) (threads: int) =
     elif threads < 1 then Error $"--threads {threads}: give each run at least one thread"
     else Ok()
 
-/// The earlyexit command line of this assembly (dotnet earlyexit.dll).
-let private cli () = typeof<Options>.Assembly.Location
+/// Environment variable naming the earlyexit command line (its earlyexit.dll) the executor and Slurm tasks run.
+[<Literal>]
+let CliVariable = "EARLYEXIT_CLI"
+
+/// The earlyexit command line the runs are started with, given EARLYEXIT_CLI's value (null when unset) and this
+/// library's path: the variable's file, else earlyexit.dll beside the library (the command line's own folder, the
+/// experiment scripts', the tool's); a library used without the command line gets an error that says what to do.
+let resolveCli (variable: string) (libraryPath: string) =
+    if not (String.IsNullOrWhiteSpace variable) then
+        if File.Exists variable then Path.GetFullPath variable
+        else invalidOp $"{CliVariable}={variable}: no such file (it names the earlyexit.dll that runs each job)"
+    else
+        let dir = Path.GetDirectoryName(Path.GetFullPath libraryPath)
+        let beside = Path.Combine(dir, "earlyexit.dll")
+        if File.Exists beside then beside
+        else
+            invalidOp (
+                $"the executor runs each job as `dotnet earlyexit.dll train ...`, and no earlyexit.dll is beside {Path.GetFileName libraryPath} " +
+                $"({dir}); reference the earlyexit package (the command line) too, or set {CliVariable} to its earlyexit.dll")
+
+/// The earlyexit command line of this process's runs (see resolveCli).
+let cliAssembly () = resolveCli (Environment.GetEnvironmentVariable CliVariable) typeof<Options>.Assembly.Location
+
+let private cli () = cliAssembly ()
 
 let private jobLabel (j: Job) = $"{j.Name} seed {j.Seed}"
 

@@ -128,7 +128,7 @@ let submit (s: Sweep.Sweep) (o: Options) (tasks: int list) =
     let n = submissions s.Root |> List.length
     let path = Path.Combine(folder s.Root, $"array-{n}.sbatch")
     let dotnet = Environment.ProcessPath
-    let cli = typeof<Options>.Assembly.Location
+    let cli = Executor.cliAssembly ()
     File.WriteAllText(path, script s o tasks dotnet cli)
     let code, out, err = client "sbatch" [ "--parsable"; path ] 120
     if code <> 0 then

@@ -1,5 +1,5 @@
 /// Parsing of the small value syntaxes the command line and recipes share.
-module EarlyExit.Experiments.Cli.Parse
+module EarlyExit.Experiments.Recipes.Parse
 
 open System
 

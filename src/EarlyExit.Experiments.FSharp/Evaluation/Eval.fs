@@ -1,6 +1,6 @@
 /// `earlyexit eval RUN_DIR`: per-exit accuracy, the budget table, the accuracy-MACs curve and exit ratios from the
 /// cached test logits, plus the wall-clock time of real early-exit inference next to what the MACs predict.
-module EarlyExit.Experiments.Cli.Eval
+module EarlyExit.Experiments.Evaluation.Eval
 
 open System
 open System.Diagnostics

@@ -1,5 +1,5 @@
 /// `earlyexit describe` and `earlyexit models`: the model zoo and exact costs per exit.
-module EarlyExit.Experiments.Cli.Describe
+module EarlyExit.Experiments.Reports.Describe
 
 open System
 open System.Text.Json

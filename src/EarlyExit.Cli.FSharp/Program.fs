@@ -8,6 +8,9 @@ open EarlyExit.Models
 open EarlyExit.Flops
 open EarlyExit.Data
 open EarlyExit.Experiments.Cli
+open EarlyExit.Experiments.Recipes
+open EarlyExit.Experiments.Reports
+open EarlyExit.Experiments.Evaluation
 open EarlyExit.Experiments.Cli.Arguments
 
 /// A user error: printed as one line, exit code 2.
