@@ -41,7 +41,8 @@ let run (o: Table1.Options) =
     let names = runs |> List.map snd |> set
     let rows = Table1.runAll o dir [ for (s, name) in runs -> name, Table1.recipeOf o s data ] |> List.filter (fun r -> names.Contains r.Strategy)
     let byName = rows |> List.map (fun r -> r.Strategy, r) |> Map.ofList
-    let header = [ "run"; "reg."; "strength"; "W.U."; "n"; "25%"; "50%"; "75%"; "100%"; "accuracy per exit (means)" ]
+    let header = [ "run"; "reg."; "strength"; "W.U."; "n"; "25%"; "50%"; "75%"; "100%"; "accuracy per exit (means)"; "epochs"; "steps"; "training TMACs"; "train time (s)" ]
+    let num (format: string) (v: float) = if Double.IsNaN v then "–" else v.ToString(format, Globalization.CultureInfo.InvariantCulture)
     let body =
         [ for (strategy, name) in runs do
             match byName.TryFind name with
@@ -52,15 +53,18 @@ let run (o: Table1.Options) =
                     | Sequential ps -> Table1.regulariserLabel ps, Table1.strengthLabel ps, "✓"
                     | SequentialNoWarmup ps -> Table1.regulariserLabel ps, Table1.strengthLabel ps, "✗"
                     | other -> strategyName other, "", ""
+                let c = Table1.costOf r
                 yield
                     [ r.Strategy; reg; strength; warm; string r.Runs.Length
                       yield! [ for b in 0..3 -> Statistics.format 100.0 (Table1.budgetSummary r b) ]
-                      [ for e in 0 .. r.Runs.Head.ExitAccuracy.Length - 1 -> Markdown.f2 (100.0 * (Table1.exitSummary r e).Mean) ] |> String.concat " / " ] ]
+                      [ for e in 0 .. r.Runs.Head.ExitAccuracy.Length - 1 -> Markdown.f2 (100.0 * (Table1.exitSummary r e).Mean) ] |> String.concat " / "
+                      num "F0" c.Epochs; num "F0" c.Steps; num "F2" (c.TrainingMacs / 1e12); num "F0" c.Seconds ] ]
     let provenance = Table1.provenanceText o dataNote data rows "table2.fsx"
     let md =
         "# Table 2: ablation over the regulariser, its strength and the warm-up\n\n" +
         "Top-1 accuracy (%) within 25/50/75/100% of the backbone's MACs, mean ± half-width of the 95% confidence interval over " +
-        "seeds (W.U.: warm-up of the backbone with its final exit). The paired comparisons the paper draws from this grid are " +
+        "seeds (W.U.: warm-up of the backbone with its final exit); cost: means over seeds of epochs, optimiser steps, training MACs " +
+        "and the runs' own wall time (a stage reused from the prefix cache costs its MACs but no time). The paired comparisons the paper draws from this grid are " +
         $"in ../../claims-{data}-{Scales.name o.Scale}.md.\n\n" +
         Markdown.table header body + "\n## Accuracy per exit (%)\n\n" + Table1.exitTable rows + "\n" + provenance + "\n"
     let suffix = Table1.policySuffix o
