@@ -180,7 +180,7 @@ let cliLookup =
             Expect.equal (Executor.resolveCli other library) other "the variable's file wins"
             Expect.stringContains (failure (fun () -> Executor.resolveCli (tmp.File "nope.dll") library)) "EARLYEXIT_CLI" "a missing file names the variable"
             let alone = failure (fun () -> Executor.resolveCli "" (tmp.File "EarlyExit.Experiments.dll"))
-            Expect.stringContains alone "reference the earlyexit package" "says what to do"
+            Expect.stringContains alone "set EARLYEXIT_CLI to an earlyexit.dll" "says what to do"
             Expect.stringContains alone dir "says where it looked"
     ]
 

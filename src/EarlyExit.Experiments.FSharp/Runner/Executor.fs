@@ -73,7 +73,7 @@ let resolveCli (variable: string) (libraryPath: string) =
         else
             invalidOp (
                 $"the executor runs each job as `dotnet earlyexit.dll train ...`, and no earlyexit.dll is beside {Path.GetFileName libraryPath} " +
-                $"({dir}); reference the earlyexit package (the command line) too, or set {CliVariable} to its earlyexit.dll")
+                $"({dir}); set {CliVariable} to an earlyexit.dll: the installed tool's (under ~/.dotnet/tools/.store/earlyexit/) or a build of src/EarlyExit.Cli.FSharp")
 
 /// The earlyexit command line of this process's runs (see resolveCli).
 let cliAssembly () = resolveCli (Environment.GetEnvironmentVariable CliVariable) typeof<Options>.Assembly.Location
