@@ -70,8 +70,13 @@ class SdnHead(nn.Module):
         self.alpha = nn.Parameter(torch.rand(1))
         self.pool = pool
         self.linear = nn.Linear(channels * pool * pool, classes)
+        # Pool in channels-last layout, as EarlyExit's head does (the same values, faster on CPU): the benchmark's peer
+        # turns it on for its timings; functorch's vmap refuses that layout.
+        self.channels_last = False
 
     def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         pooled = self.alpha * F.adaptive_max_pool2d(x, self.pool) + (1 - self.alpha) * F.adaptive_avg_pool2d(x, self.pool)
         return self.linear(pooled.flatten(1))
 

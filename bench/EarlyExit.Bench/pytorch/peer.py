@@ -12,81 +12,27 @@ reads one JSON line from standard output.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
-
-
-class SdnHead(nn.Module):
-    """alpha * adaptive max pool + (1 - alpha) * adaptive avg pool to 4x4, flatten, linear (alpha as is, no sigmoid)."""
-
-    def __init__(self, channels, classes, pool=4):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.rand(1))
-        self.pool = pool
-        self.linear = nn.Linear(channels * pool * pool, classes)
-        # Pooled in channels-last layout as EarlyExit's head does (faster on CPU); functorch's vmap refuses that layout,
-        # so the Fisher turns it off (the same values).
-        self.channels_last = True
-
-    def forward(self, x):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        pooled = self.alpha * F.adaptive_max_pool2d(x, self.pool) + (1 - self.alpha) * F.adaptive_avg_pool2d(x, self.pool)
-        return self.linear(pooled.flatten(1))
-
-
-class MultiExitResNet(nn.Module):
-    def __init__(self, blocks=(2, 2, 2, 2), width=8, exits=(1, 2, 4, 6, 8), classes=10, channels=1):
-        super().__init__()
-        widths = [width << i for i in range(len(blocks))]
-        plan = [(s, b) for s in range(len(blocks)) for b in range(blocks[s])]
-        self.segments, self.heads = nn.ModuleList(), nn.ModuleList()
-        c, start = widths[0], 0
-        for e, end in enumerate(exits):
-            layers = []
-            if e == 0:
-                layers += [nn.Conv2d(channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
-            for blk in range(start, end):
-                s, b = plan[blk]
-                stride = 2 if s > 0 and b == 0 else 1
-                layers.append(BasicBlock(c, widths[s], stride))
-                c = widths[s]
-            start = end
-            self.segments.append(nn.Sequential(*layers))
-            last = e == len(exits) - 1
-            self.heads.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes)) if last else SdnHead(c, classes))
-
-    def forward(self, x):
-        out = []
-        for seg, head in zip(self.segments, self.heads):
-            x = seg(x)
-            out.append(head(x))
-        return out
+# The network is the tests' PyTorch twin of EarlyExit's ResNet (tests/Interop/multiexit_resnet.py, copied beside this
+# script by the bench's build): the one whose logits the weight-exchange tests check against ours.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from multiexit_resnet import MultiExitResNet, SdnHead  # noqa: E402
 
 
 def model():
     torch.manual_seed(0)
-    return MultiExitResNet()
+    net = MultiExitResNet(blocks=(2, 2, 2, 2), width=8, exits=(1, 2, 4, 6, 8), classes=10, channels=1)
+    for h in net.heads:
+        if isinstance(h, SdnHead):
+            h.channels_last = True
+    return net
 
 
 def versions():
