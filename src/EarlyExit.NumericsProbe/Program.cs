@@ -32,10 +32,18 @@ namespace EarlyExit.NumericsProbe
             try { backend = NumericsBackend.Parse(name); }
             catch (ArgumentException e) { Console.Error.WriteLine("error: " + e.Message); return 2; }
 
+            // The thread count and the backend asked for are this process's own: model code calls
+            // TorchNativeLoader.EnsureLoaded, which would otherwise apply the automatic thread count and the cached
+            // verdict over them (it did: --threads 1 ran on 2 threads, and "default" on the cached backend's kernels).
+            if (Arg("--threads") is { } threadSpec)
+            {
+                try { TorchThreads.Parse(threadSpec); }
+                catch (ArgumentException e) { Console.Error.WriteLine("error: " + e.Message); return 2; }
+                TorchThreads.Requested = threadSpec;
+            }
             TorchNativeLoader.LoadNatives();
-            backend.Apply();  // before any convolution runs
-            if (Arg("--threads") is "auto") set_num_threads(TorchThreads.Auto(out _));
-            else if (int.TryParse(Arg("--threads"), out var threads) && threads > 0) set_num_threads(threads);
+            NumericsGuard.Adopt(backend, "asked for by the probe's caller");  // before any convolution runs
+            TorchNativeLoader.EnsureLoaded();  // threads; the guard keeps the adopted backend
 
             if (mode == "check")
             {

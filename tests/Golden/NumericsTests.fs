@@ -189,6 +189,23 @@ let guard =
             Expect.isFalse (out2.Contains "primitive,exec,cpu,convolution") "no oneDNN convolution"
             Expect.stringContains out2 "\"Backend\":\"no-onednn\"" "the check ran"
         }
+        test "the probe's throughput runs the backend and the threads it is asked for, not the cached verdict or the automatic count" {
+            // Model code calls TorchNativeLoader.EnsureLoaded, which applied the automatic thread count and the cached
+            // verdict over the probe's own (--threads 1 ran on 2 threads; "default" ran the cached backend's kernels).
+            let verbose = dict [ "ONEDNN_VERBOSE", "1" ] |> Collections.Generic.Dictionary
+            for threads in [ 1; 2 ] do
+                let struct (code, out, err) = NumericsGuard.RunProbe([ "throughput"; "--backend"; "onednn-sse41"; "--threads"; string threads; "--steps"; "1" ], verbose)
+                Expect.equal code 0 err
+                let json = out.Split('\n') |> Array.findBack (fun l -> l.StartsWith "{")
+                Expect.stringContains json $"\"threads\":{threads}," "the threads asked for"
+                Expect.stringContains json "\"backend\":\"onednn-sse41\"" "the backend asked for"
+                let convs = out.Split('\n') |> Array.filter (fun l -> l.Contains "primitive,exec,cpu,convolution")
+                Expect.isNonEmpty convs "oneDNN ran the convolutions"
+                Expect.isTrue (convs |> Array.forall (fun l -> not (l.Contains "avx"))) "with SSE4.1 kernels only"
+            let struct (code, _, err) = NumericsGuard.RunProbe([ "throughput"; "--backend"; "default"; "--threads"; "0" ])
+            Expect.equal code 2 "a bad thread count is a usage error"
+            Expect.stringContains err "give a positive number of threads" "says what to give"
+        }
     ]
 
 let allocator =

@@ -141,6 +141,28 @@ namespace EarlyExit.Native
         }
 
         /// <summary>
+        /// Makes <paramref name="backend"/> this process's verdict without checking it: for the guard's own probe
+        /// process, which runs a backend it was told to measure (a later <see cref="Ensure"/>, from model code, must not
+        /// apply the cached verdict over it). Throws if another backend was already decided.
+        /// </summary>
+        public static NumericsVerdict Adopt(NumericsBackend backend, string decision)
+        {
+            lock (Gate)
+            {
+                if (_current is not null)
+                {
+                    if (_current.Backend != backend.Name)
+                        throw new InvalidOperationException($"numerics backend {_current.Backend} already in use; cannot adopt {backend.Name}");
+                    return _current;
+                }
+                backend.Apply();
+                _current = new NumericsVerdict(backend.Name, decision, CpuInfo.Read(), LibTorchControls.Info(), torch.get_num_threads(),
+                    Array.Empty<BackendVerdict>(), Today());
+                return _current;
+            }
+        }
+
+        /// <summary>
         /// Checks the backends again, each in a fresh process, ignoring the cache, and writes the new verdict
         /// (<c>earlyexit doctor --recheck</c>). With <paramref name="all"/> every backend of the ladder is checked, not
         /// only up to the first that passes. This process keeps the backend it already uses.
