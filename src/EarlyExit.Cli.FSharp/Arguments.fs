@@ -316,7 +316,7 @@ type CliArgs =
         member a.Usage =
             match a with
             | Version -> "print the version (with the git commit the build comes from) and stop"
-            | Numerics _ -> "force the convolution kernels: auto (default: the first that passes the numerics check), default, onednn-avx512_core, onednn-avx2, onednn-avx, onednn-sse41 or no-onednn (also EARLYEXIT_NUMERICS)"
+            | Numerics _ -> "force the convolution kernels: auto (default: the first that passes the numerics check), default, default-nchw (default kernels, NCHW inputs), onednn-avx512_core, onednn-avx2, onednn-avx, onednn-sse41 or no-onednn (also EARLYEXIT_NUMERICS)"
             | Plugin _ -> "load models or regularisers of your own from this assembly (a class implementing EarlyExit.Extensions.IEarlyExitPlugin; also $EARLYEXIT_PLUGINS, paths separated by ':'); passed on to the runs it starts"
             | Threads _ -> "torch threads of this process: a number, or auto (default: the cores minus the processes already running; also EARLYEXIT_THREADS)"
             | Models _ -> "list the model families (the built-in ones and those of loaded plugins)"

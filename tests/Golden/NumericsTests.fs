@@ -32,15 +32,15 @@ let ladder =
             Expect.equal c.Summary "AVX2, no AVX-512, no AMX" "summary"
             Expect.equal (CpuInfo.Parse zen5).Summary "AVX-512 (VNNI, BF16), no AMX" "AVX-512 with extensions"
         }
-        test "an AVX2 EPYC (family 25): default, then AVX and SSE4.1 (AVX2 is the default), then oneDNN off" {
-            Expect.equal (names (NumericsBackend.Ladder(CpuInfo.Parse zen3))) [ "default"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
+        test "an AVX2 EPYC (family 25): default, default on NCHW inputs, then AVX and SSE4.1 (AVX2 is the default), then oneDNN off" {
+            Expect.equal (names (NumericsBackend.Ladder(CpuInfo.Parse zen3))) [ "default"; "default-nchw"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
         }
         test "an AVX-512 EPYC with VNNI and BF16 (family 26): every plain ISA below its default" {
             Expect.equal (names (NumericsBackend.Ladder(CpuInfo.Parse zen5)))
-                [ "default"; "onednn-avx512_core"; "onednn-avx2"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
+                [ "default"; "default-nchw"; "onednn-avx512_core"; "onednn-avx2"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
         }
         test "a plain AVX-512 Xeon: AVX-512 core is its default and is not tried twice" {
-            Expect.equal (names (NumericsBackend.Ladder(CpuInfo.Parse skylake))) [ "default"; "onednn-avx2"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
+            Expect.equal (names (NumericsBackend.Ladder(CpuInfo.Parse skylake))) [ "default"; "default-nchw"; "onednn-avx2"; "onednn-avx"; "onednn-sse41"; "no-onednn" ] "ladder"
         }
         test "an unknown backend name is refused with the list of known ones" {
             let msg = try NumericsBackend.Parse "avx9" |> ignore; "" with :? ArgumentException as e -> e.Message
@@ -96,6 +96,66 @@ let check =
             Expect.exists cs (fun c -> c.Batch = 1) "batch 1"
             Expect.exists cs (fun c -> c.In <= 2) "tiny"
             Expect.exists cs (fun c -> c.In >= 32) "real"
+        }
+        test "the kernels the guard chose: a training step's gradients of a ResNet and an MSDNet agree with float64, on NCHW and channels-last inputs" {
+            // The end-to-end oracle behind the check (broken kernels gave a smoke ResNet's gradients 51% off and an
+            // MSDNet's NaN): float64 runs ATen's own convolutions, never oneDNN.
+            let gradients (net: EarlyExit.Models.MultiExitNetwork) (x: torch.Tensor) (y: torch.Tensor) =
+                net.train() |> ignore
+                net.zero_grad()
+                let loss = net.forward(x) |> Array.map (fun l -> torch.nn.functional.cross_entropy(l, y)) |> Array.reduce (+)
+                loss.backward()
+                net.parameters() |> Seq.map (fun p -> p.grad.to_type(torch.float64).flatten()) |> Array.ofSeq
+            for name, options, shape in
+                [ "resnet34", EarlyExit.Models.ModelOptions(NumClasses = 5, InputShape = [| 3L; 8L; 8L |], BaseWidth = 4, Blocks = [| 1; 1; 1 |], ExitPositions = [| 1; 2; 3 |]), [| 3L; 3L; 8L; 8L |]
+                  "msdnet", EarlyExit.Models.ModelOptions(NumClasses = 5, InputShape = [| 3L; 20L; 20L |], BaseWidth = 4, Blocks = [| 3 |]), [| 6L; 3L; 20L; 20L |] ] do
+                use scope = torch.NewDisposeScope()
+                torch.manual_seed 11L |> ignore
+                use net32 = EarlyExit.Models.ModelRegistry.Create(name, options)
+                use net64 = EarlyExit.Models.ModelRegistry.Create(name, options)
+                net64.load_state_dict(net32.state_dict()) |> ignore
+                net64.``to``(torch.float64) |> ignore
+                let x = torch.randn(shape, dtype = torch.float64)
+                let y = torch.randint(5L, [| shape[0] |])
+                let reference = gradients net64 x y
+                for layout, input in [ "NCHW", x.to_type(torch.float32); "channels-last", x.to_type(torch.float32).permute(0L, 2L, 3L, 1L).contiguous().permute(0L, 3L, 1L, 2L) ] do
+                    let g = gradients net32 input y
+                    let err = ConvolutionCheck.RelativeError(torch.cat(g, 0L), torch.cat(reference, 0L))
+                    Expect.isLessThanOrEqual err 1e-4 $"{name}, {layout} input, kernels {NumericsGuard.Current.Backend}: the whole gradient within float32 rounding of float64"
+        }
+        test "default-nchw is checked on every case with its input NCHW, output gradients in both layouts" {
+            let cs = ConvolutionCheck.CasesFor NumericsBackend.DefaultNchw
+            Expect.isTrue (cs |> Seq.forall (fun c -> not c.InputChannelsLast)) "NCHW inputs only"
+            Expect.containsAll (cs |> Seq.map (fun c -> c.GradChannelsLast) |> set) [ false; true ] "both gradient layouts"
+            Expect.equal (cs |> Seq.map (fun c -> c.In, c.Out, c.Kernel, c.Stride, c.Side, c.Batch) |> set)
+                (ConvolutionCheck.Cases |> Seq.map (fun c -> c.In, c.Out, c.Kernel, c.Stride, c.Side, c.Batch) |> set) "every shape"
+            Expect.sequenceEqual (ConvolutionCheck.CasesFor NumericsBackend.Default) ConvolutionCheck.Cases "the others: every case"
+        }
+        test "default-nchw's layout hook: a network's convolutions see a channels-last input as NCHW, with the same values" {
+            use scope = torch.NewDisposeScope()
+            torch.manual_seed 3L |> ignore
+            let options = EarlyExit.Models.ModelOptions(NumClasses = 10, InputShape = [| 3L; 12L; 12L |], BaseWidth = 4, Blocks = [| 1; 1 |], ExitPositions = [| 1; 2 |])
+            use net = EarlyExit.Models.ModelRegistry.Create("resnet34", options)
+            net.eval() |> ignore
+            let convs = net.modules() |> Seq.choose (function :? TorchSharp.Modules.Conv2d as c -> Some c | _ -> None) |> List.ofSeq
+            let seen = Collections.Generic.List<bool>()
+            let removers = [ for c in convs -> c.register_forward_hook(fun _ input _ -> seen.Add(input.is_contiguous()); null) ]
+            let x = torch.randn(2L, 3L, 12L, 12L)
+            let cl = x.permute(0L, 2L, 3L, 1L).contiguous().permute(0L, 3L, 1L, 2L)
+            Expect.isFalse (cl.is_contiguous()) "the input is channels-last"
+            use _ = torch.no_grad()
+            let before = net.forward(x)
+            let hookedBefore = ConvolutionLayout.HookedCount
+            ConvolutionLayout.Attach(net, always = true)
+            ConvolutionLayout.Attach(net, always = true)
+            Expect.equal (ConvolutionLayout.HookedCount - hookedBefore) (if ConvolutionLayout.NchwInputs then 0 else convs.Length) "each convolution hooked once"
+            seen.Clear()
+            let after = net.forward(cl)
+            Expect.equal seen.Count convs.Length "every convolution ran"
+            Expect.isTrue (seen |> Seq.forall id) "each saw a contiguous (NCHW) input"
+            for a, b in Array.zip before after do
+                Expect.isLessThanOrEqual (ConvolutionCheck.RelativeError(b, a)) 1e-5 "the same logits as on the NCHW input"
+            for r in removers do r.remove()
         }
     ]
 

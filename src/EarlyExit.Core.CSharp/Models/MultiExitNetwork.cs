@@ -19,6 +19,14 @@ namespace EarlyExit.Models
     {
         protected MultiExitNetwork(string name) : base(name) { }
 
+        /// <summary>Registers the submodules, then, where the numerics backend in use needs it, makes every convolution
+        /// of the network take NCHW inputs (<see cref="Native.ConvolutionLayout"/>).</summary>
+        protected override void RegisterComponents()
+        {
+            base.RegisterComponents();
+            Native.ConvolutionLayout.Attach(this);
+        }
+
         /// <summary>Number of exits M (equal to the number of segments).</summary>
         public abstract int ExitCount { get; }
         /// <summary>Classes predicted by every exit.</summary>

@@ -66,7 +66,7 @@ namespace EarlyExit.Native
         public const double Tolerance = 1e-4;
 
         /// <summary>Version of the cases and the tolerance: part of the guard's cache key.</summary>
-        public const int Version = 1;
+        public const int Version = 2;
 
         public static readonly IReadOnlyList<ConvCase> Cases = new[]
         {
@@ -84,6 +84,11 @@ namespace EarlyExit.Native
             new ConvCase(1, 32, 64, 3, 2, 8, true, true, true),
         };
 
+        /// <summary>The cases a backend must pass: every case, or for a backend that feeds convolutions NCHW inputs
+        /// (<see cref="ConvolutionLayout"/>) every case with its input NCHW (output gradients keep their layout), each once.</summary>
+        public static IReadOnlyList<ConvCase> CasesFor(NumericsBackend backend) =>
+            backend.NchwInputs ? Cases.Select(c => c with { InputChannelsLast = false }).Distinct().ToList() : Cases;
+
         /// <summary>Runs every case under whatever backend this process uses. <paramref name="simulateFault"/> scales
         /// one float32 weight gradient by 1.3, as a broken kernel would, so that tests can exercise what follows a
         /// fault on a machine whose kernels are correct.</summary>
@@ -92,8 +97,9 @@ namespace EarlyExit.Native
             var clock = Stopwatch.StartNew();
             var results = new List<ConvCaseResult>();
             using var generator = new Generator(20261125);
-            for (int i = 0; i < Cases.Count; i++)
-                results.Add(RunCase(Cases[i], generator, simulateFault && i == 0));
+            var cases = CasesFor(NumericsBackend.Parse(backend));
+            for (int i = 0; i < cases.Count; i++)
+                results.Add(RunCase(cases[i], generator, simulateFault && i == 0));
             return new ConvCheckResult(backend, simulateFault, results, clock.Elapsed.TotalSeconds);
         }
 

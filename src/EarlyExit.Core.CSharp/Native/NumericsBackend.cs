@@ -7,20 +7,23 @@ namespace EarlyExit.Native
     /// <summary>
     /// Which kernels compute convolutions on the CPU: libtorch's oneDNN as shipped (<c>default</c>), oneDNN capped at
     /// a lower instruction set (<c>onednn-avx2</c>, ...: oneDNN's <c>ONEDNN_MAX_CPU_ISA</c>, read once, when oneDNN first
-    /// runs), or ATen's own convolutions with oneDNN switched off (<c>no-onednn</c>).
+    /// runs), ATen's own convolutions with oneDNN switched off (<c>no-onednn</c>), or the default kernels with every
+    /// convolution of a network fed NCHW inputs (<c>default-nchw</c>: <see cref="ConvolutionLayout"/>).
     /// </summary>
-    public sealed record NumericsBackend(string Name, string? MaxIsa, bool OneDnn)
+    public sealed record NumericsBackend(string Name, string? MaxIsa, bool OneDnn, bool NchwInputs = false)
     {
         public static readonly NumericsBackend Default = new("default", null, true);
+        public static readonly NumericsBackend DefaultNchw = new("default-nchw", null, true, NchwInputs: true);
         public static readonly NumericsBackend Avx512Core = new("onednn-avx512_core", "AVX512_CORE", true);
         public static readonly NumericsBackend Avx2 = new("onednn-avx2", "AVX2", true);
         public static readonly NumericsBackend Avx = new("onednn-avx", "AVX", true);
         public static readonly NumericsBackend Sse41 = new("onednn-sse41", "SSE41", true);
         public static readonly NumericsBackend NoOneDnn = new("no-onednn", null, false);
 
-        /// <summary>Every backend, fastest first (measured here: cpu-scale ResNet training at 350, 275, 177 and 112
-        /// images/s for default (AVX2), AVX, SSE41 and no-onednn; MSDNet 185, 145, 82, 40).</summary>
-        public static readonly IReadOnlyList<NumericsBackend> All = new[] { Default, Avx512Core, Avx2, Avx, Sse41, NoOneDnn };
+        /// <summary>Every backend, fastest first (measured on an AVX2 EPYC: cpu-scale ResNet training at 350, 275, 177
+        /// and 112 images/s for default (AVX2), AVX, SSE41 and no-onednn; MSDNet 185, 145, 82, 40; default-nchw runs
+        /// the default's kernels).</summary>
+        public static readonly IReadOnlyList<NumericsBackend> All = new[] { Default, DefaultNchw, Avx512Core, Avx2, Avx, Sse41, NoOneDnn };
 
         public static IEnumerable<string> Names => All.Select(b => b.Name);
 
@@ -30,7 +33,8 @@ namespace EarlyExit.Native
             ?? throw new ArgumentException($"unknown numerics backend '{name}'; use auto, {string.Join(", ", Names)}");
 
         /// <summary>
-        /// The backends to try on this CPU, in the order the guard tries them: the default, then oneDNN capped at each
+        /// The backends to try on this CPU, in the order the guard tries them: the default, then the default kernels on
+        /// NCHW inputs only (a fault in channels-last kernels alone costs nothing then), then oneDNN capped at each
         /// lower instruction set the CPU has (an ISA the default already is, judged from the flags, is left out), then
         /// oneDNN off, which does not depend on the CPU's vector units.
         /// </summary>
@@ -44,7 +48,7 @@ namespace EarlyExit.Native
             // oneDNN's default is the highest ISA it knows; the extensions below take it above the plain names.
             bool aboveTop = new[] { "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "avx_vnni" }.Any(cpu.Has);
             if (supported.Count > 0 && !aboveTop) supported.RemoveAt(0);
-            return new[] { Default }.Concat(supported).Append(NoOneDnn).ToArray();
+            return new[] { Default, DefaultNchw }.Concat(supported).Append(NoOneDnn).ToArray();
         }
 
         /// <summary>
@@ -59,6 +63,7 @@ namespace EarlyExit.Native
                 LibTorchControls.OneDnnEnabled = false;
                 if (LibTorchControls.OneDnnEnabled) throw new InvalidOperationException("ATen's oneDNN switch did not turn off");
             }
+            if (NchwInputs) ConvolutionLayout.NchwInputs = true;
         }
 
         public override string ToString() => Name;
