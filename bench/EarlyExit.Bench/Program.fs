@@ -464,6 +464,37 @@ let main argv =
             let r = median (runs |> List.map (fun (a, _, _, _, _) -> a))
             let rl = median (runs |> List.map (fun (_, l, _, _, _) -> l))
             let (_, _, byMacs, byLatency, exits) = runs.Head
+            // The batches shrink as samples leave: segment μ of a batch runs on the samples still in it, and a smaller
+            // batch costs more per sample. Predicted from segment μ + head μ timed at each batch size that occurs.
+            let segmentLatency =
+                let cache = Collections.Generic.Dictionary<int, float[]>()
+                fun (size: int) ->
+                    match cache.TryGetValue size with
+                    | true, v -> v
+                    | _ ->
+                        use _ = torch.no_grad()
+                        use outer = torch.NewDisposeScope()
+                        let mutable state = [| images.narrow(0L, 0L, int64 size) |]
+                        let v =
+                            [| for mu in 1..m ->
+                                let input = state
+                                let once () =
+                                    use scope = torch.NewDisposeScope()
+                                    net.Head(mu).call(net.Segment(mu).call(input)) |> ignore
+                                    sync device
+                                for _ in 1..2 do once ()
+                                let t = median [ for _ in 1..(if size <= 4 then 21 else 7) -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
+                                state <- net.Segment(mu).call(input)
+                                t |]
+                        cache[size] <- v
+                        v
+            let chunks = [ for i in 0 .. b .. samples - 1 -> exits[i .. min (i + b) samples - 1] ]
+            let modelled (alive: int[] -> int -> int) =
+                chunks |> List.sumBy (fun chunk -> Seq.sum (seq { for mu in 1..m do let k = alive chunk mu in if k > 0 then yield (segmentLatency k)[mu - 1] }))
+            let byShrinking =
+                modelled (fun chunk _ -> chunk.Length) / modelled (fun chunk mu -> chunk |> Array.filter (fun e -> e >= mu) |> Array.length)
+            let measuredSpeedUps = runs |> List.map (fun (a, _, bm, _, _) -> a * bm)
+            let rShrink = median (measuredSpeedUps |> List.map (fun s -> s / byShrinking))
             let early = exits |> Array.filter (fun e -> e < m) |> Array.length
             let latencies = latency |> Array.map (fun t -> t.ToString "F2") |> String.concat " "
             let macsDetail = $"(threshold {half.Threshold:F2}: {100.0 * float early / float samples:F0}%% of {samples} leave early; predicted {byMacs:F2}x{threadNote ()})"
@@ -476,6 +507,8 @@ let main argv =
             else
                 info $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r macsDetail
                 add $"early-exit inference, batch {b}: measured speed-up / speed-up predicted by each exit's measured latency" rl ">= 0.95" (rl >= 0.95) latencyDetail
+                info $"early-exit inference, batch {b}: measured speed-up / speed-up predicted by each segment's latency at the batch sizes it ran at" rShrink
+                    $"(predicted {byShrinking:F2}x: the batches shrink as samples leave, and segment μ + head μ were timed at every size that occurs; measured {median measuredSpeedUps:F2}x; what is left is the cost of deciding and compacting)"
 
         torch.set_num_threads threads
 
@@ -556,6 +589,57 @@ let main argv =
                     let detail = $"(every exit, eval mode; ours {median (lat |> List.map (fun (_, a, _) -> a)):F3}, PyTorch {median (lat |> List.map (fun (_, _, c) -> c)):F3} ms per batch)"
                     if b = 1 then add $"batch-1 latency, ours / PyTorch ({label})" r "<= 1.0" (r <= 1.0) detail
                     else info $"batch-64 latency, ours / PyTorch ({label})" r detail
+                // What batch-1 inference spends its time on, both sides alike: the whole forward, each convolution alone
+                // at the input it gets in the network (summed: the kernels, libtorch 2.10's oneDNN against 1.13's), the
+                // rest (batch norm, ReLU, adds, pooling, linear and the per-op cost of the framework), and one trivial op.
+                if t = 1 then
+                    let iterations = if smoke then 20 elif quick then 100 else 300
+                    let medianUs (f: unit -> unit) =
+                        for _ in 1..20 do f ()
+                        median [ for _ in 1..iterations -> (let c = Stopwatch.StartNew() in f (); c.Elapsed.TotalMilliseconds * 1000.0) ]
+                    let profileOurs () =
+                        ours.eval() |> ignore
+                        use _ = torch.no_grad()
+                        use x = torch.randn([| 1L; 1L; 28L; 28L |], device = device)
+                        let convs = ours.modules() |> Seq.choose (function :? TorchSharp.Modules.Conv2d as c -> Some c | _ -> None) |> List.ofSeq
+                        let inputs = ResizeArray<TorchSharp.Modules.Conv2d * torch.Tensor>()
+                        let removers =
+                            [ for c in convs ->
+                                c.register_forward_hook(fun m input _ ->
+                                    inputs.Add((m :?> TorchSharp.Modules.Conv2d), input.clone().DetachFromDisposeScope())
+                                    null) ]
+                        (use scope = torch.NewDisposeScope()
+                         ours.forward x |> ignore)
+                        for r in removers do r.remove()
+                        let forward = medianUs (fun () -> use scope = torch.NewDisposeScope() in let out = ours.forward x in out[out.Length - 1].sum().item<float32>() |> ignore)
+                        let conv = inputs |> Seq.sumBy (fun (c, i) -> medianUs (fun () -> use scope = torch.NewDisposeScope() in c.call i |> ignore))
+                        use one = torch.randn([| 1L |], device = device)
+                        let op = medianUs (fun () -> use y = one.relu() in ())
+                        for _, i in inputs do i.Dispose()
+                        forward, conv, inputs.Count, op
+                    let profiles =
+                        [ for _ in 1..repeats ->
+                            let f, c, n, o = profileOurs ()
+                            let p = runPeer python script [ "profile"; "--threads"; string t; "--iterations"; string iterations ]
+                            let g (k: string) = p.GetProperty(k).GetDouble()
+                            (f, c, n, o), (g "forwardUs", g "convolutionsUs", p.GetProperty("convolutions").GetInt32(), g "opUs", p.GetProperty("onednn").GetString()) ]
+                    let mf = median (profiles |> List.map (fun ((f, _, _, _), _) -> f))
+                    let mc = median (profiles |> List.map (fun ((_, c, _, _), _) -> c))
+                    let mo = median (profiles |> List.map (fun ((_, _, _, o), _) -> o))
+                    let pf = median (profiles |> List.map (fun (_, (f, _, _, _, _)) -> f))
+                    let pc = median (profiles |> List.map (fun (_, (_, c, _, _, _)) -> c))
+                    let po = median (profiles |> List.map (fun (_, (_, _, _, o, _)) -> o))
+                    let (_, _, nOurs, _), (_, _, nTheirs, _, theirOneDnn) = profiles.Head
+                    let ratio f = median (profiles |> List.map f)
+                    let usMs (v: float) = (v / 1000.0).ToString "F3"
+                    info $"batch-1 profile ({label}): whole forward, ours / PyTorch" (ratio (fun ((f, _, _, _), (g, _, _, _, _)) -> f / g))
+                        $"(median per forward: ours {usMs mf}, PyTorch {usMs pf} ms; every exit, eval mode)"
+                    info $"batch-1 profile ({label}): convolutions alone, ours / PyTorch" (ratio (fun ((_, c, _, _), (_, d, _, _, _)) -> c / d))
+                        $"({nOurs} against {nTheirs} convolutions, each timed alone at its input in the network, summed: ours {usMs mc} ms with libtorch {numerics.libtorch} (oneDNN {numerics.onednn}, kernels {numerics.kernels}), PyTorch {usMs pc} ms with {version} ({theirOneDnn}); {100.0 * mc / mf:F0}%% and {100.0 * pc / pf:F0}%% of each forward)"
+                    info $"batch-1 profile ({label}): the rest of the forward, ours / PyTorch" (ratio (fun ((f, c, _, _), (g, d, _, _, _)) -> (f - c) / (g - d)))
+                        $"(the forward minus its convolutions: batch norm, ReLU, adds, pooling, linear and each framework's cost per op: ours {usMs (mf - mc)}, PyTorch {usMs (pf - pc)} ms)"
+                    info $"batch-1 profile ({label}): one trivial op (ReLU of one element), ours / PyTorch" (ratio (fun ((_, _, _, o), (_, _, _, p, _)) -> o / p))
+                        $"(ours {mo:F2} µs through TorchSharp, PyTorch {po:F2} µs through Python)"
                 // The per-sample empirical Fisher of the last exit over N samples: ours against functorch's vmap(grad).
                 let fisherRuns =
                     [ for _ in 1..(if smoke then 1 else 3) ->

@@ -9,6 +9,9 @@ reads one JSON line from standard output.
     python3 peer.py train   --threads T --batch B --steps S --warmup W
     python3 peer.py latency --threads T --batch B --iterations I --warmup W
     python3 peer.py fisher  --threads T --samples N --chunk C
+    python3 peer.py profile --threads T --iterations I
+        what batch-1 inference spends its time on: the whole forward, each convolution alone at its own input (summed),
+        and one trivial op (ReLU of one element: the framework's cost per op), each the median of I timings
 """
 import argparse
 import json
@@ -43,7 +46,12 @@ def versions():
     except Exception:
         pass
     mkldnn = torch.backends.mkldnn.is_available()
-    return {"torch": torch.__version__, "onednn_available": mkldnn, "blas": blas, "threads": torch.get_num_threads()}
+    onednn = "unknown"
+    for line in torch.__config__.show().splitlines():
+        if "MKL-DNN" in line or "oneDNN" in line:
+            onednn = line.split(")", 1)[-1].strip().split(" (")[0]
+    return {"torch": torch.__version__, "onednn_available": mkldnn, "onednn": onednn, "blas": blas,
+            "threads": torch.get_num_threads()}
 
 
 def train(a):
@@ -111,9 +119,43 @@ def fisher(a):
     return {"seconds": t, "samples": a.samples, "parameters": int(sum(f.numel() for f in fisher))}
 
 
+def median_us(f, iterations, warmup=20):
+    for _ in range(warmup):
+        f()
+    ts = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return 1e6 * ts[len(ts) // 2]
+
+
+def profile(a):
+    net = model().eval()
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    inputs = []
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [c.register_forward_hook(lambda m, i, o: inputs.append((m, i[0].clone()))) for c in convs]
+    with torch.no_grad():
+        net(x)
+        for h in hooks:
+            h.remove()
+
+        def forward():
+            out = net(x)
+            out[-1].sum().item()
+
+        total = median_us(forward, a.iterations)
+        conv = sum(median_us(lambda m=m, i=i: m(i), a.iterations) for m, i in inputs)
+        one = torch.randn(1)
+        op = median_us(lambda: F.relu(one), a.iterations)
+    return {"forwardUs": total, "convolutionsUs": conv, "convolutions": len(inputs), "opUs": op}
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["describe", "train", "latency", "fisher"])
+    p.add_argument("mode", choices=["describe", "train", "latency", "fisher", "profile"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
@@ -129,7 +171,7 @@ def main():
         result = {"parameters": sum(t.numel() for t in net.parameters()),
                   "backboneParameters": sum(t.numel() for n, t in net.named_parameters() if n.startswith("segments."))}
     else:
-        result = {"train": train, "latency": latency, "fisher": fisher}[a.mode](a)
+        result = {"train": train, "latency": latency, "fisher": fisher, "profile": profile}[a.mode](a)
     result.update(versions())
     print(json.dumps(result))
 
