@@ -11,7 +11,7 @@ namespace EarlyExit.Native
     /// (or corrupt the heap) only for convolutions whose input arrives channels-last (measured on an AVX2 EPYC,
     /// family 25 model 1: <c>brgconv_1x1:avx2</c>, a 1×1 stride-2 convolution of a channels-last input, crashes with
     /// "corrupted double-linked list"), while the NCHW kernels the model zoo runs (<c>jit:avx2</c> on blocked layouts)
-    /// pass the check and train 1.8–2× faster than oneDNN capped at AVX. Under that backend every
+    /// pass the check and train 1.5–2× faster than oneDNN capped at AVX there. Under that backend every
     /// <see cref="Conv2d"/> of a <see cref="Models.MultiExitNetwork"/> gets a forward pre-hook that makes a
     /// non-contiguous input contiguous (NCHW) before libtorch chooses its kernel; an NCHW input passes untouched.
     /// The guard checks this backend on the check's cases with NCHW inputs only (output gradients still arrive
