@@ -30,6 +30,10 @@ type Figure =
 
 let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
 
+/// Where one batch-1 forward spends its time (µs, medians): the whole forward, its convolutions each timed alone at
+/// their inputs in the network (summed, and how many), one trivial op; and the oneDNN build that ran them.
+type LatencyProfile = { Forward: float; Convolutions: float; Count: int; Op: float; OneDnn: string }
+
 /// Waits for queued GPU work so that a wall clock measures it (no-op on the CPU).
 let sync (device: torch.Device) =
     if device.``type`` = DeviceType.CUDA then torch.cuda.synchronize device
@@ -460,10 +464,10 @@ let main argv =
                     let byMacs = EarlyExit.Experiments.Evaluation.Eval.predictedSpeedUp exitMacs exits
                     let byLatency = latency[m - 1] / (exits |> Array.averageBy (fun e -> latency[e - 1]))
                     let measured = full / early
-                    measured / byMacs, measured / byLatency, byMacs, byLatency, exits ]
-            let r = median (runs |> List.map (fun (a, _, _, _, _) -> a))
-            let rl = median (runs |> List.map (fun (_, l, _, _, _) -> l))
-            let (_, _, byMacs, byLatency, exits) = runs.Head
+                    measured / byMacs, measured / byLatency, byMacs, byLatency, exits, measured ]
+            let r = median (runs |> List.map (fun (a, _, _, _, _, _) -> a))
+            let rl = median (runs |> List.map (fun (_, l, _, _, _, _) -> l))
+            let (_, _, byMacs, byLatency, exits, _) = runs.Head
             // The batches shrink as samples leave: segment μ of a batch runs on the samples still in it, and a smaller
             // batch costs more per sample. Predicted from segment μ + head μ timed at each batch size that occurs.
             let segmentLatency =
@@ -493,7 +497,7 @@ let main argv =
                 chunks |> List.sumBy (fun chunk -> Seq.sum (seq { for mu in 1..m do let k = alive chunk mu in if k > 0 then yield (segmentLatency k)[mu - 1] }))
             let byShrinking =
                 modelled (fun chunk _ -> chunk.Length) / modelled (fun chunk mu -> chunk |> Array.filter (fun e -> e >= mu) |> Array.length)
-            let measuredSpeedUps = runs |> List.map (fun (a, _, bm, _, _) -> a * bm)
+            let measuredSpeedUps = runs |> List.map (fun (_, _, _, _, _, measured) -> measured)
             let rShrink = median (measuredSpeedUps |> List.map (fun s -> s / byShrinking))
             let early = exits |> Array.filter (fun e -> e < m) |> Array.length
             let latencies = latency |> Array.map (fun t -> t.ToString "F2") |> String.concat " "
@@ -616,30 +620,26 @@ let main argv =
                         use one = torch.randn([| 1L |], device = device)
                         let op = medianUs (fun () -> use y = one.relu() in ())
                         for _, i in inputs do i.Dispose()
-                        forward, conv, inputs.Count, op
-                    let profiles =
-                        [ for _ in 1..repeats ->
-                            let f, c, n, o = profileOurs ()
-                            let p = runPeer python script [ "profile"; "--threads"; string t; "--iterations"; string iterations ]
-                            let g (k: string) = p.GetProperty(k).GetDouble()
-                            (f, c, n, o), (g "forwardUs", g "convolutionsUs", p.GetProperty("convolutions").GetInt32(), g "opUs", p.GetProperty("onednn").GetString()) ]
-                    let mf = median (profiles |> List.map (fun ((f, _, _, _), _) -> f))
-                    let mc = median (profiles |> List.map (fun ((_, c, _, _), _) -> c))
-                    let mo = median (profiles |> List.map (fun ((_, _, _, o), _) -> o))
-                    let pf = median (profiles |> List.map (fun (_, (f, _, _, _, _)) -> f))
-                    let pc = median (profiles |> List.map (fun (_, (_, c, _, _, _)) -> c))
-                    let po = median (profiles |> List.map (fun (_, (_, _, _, o, _)) -> o))
-                    let (_, _, nOurs, _), (_, _, nTheirs, _, theirOneDnn) = profiles.Head
-                    let ratio f = median (profiles |> List.map f)
+                        { Forward = forward; Convolutions = conv; Count = inputs.Count; Op = op; OneDnn = numerics.onednn }
+                    let profileTheirs () =
+                        let p = runPeer python script [ "profile"; "--threads"; string t; "--iterations"; string iterations ]
+                        let g (k: string) = p.GetProperty(k).GetDouble()
+                        { Forward = g "forwardUs"; Convolutions = g "convolutionsUs"; Count = p.GetProperty("convolutions").GetInt32(); Op = g "opUs"
+                          OneDnn = p.GetProperty("onednn").GetString() }
+                    let profiles = [ for _ in 1..repeats -> let o = profileOurs () in o, profileTheirs () ]
+                    let mine f = median (profiles |> List.map (fst >> f))
+                    let theirs f = median (profiles |> List.map (snd >> f))
+                    let ratio f = median (profiles |> List.map (fun (o, p) -> f o / f p))
+                    let rest (p: LatencyProfile) = p.Forward - p.Convolutions
                     let usMs (v: float) = (v / 1000.0).ToString "F3"
-                    info $"batch-1 profile ({label}): whole forward, ours / PyTorch" (ratio (fun ((f, _, _, _), (g, _, _, _, _)) -> f / g))
-                        $"(median per forward: ours {usMs mf}, PyTorch {usMs pf} ms; every exit, eval mode)"
-                    info $"batch-1 profile ({label}): convolutions alone, ours / PyTorch" (ratio (fun ((_, c, _, _), (_, d, _, _, _)) -> c / d))
-                        $"({nOurs} against {nTheirs} convolutions, each timed alone at its input in the network, summed: ours {usMs mc} ms with libtorch {numerics.libtorch} (oneDNN {numerics.onednn}, kernels {numerics.kernels}), PyTorch {usMs pc} ms with {version} ({theirOneDnn}); {100.0 * mc / mf:F0}%% and {100.0 * pc / pf:F0}%% of each forward)"
-                    info $"batch-1 profile ({label}): the rest of the forward, ours / PyTorch" (ratio (fun ((f, c, _, _), (g, d, _, _, _)) -> (f - c) / (g - d)))
-                        $"(the forward minus its convolutions: batch norm, ReLU, adds, pooling, linear and each framework's cost per op: ours {usMs (mf - mc)}, PyTorch {usMs (pf - pc)} ms)"
-                    info $"batch-1 profile ({label}): one trivial op (ReLU of one element), ours / PyTorch" (ratio (fun ((_, _, _, o), (_, _, _, p, _)) -> o / p))
-                        $"(ours {mo:F2} µs through TorchSharp, PyTorch {po:F2} µs through Python)"
+                    info $"batch-1 profile ({label}): whole forward, ours / PyTorch" (ratio _.Forward)
+                        $"(median per forward: ours {usMs (mine _.Forward)}, PyTorch {usMs (theirs _.Forward)} ms; every exit, eval mode)"
+                    info $"batch-1 profile ({label}): convolutions alone, ours / PyTorch" (ratio _.Convolutions)
+                        $"({(fst profiles.Head).Count} against {(snd profiles.Head).Count} convolutions, each timed alone at its input in the network, summed: ours {usMs (mine _.Convolutions)} ms with libtorch {numerics.libtorch} (oneDNN {(fst profiles.Head).OneDnn}, kernels {numerics.kernels}), PyTorch {usMs (theirs _.Convolutions)} ms with {version} ({(snd profiles.Head).OneDnn}); {100.0 * mine _.Convolutions / mine _.Forward:F0}%% and {100.0 * theirs _.Convolutions / theirs _.Forward:F0}%% of each forward)"
+                    info $"batch-1 profile ({label}): the rest of the forward, ours / PyTorch" (ratio rest)
+                        $"(the forward minus its convolutions: batch norm, ReLU, adds, pooling, linear and each framework's cost per op: ours {usMs (mine _.Forward - mine _.Convolutions)}, PyTorch {usMs (theirs _.Forward - theirs _.Convolutions)} ms)"
+                    info $"batch-1 profile ({label}): one trivial op (ReLU of one element), ours / PyTorch" (ratio _.Op)
+                        $"(ours {mine _.Op:F2} µs through TorchSharp, PyTorch {theirs _.Op:F2} µs through Python)"
                 // The per-sample empirical Fisher of the last exit over N samples: ours against functorch's vmap(grad).
                 let fisherRuns =
                     [ for _ in 1..(if smoke then 1 else 3) ->
