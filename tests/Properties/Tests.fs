@@ -68,6 +68,28 @@ let models =
                 let part = net.ForwardUpTo(x, mu)
                 part.Length = mu && Seq.forall2 same part (Seq.take mu all)))
 
+        testProp "an SDN head's training path (H,W,C features, reordered weight) gives the logits and gradients of the plain definition" (fun (seed: NonNegativeInt) ->
+            // float64, so that the only difference allowed is the order of the linear's sums (and the pools' layout).
+            let rng = Random seed.Get
+            let channels, side, batch, classes = int64 (rng.Next(1, 10)), int64 (rng.Next(4, 13)), int64 (rng.Next(1, 6)), int64 (rng.Next(2, 8))
+            torch.manual_seed (int64 seed.Get) |> ignore
+            use head = new SdnHead("h", channels, classes)
+            head.``to``(torch.float64) |> ignore
+            use scope = torch.NewDisposeScope()
+            let x = torch.randn([| batch; channels; side; side |], dtype = torch.float64).requires_grad_(true)
+            let g = torch.randn([| batch; classes |], dtype = torch.float64)
+            let p = dict (head.named_parameters() |> Seq.map (fun struct (n, t) -> n, t))
+            let alpha, weight, bias = p["alpha"], p["linear.weight"], p["linear.bias"]
+            let gradsOf (logits: torch.Tensor) =
+                let gs = torch.autograd.grad([| logits |], [| x; alpha; weight; bias |], [| g |])
+                logits.detach(), Array.ofSeq gs
+            let ours, ourGrads = gradsOf (head.call [| x |])
+            let pooled = alpha * torch.nn.functional.adaptive_max_pool2d(x, [| 4L; 4L |]) + (1.0 - alpha) * torch.nn.functional.adaptive_avg_pool2d(x, [| 4L; 4L |])
+            let plain, plainGrads = gradsOf (torch.nn.functional.linear(pooled.flatten(1), weight, bias))
+            let inference = (use _ = torch.no_grad() in head.call [| x |])
+            let near (a: torch.Tensor) (b: torch.Tensor) = a.shape = b.shape && (a - b).abs().max().item<float>() <= 1e-12 * (1.0 + b.abs().max().item<float>())
+            near ours plain && near inference plain && Array.forall2 near ourGrads plainGrads)
+
         testPropArbs "every parameter and buffer belongs to exactly one group; groups cover the network" (fun (c: SmallResNet) ->
             use net = build c
             let groups = net.Groups() |> Seq.toList
