@@ -298,6 +298,9 @@ let endToEnd =
             use doc = Text.Json.JsonDocument.Parse(sw.ToString())
             Expect.equal (doc.RootElement.GetProperty("exitAccuracy").GetArrayLength()) 4 "eval gives every exit"
             Expect.equal (doc.RootElement.GetProperty("timing").GetArrayLength()) 2 "and times batch 1 and 64"
+            for t in doc.RootElement.GetProperty("timing").EnumerateArray() do
+                let streamed = t.GetProperty("StreamedMsPerSample").GetDouble()
+                Expect.isTrue (streamed > 0.0 && Double.IsFinite streamed) "and streamed early exit beside batch by batch"
             let key = Interpreter.prefixKey r 0
             Threading.Thread.Sleep 20
             File.SetLastWriteTimeUtc(Path.Combine(data, "train-labels.npy"), DateTime.UtcNow.AddMinutes 1.0)

@@ -153,6 +153,35 @@ let models =
                 let one = EarlyExitInference.Run(net, x.narrow(0, int64 i, 1L), 0.5)
                 one.Predictions[0] = batched.Predictions[i] && one.Exits[0] = batched.Exits[i]))
 
+        testPropArbs "streamed early exit (a queue per segment, full batches) gives Run's exits, predictions and confidences, in the input's order, for every policy" (fun (c: SmallResNet) ->
+            use net = build c
+            net.``to``(torch.float64) |> ignore
+            net.eval() |> ignore
+            use scope = torch.NewDisposeScope()
+            let rng = Random c.Seed
+            let n = rng.Next(1, 30)
+            let x = torch.randn([| int64 n; c.Input[0]; c.Input[1]; c.Input[2] |], dtype = torch.float64)
+            let before = torch.Tensor.TotalCount
+            let lnC = log (float c.Classes)
+            let cases =
+                [ for t in [ 0.0; 1.0 / float c.Classes; 0.3; 0.5; 0.9; 1.0 ] -> ExitPolicy.Softmax, t
+                  for t in [ 0.1 * lnC; 0.5 * lnC; 0.9 * lnC ] -> ExitPolicy.Entropy, t
+                  for k in 0 .. c.Exits.Length -> ExitPolicy.Patience, float k ]
+            let agree =
+                cases |> List.forall (fun (policy, t) ->
+                    let whole = EarlyExitInference.Run(net, x, policy, t)
+                    [ 1; 1 + rng.Next 7; n; n + 3 ] |> List.forall (fun batch ->
+                        let streamed = EarlyExitInference.RunStreamed(net, x, policy, t, batch)
+                        streamed.Exits = whole.Exits && streamed.Predictions = whole.Predictions && streamed.Confidences = whole.Confidences))
+            // Every queued feature map is released: only Run's and RunStreamed's results (arrays) outlive the calls.
+            agree && torch.Tensor.TotalCount = before)
+
+        test "streamed early exit refuses a batch size below 1" {
+            use net = build { Blocks = [| 1 |]; BaseWidth = 2; Exits = [| 1 |]; Classes = 2; Input = [| 1L; 8L; 8L |]; Seed = 0 }
+            use x = torch.zeros(2L, 1L, 8L, 8L)
+            Expect.throwsT<ArgumentOutOfRangeException> (fun () -> EarlyExitInference.RunStreamed(net, x, ExitPolicy.Softmax, 0.5, 0) |> ignore) "batch 0"
+        }
+
         test "a wrong input shape is refused before it reaches libtorch" {
             use net = build { Blocks = [| 1 |]; BaseWidth = 2; Exits = [| 1 |]; Classes = 2; Input = [| 1L; 8L; 8L |]; Seed = 0 }
             use x = torch.zeros(2L, 3L, 8L, 8L)

@@ -30,24 +30,166 @@ namespace EarlyExit.Inference
         public static EarlyExitResult Run(MultiExitNetwork net, Tensor x, ExitPolicy policy, double parameter)
         {
             net.CheckInput(x);
-            int patience = (int)Math.Round(parameter);
             long n = x.shape[0];
-            var predictions = new long[n];
-            var exits = new int[n];
-            var confidences = new float[n];
+            var rule = new ExitRule(net.ExitCount, policy, parameter, n);
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
             Tensor[] state = { x };
             // Positions (in the original batch) of the samples still running.
             long[] alive = Enumerable.Range(0, (int)n).Select(i => (long)i).ToArray();
-            // Patience: each running sample's previous prediction and its count of consecutive agreements.
-            long[] previous = new long[n];
-            int[] agreements = new int[n];
             int m = net.ExitCount;
             for (int mu = 1; mu <= m && alive.Length > 0; mu++)
             {
                 state = net.Segment(mu).call(state);
-                var logits = net.Head(mu).call(state);
+                var stay = rule.Decide(mu, net.Head(mu).call(state), alive);
+                if (mu == m || stay.Count == 0) break;
+                if (stay.Count == alive.Length) continue;
+                var keep = tensor(stay.ToArray(), device: x.device);
+                state = state.Select(s => s.index_select(0, keep)).ToArray();
+                alive = stay.Select(i => alive[i]).ToArray();
+            }
+            EarlyExit.Native.NativeScalars.ReleaseDeferred();
+            return rule.Result();
+        }
+
+        /// <summary>
+        /// Early exit over many samples at a steady batch size (throughput, as a server or an offline evaluation
+        /// runs it): each segment has a queue, and runs when its queue holds <paramref name="batchSize"/> samples,
+        /// deepest first; samples that stay join the next segment's queue. So every segment runs full batches
+        /// (except the tail when the input runs out), where <see cref="Run(MultiExitNetwork, Tensor, ExitPolicy, double)"/>
+        /// batch by batch lets its batches shrink as samples leave, and a small batch costs more per sample.
+        /// Per sample the same exits and predictions as <c>Run</c> (eval mode), in the input's order; at most about
+        /// <paramref name="batchSize"/> × 2 feature maps per segment are held at a time.
+        /// </summary>
+        public static EarlyExitResult RunStreamed(MultiExitNetwork net, Tensor x, ExitPolicy policy, double parameter, int batchSize)
+        {
+            if (batchSize < 1) throw new ArgumentOutOfRangeException(nameof(batchSize), batchSize, "the batch size must be at least 1");
+            net.CheckInput(x);
+            long n = x.shape[0];
+            int m = net.ExitCount;
+            var rule = new ExitRule(m, policy, parameter, n);
+            using var noGrad = no_grad();
+            // queue[μ−1]: samples waiting for segment μ (their state after segment μ−1, and their positions in x); the
+            // input feeds queue 1 a batch at a time. Queued tensors live outside any scope, and are disposed when taken.
+            var queues = Enumerable.Range(0, m).Select(_ => new System.Collections.Generic.List<(Tensor[] State, long[] Ids)>()).ToArray();
+            var queued = new int[m];
+            long fed = 0;
+            try
+            {
+                while (true)
+                {
+                    int level = -1;
+                    for (int k = m - 1; k >= 0 && level < 0; k--)
+                        if (queued[k] >= batchSize) level = k;
+                    if (level < 0 && fed < n)
+                    {
+                        long take = Math.Min(batchSize, n - fed);
+                        var ids = Enumerable.Range(0, (int)take).Select(i => fed + i).ToArray();
+                        queues[0].Add((new[] { x.narrow(0, fed, take).DetachFromDisposeScope() }, ids));
+                        queued[0] += (int)take;
+                        fed += take;
+                        continue;
+                    }
+                    if (level < 0)
+                        for (int k = 0; k < m && level < 0; k++)  // the input is spent: flush, shallowest first
+                            if (queued[k] > 0) level = k;
+                    if (level < 0) break;
+                    using var step = NewDisposeScope();
+                    var (state, alive, taken) = Take(queues[level], batchSize);
+                    using var release = new Release(taken);
+                    queued[level] -= alive.Length;
+                    int mu = level + 1;
+                    state = net.Segment(mu).call(state);
+                    var stay = rule.Decide(mu, net.Head(mu).call(state), alive);
+                    if (mu == m || stay.Count == 0) continue;
+                    var next = stay.Count == alive.Length
+                        ? state.Select(s => s.alias()).ToArray()
+                        : state.Select(s => s.index_select(0, tensor(stay.ToArray(), device: x.device))).ToArray();
+                    foreach (var t in next) t.DetachFromDisposeScope();
+                    queues[mu].Add((next, stay.Select(i => alive[i]).ToArray()));
+                    queued[mu] += stay.Count;
+                }
+            }
+            finally
+            {
+                foreach (var q in queues)
+                    foreach (var (state, _) in q)
+                        foreach (var t in state) t.Dispose();
+            }
+            EarlyExit.Native.NativeScalars.ReleaseDeferred();
+            return rule.Result();
+        }
+
+        /// <summary>Up to <paramref name="count"/> samples from the front of a queue, as one batch (inside the caller's
+        /// scope), and the queued tensors taken (the caller disposes them after the step); a chunk split in two leaves
+        /// its rest at the front.</summary>
+        static (Tensor[] State, long[] Ids, System.Collections.Generic.List<Tensor> Taken) Take(System.Collections.Generic.List<(Tensor[] State, long[] Ids)> queue, int count)
+        {
+            var taken = new System.Collections.Generic.List<Tensor>();
+            var parts = new System.Collections.Generic.List<Tensor[]>();
+            var ids = new System.Collections.Generic.List<long>();
+            while (ids.Count < count && queue.Count > 0)
+            {
+                var (state, chunkIds) = queue[0];
+                queue.RemoveAt(0);
+                int want = count - ids.Count;
+                taken.AddRange(state);
+                if (chunkIds.Length <= want)
+                {
+                    parts.Add(state);
+                    ids.AddRange(chunkIds);
+                }
+                else
+                {
+                    parts.Add(state.Select(t => t.narrow(0, 0, want)).ToArray());
+                    var rest = state.Select(t => t.narrow(0, want, chunkIds.Length - want).DetachFromDisposeScope()).ToArray();
+                    queue.Insert(0, (rest, chunkIds[want..]));
+                    ids.AddRange(chunkIds[..want]);
+                }
+            }
+            var batch = parts.Count == 1
+                ? parts[0]
+                : Enumerable.Range(0, parts[0].Length).Select(j => cat(parts.Select(p => p[j]).ToArray(), 0)).ToArray();
+            return (batch, ids.ToArray(), taken);
+        }
+
+        sealed class Release : IDisposable
+        {
+            readonly System.Collections.Generic.List<Tensor> tensors;
+            public Release(System.Collections.Generic.List<Tensor> tensors) { this.tensors = tensors; }
+            public void Dispose() { foreach (var t in tensors) t.Dispose(); }
+        }
+
+        /// <summary>The exit decision of both runs: per sample (by its position in the input) the policy's state,
+        /// and the results of the samples that have left.</summary>
+        sealed class ExitRule
+        {
+            readonly int m;
+            readonly ExitPolicy policy;
+            readonly double parameter;
+            readonly int patience;
+            readonly long[] predictions, previous;
+            readonly int[] exits, agreements;
+            readonly float[] confidences;
+
+            public ExitRule(int exitCount, ExitPolicy policy, double parameter, long n)
+            {
+                m = exitCount;
+                this.policy = policy;
+                this.parameter = parameter;
+                patience = (int)Math.Round(parameter);
+                predictions = new long[n];
+                previous = new long[n];
+                exits = new int[n];
+                agreements = new int[n];
+                confidences = new float[n];
+            }
+
+            /// <summary>Records the samples that leave at exit <paramref name="mu"/>; returns the batch positions of
+            /// those that stay (none at the last exit).</summary>
+            public System.Collections.Generic.List<long> Decide(int mu, Tensor logits, long[] alive)
+            {
+                using var scope = NewDisposeScope();
                 var probs = nn.functional.softmax(logits.to_type(ScalarType.Float32), 1);
                 var (conf, pred) = probs.max(1);
                 var confArr = conf.cpu().data<float>().ToArray();
@@ -63,35 +205,30 @@ namespace EarlyExit.Inference
                 var stay = new System.Collections.Generic.List<long>();
                 for (int i = 0; i < alive.Length; i++)
                 {
-                    long at0 = alive[i];
+                    long at = alive[i];
                     if (policy == ExitPolicy.Patience)
                     {
-                        agreements[at0] = mu > 1 && predArr[i] == previous[at0] ? agreements[at0] + 1 : 0;
-                        previous[at0] = predArr[i];
+                        agreements[at] = mu > 1 && predArr[i] == previous[at] ? agreements[at] + 1 : 0;
+                        previous[at] = predArr[i];
                     }
                     bool leaves = policy switch
                     {
                         ExitPolicy.Softmax => confArr[i] > parameter,
                         ExitPolicy.Entropy => entropyArr![i] < parameter,
-                        _ => agreements[at0] >= patience,
+                        _ => agreements[at] >= patience,
                     };
                     if (mu == m || leaves)
                     {
-                        long at = alive[i];
                         predictions[at] = predArr[i];
                         exits[at] = mu;
                         confidences[at] = confArr[i];
                     }
                     else stay.Add(i);
                 }
-                if (mu == m || stay.Count == 0) break;
-                if (stay.Count == alive.Length) continue;
-                var keep = tensor(stay.ToArray(), device: x.device);
-                state = state.Select(s => s.index_select(0, keep)).ToArray();
-                alive = stay.Select(i => alive[i]).ToArray();
+                return stay;
             }
-            EarlyExit.Native.NativeScalars.ReleaseDeferred();
-            return new EarlyExitResult(predictions, exits, confidences);
+
+            public EarlyExitResult Result() => new(predictions, exits, confidences);
         }
     }
 }

@@ -24,7 +24,11 @@ type Timing =
       PredictedSpeedUp: float
       MeasuredSpeedUp: float
       EarlyExitMsPerSample: float
-      FullMsPerSample: float }
+      FullMsPerSample: float
+      /// Streamed early exit (EarlyExitInference.RunStreamed: a queue per segment, every segment at full batches),
+      /// the same samples and exits: ms per sample, and its speed-up over FullMsPerSample.
+      StreamedMsPerSample: float
+      StreamedSpeedUp: float }
 
 /// The final network of a finished run: recipe.json rebuilt, the last stage's state loaded.
 let loadFinalNetwork (dir: string) (recipe: Recipe) =
@@ -70,6 +74,17 @@ let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Bu
     let pairs = [ for _ in 1..repeats -> runAll false, runAll true ]
     median (List.map fst pairs), median (List.map snd pairs), exits
 
+/// Times streamed early exit (a queue per segment, full batches of `batch`) over all of `images`: ms per sample,
+/// median of `repeats` after one warm-up run.
+let timeStreamed (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Budget.Policy) (threshold: float) (repeats: int) =
+    let n = int images.shape[0]
+    let once () =
+        let clock = Stopwatch.StartNew()
+        EarlyExitInference.RunStreamed(net, images, inferencePolicy policy, threshold, batch) |> ignore
+        clock.Elapsed.TotalMilliseconds / float n
+    once () |> ignore
+    [ for _ in 1..repeats -> once () ] |> List.sort |> fun s -> s[s.Length / 2]
+
 /// The speed-up MACs predict for samples that left at `exits` (1-based): cost of the last exit ÷ their mean cost.
 let predictedSpeedUp (exitMacs: int64[]) (exits: int[]) =
     float exitMacs[exitMacs.Length - 1] / (exits |> Array.averageBy (fun e -> float exitMacs[e - 1]))
@@ -101,6 +116,7 @@ let run (dir: string) (asJson: bool) (timingSamples: int) (policy: Budget.Policy
             use images = data.Test.Images(ReadOnlySpan<int>([| 0 .. k - 1 |]))
             [ for batch in [ 1; 64 ] ->
                 let early, full, exits = time net images batch policy half.Threshold 3
+                let streamed = timeStreamed net images batch policy half.Threshold 3
                 // Predicted for the timed images themselves (the threshold was chosen on the whole test set).
                 let predicted = predictedSpeedUp outputs.ExitMacs exits
                 { BatchSize = batch
@@ -109,7 +125,9 @@ let run (dir: string) (asJson: bool) (timingSamples: int) (policy: Budget.Policy
                   PredictedSpeedUp = predicted
                   MeasuredSpeedUp = full / early
                   EarlyExitMsPerSample = early
-                  FullMsPerSample = full } ]
+                  FullMsPerSample = full
+                  StreamedMsPerSample = streamed
+                  StreamedSpeedUp = full / streamed } ]
     if asJson then
         let doc =
             {| run = dir
@@ -165,5 +183,6 @@ let run (dir: string) (asJson: bool) (timingSamples: int) (policy: Budget.Policy
         for tm in timings do
             c.MarkupLine(
                 $"real early exit ({Budget.policyName policy}), batch {tm.BatchSize}, parameter {tm.Threshold:F2} ({tm.Samples} test images): {tm.EarlyExitMsPerSample:F3} ms/sample vs {tm.FullMsPerSample:F3} without early exit; " +
-                $"measured speed-up {tm.MeasuredSpeedUp:F2}x, predicted by MACs {tm.PredictedSpeedUp:F2}x (ratio {tm.MeasuredSpeedUp / tm.PredictedSpeedUp:F2})")
+                $"measured speed-up {tm.MeasuredSpeedUp:F2}x, predicted by MACs {tm.PredictedSpeedUp:F2}x (ratio {tm.MeasuredSpeedUp / tm.PredictedSpeedUp:F2}); " +
+                $"streamed (a queue per segment, full batches): {tm.StreamedMsPerSample:F3} ms/sample, speed-up {tm.StreamedSpeedUp:F2}x")
     0
