@@ -362,13 +362,26 @@ let main argv =
         clock.PerStepSeconds
     let plainRuns = ResizeArray<float>()
     if runs "regularisers" then
+        // The per-exit teachers' forwards alone (eval mode, no gradients, one batch): what LwF must add to a step.
+        let teacherForwardSeconds () =
+            use _ = torch.no_grad()
+            use x = data.Train.Images(ReadOnlySpan [| 0 .. batch - 1 |], device)
+            let once () =
+                use scope = torch.NewDisposeScope()
+                for nu in 1 .. m - 1 do lwfPerExit.Teachers[nu].ForwardExit(x, nu) |> ignore
+                sync device
+            once ()
+            median [ for _ in 1..5 -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalSeconds) ]
+        let teacherRuns = ResizeArray<float>()
         let runsOf =
             [ for _ in 1..repeats ->
                 let plain = stepOf (stagePlan 0.0 0.0 LwfTeacherPolicy.PerExit)
                 plainRuns.Add plain
+                let lwf = stepOf (stagePlan 0.0 0.7 LwfTeacherPolicy.PerExit)
+                teacherRuns.Add(lwf / (plain + teacherForwardSeconds ()))
                 plain,
                 stepOf (stagePlan 100.0 0.0 LwfTeacherPolicy.PerExit),
-                stepOf (stagePlan 0.0 0.7 LwfTeacherPolicy.PerExit),
+                lwf,
                 stepOf (stagePlan 0.0 0.7 LwfTeacherPolicy.PreviousStage) ]
         let ratio pick = median (runsOf |> List.map (fun (a, e, l, p) -> pick (e, l, p) / a))
         let ewcRatio = ratio (fun (e, _, _) -> e)
@@ -383,6 +396,9 @@ let main argv =
         let floor = 1.0 + teacherForwards / 3.0
         add "sequential + LwF step, per-exit teachers (the paper's definition) / plain step" lwfRatio $"<= {1.05 * floor:F2} (5%% above its MACs floor)" (lwfRatio <= 1.05 * floor)
             $"(by MACs: the {m - 1} teacher forwards cost {teacherForwards:F2} full forwards and a training step about 3, so a floor of {floor:F2} before the earlier heads' own gradients)"
+        let teacherEach = teacherRuns |> Seq.map (fun v -> v.ToString "F2") |> String.concat " "
+        info "sequential + LwF step, per-exit teachers / (plain step + the teachers' forwards, timed)" (median (List.ofSeq teacherRuns))
+            $"(what is left above 1: the earlier exits' heads forward and backward, their gradients through the backbone, and the KL terms; runs {teacherEach})"
         add "sequential + LwF step, one previous-stage teacher (--lwf-teachers previous-stage) / plain step" prevRatio "<= 1.5" (prevRatio <= 1.5)
             $"(one teacher forward up to exit {m - 1})"
 
