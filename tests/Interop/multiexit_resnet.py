@@ -70,14 +70,20 @@ class SdnHead(nn.Module):
         self.alpha = nn.Parameter(torch.rand(1))
         self.pool = pool
         self.linear = nn.Linear(channels * pool * pool, classes)
-        # Pool in channels-last layout, as EarlyExit's head does (the same values, faster on CPU): the benchmark's peer
-        # turns it on for its timings; functorch's vmap refuses that layout.
+        # Pool in channels-last layout, as EarlyExit's head does (the same values, faster on CPU), and in training take
+        # the features in H,W,C order with the linear's weight columns reordered to match, as EarlyExit's head does
+        # (flatten(1)'s backward would hand the pools an NCHW gradient for a channels-last input, a slow path): the
+        # benchmark's peer turns it on for its timings; functorch's vmap refuses that layout.
         self.channels_last = False
 
     def forward(self, x):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         pooled = self.alpha * F.adaptive_max_pool2d(x, self.pool) + (1 - self.alpha) * F.adaptive_avg_pool2d(x, self.pool)
+        if self.channels_last and torch.is_grad_enabled():
+            n, c, h, w = pooled.shape
+            weight = self.linear.weight.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(-1, h * w * c)
+            return F.linear(pooled.permute(0, 2, 3, 1).reshape(n, h * w * c), weight, self.linear.bias)
         return self.linear(pooled.flatten(1))
 
 
