@@ -476,27 +476,21 @@ let main argv =
                     for _ in 1..3 do once ()
                     let ts = [ for _ in 1..(if b = 1 then 41 else 15) -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
                     median ts |]
-            // Streamed early exit (a queue per segment, every segment at full batches): ms per sample, median of 3.
-            let streamedMs () =
-                let once () =
-                    let c = Stopwatch.StartNew()
-                    EarlyExitInference.RunStreamed(net, images, ExitPolicy.Softmax, half.Threshold, b) |> ignore
-                    sync device
-                    c.Elapsed.TotalMilliseconds / float samples
-                once () |> ignore
-                median [ for _ in 1..3 -> once () ]
             let streamed = ResizeArray<float>()
+            let latencies = ResizeArray<float[]>()
             let runs =
                 [ for _ in 1..repeats ->
                     let latency = exitLatencies ()
+                    latencies.Add latency
                     let early, full, exits = EarlyExit.Experiments.Evaluation.Eval.time net images b EarlyExit.Experiments.Evaluation.Budget.Softmax half.Threshold 3
                     let byMacs = EarlyExit.Experiments.Evaluation.Eval.predictedSpeedUp exitMacs exits
                     let byLatency = latency[m - 1] / (exits |> Array.averageBy (fun e -> latency[e - 1]))
                     let measured = full / early
-                    if b > 1 then streamed.Add((full / streamedMs ()) / byLatency)
-                    measured / byMacs, measured / byLatency, byMacs, byLatency, exits, measured, latency ]
-            let latency = [| for mu in 0 .. m - 1 -> median (runs |> List.map (fun (_, _, _, _, _, _, l) -> l[mu])) |]
-            let runs = runs |> List.map (fun (a, l, bm, bl, e, ms, _) -> a, l, bm, bl, e, ms)
+                    if b > 1 then
+                        let streamedMs = EarlyExit.Experiments.Evaluation.Eval.timeStreamed net images b EarlyExit.Experiments.Evaluation.Budget.Softmax half.Threshold 3
+                        streamed.Add((full / streamedMs) / byLatency)
+                    measured / byMacs, measured / byLatency, byMacs, byLatency, exits, measured ]
+            let latency = [| for mu in 0 .. m - 1 -> median [ for l in latencies -> l[mu] ] |]
             let r = median (runs |> List.map (fun (a, _, _, _, _, _) -> a))
             let rl = median (runs |> List.map (fun (_, l, _, _, _, _) -> l))
             let (_, _, byMacs, byLatency, exits, _) = runs.Head

@@ -72,7 +72,7 @@ namespace EarlyExit.Inference
             // queue[μ−1]: samples waiting for segment μ (their state after segment μ−1, and their positions in x); the
             // input feeds queue 1 a batch at a time. Queued tensors live outside any scope, and are disposed when taken.
             var queues = Enumerable.Range(0, m).Select(_ => new System.Collections.Generic.List<(Tensor[] State, long[] Ids)>()).ToArray();
-            var queued = new int[m];
+            int Queued(int k) => queues[k].Sum(chunk => chunk.Ids.Length);
             long fed = 0;
             try
             {
@@ -80,24 +80,22 @@ namespace EarlyExit.Inference
                 {
                     int level = -1;
                     for (int k = m - 1; k >= 0 && level < 0; k--)
-                        if (queued[k] >= batchSize) level = k;
+                        if (Queued(k) >= batchSize) level = k;
                     if (level < 0 && fed < n)
                     {
                         long take = Math.Min(batchSize, n - fed);
                         var ids = Enumerable.Range(0, (int)take).Select(i => fed + i).ToArray();
                         queues[0].Add((new[] { x.narrow(0, fed, take).DetachFromDisposeScope() }, ids));
-                        queued[0] += (int)take;
                         fed += take;
                         continue;
                     }
                     if (level < 0)
                         for (int k = 0; k < m && level < 0; k++)  // the input is spent: flush, shallowest first
-                            if (queued[k] > 0) level = k;
+                            if (queues[k].Count > 0) level = k;
                     if (level < 0) break;
                     using var step = NewDisposeScope();
                     var (state, alive, taken) = Take(queues[level], batchSize);
-                    using var release = new Release(taken);
-                    queued[level] -= alive.Length;
+                    foreach (var t in taken) step.Attach(t);  // released with the step's own tensors
                     int mu = level + 1;
                     state = net.Segment(mu).call(state);
                     var stay = rule.Decide(mu, net.Head(mu).call(state), alive);
@@ -107,7 +105,6 @@ namespace EarlyExit.Inference
                         : state.Select(s => s.index_select(0, tensor(stay.ToArray(), device: x.device))).ToArray();
                     foreach (var t in next) t.DetachFromDisposeScope();
                     queues[mu].Add((next, stay.Select(i => alive[i]).ToArray()));
-                    queued[mu] += stay.Count;
                 }
             }
             finally
@@ -121,7 +118,7 @@ namespace EarlyExit.Inference
         }
 
         /// <summary>Up to <paramref name="count"/> samples from the front of a queue, as one batch (inside the caller's
-        /// scope), and the queued tensors taken (the caller disposes them after the step); a chunk split in two leaves
+        /// scope), and the queued tensors taken (the caller attaches them to its scope); a chunk split in two leaves
         /// its rest at the front.</summary>
         static (Tensor[] State, long[] Ids, System.Collections.Generic.List<Tensor> Taken) Take(System.Collections.Generic.List<(Tensor[] State, long[] Ids)> queue, int count)
         {
@@ -151,13 +148,6 @@ namespace EarlyExit.Inference
                 ? parts[0]
                 : Enumerable.Range(0, parts[0].Length).Select(j => cat(parts.Select(p => p[j]).ToArray(), 0)).ToArray();
             return (batch, ids.ToArray(), taken);
-        }
-
-        sealed class Release : IDisposable
-        {
-            readonly System.Collections.Generic.List<Tensor> tensors;
-            public Release(System.Collections.Generic.List<Tensor> tensors) { this.tensors = tensors; }
-            public void Dispose() { foreach (var t in tensors) t.Dispose(); }
         }
 
         /// <summary>The exit decision of both runs: per sample (by its position in the input) the policy's state,
