@@ -90,6 +90,28 @@ let models =
             let near (a: torch.Tensor) (b: torch.Tensor) = a.shape = b.shape && (a - b).abs().max().item<float>() <= 1e-12 * (1.0 + b.abs().max().item<float>())
             near ours plain && near inference plain && Array.forall2 near ourGrads plainGrads)
 
+        testProp "a strided BasicBlock (its shortcut a 1×1 convolution of every stride-th pixel) is the textbook block with a strided 1×1 shortcut: output and every gradient (float64)" (fun (seed: NonNegativeInt) ->
+            let rng = Random seed.Get
+            let cin, cout, side, batch, stride = int64 (rng.Next(1, 6)), int64 (rng.Next(1, 8)), int64 (rng.Next(3, 12)), int64 (rng.Next(2, 5)), int64 (rng.Next(2, 4))
+            torch.manual_seed (int64 seed.Get) |> ignore
+            use block = new BasicBlock("b", cin, cout, stride)
+            block.``to``(torch.float64).train() |> ignore
+            use scope = torch.NewDisposeScope()
+            let x = torch.randn([| batch; cin; side; side |], dtype = torch.float64).requires_grad_(true)
+            let p = dict (block.named_parameters() |> Seq.map (fun struct (n, t) -> n, t))
+            let names = p.Keys |> Seq.sort |> Array.ofSeq
+            let bn (t: torch.Tensor) (name: string) =
+                torch.nn.functional.batch_norm(t, torch.zeros(cout, dtype = torch.float64), torch.ones(cout, dtype = torch.float64), p[name + ".weight"], p[name + ".bias"], true)
+            let conv (t: torch.Tensor) (name: string) (s: int64) (pad: int64) = torch.nn.functional.conv2d(t, p[name + ".weight"], strides = [| s; s |], padding = [| pad; pad |])
+            let main = bn (conv (torch.nn.functional.relu (bn (conv x "conv1" stride 1L) "bn1")) "conv2" 1L 1L) "bn2"
+            let textbook = torch.nn.functional.relu (main + bn (conv x "shortcutConv" stride 0L) "shortcutBn")
+            let ours = block.call x
+            let g = torch.randn_like textbook
+            let gradsOf (y: torch.Tensor) = torch.autograd.grad([| y |], Array.append [| x |] (names |> Array.map (fun n -> p[n])), [| g |], retain_graph = true) |> Array.ofSeq
+            let near (a: torch.Tensor) (b: torch.Tensor) = a.shape = b.shape && (a - b).abs().max().item<float>() <= 1e-12 * (1.0 + b.abs().max().item<float>())
+            names |> Array.contains "shortcutConv.weight"
+            && near ours textbook && Array.forall2 near (gradsOf ours) (gradsOf textbook))
+
         testPropArbs "every parameter and buffer belongs to exactly one group; groups cover the network" (fun (c: SmallResNet) ->
             use net = build c
             let groups = net.Groups() |> Seq.toList
