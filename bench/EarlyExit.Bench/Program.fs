@@ -129,6 +129,45 @@ let runPeer (python: string) (script: string) (args: string list) =
     | Some line when p.ExitCode = 0 -> JsonDocument.Parse(line).RootElement.Clone()
     | _ -> failwithf "the PyTorch peer failed (exit code %d): %s" p.ExitCode (err.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue "")
 
+/// The same as `runPeer` with extra environment variables, returning the peer's whole standard output.
+let runPeerRaw (python: string) (script: string) (args: string list) (env: (string * string) list) =
+    let psi = ProcessStartInfo(python, RedirectStandardOutput = true, RedirectStandardError = true)
+    psi.ArgumentList.Add script
+    for a in args do psi.ArgumentList.Add a
+    psi.Environment["OMP_NUM_THREADS"] <- (match List.tryFindIndex ((=) "--threads") args with Some i -> args[i + 1] | None -> "1")
+    for k, v in env do psi.Environment[k] <- v
+    use p = Process.Start psi
+    let errTask = p.StandardError.ReadToEndAsync()
+    let out = p.StandardOutput.ReadToEnd()
+    p.WaitForExit()
+    if p.ExitCode <> 0 then failwithf "the PyTorch peer failed (exit code %d): %s" p.ExitCode (errTask.Result.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue "")
+    out
+
+/// oneDNN's own execution time per training step (ms) from `ONEDNN_VERBOSE=1` lines over `steps` steps: every
+/// convolution primitive, and the backward-data of the strided ones with how many there are (distinct shapes) and the
+/// implementations that ran them. Reads
+/// oneDNN 3.x lines (`onednn_verbose,v1,primitive,exec,cpu,convolution,IMPL,PROP,...,TIME`) and MKL-DNN 2.x ones
+/// (`onednn_verbose,exec,cpu,convolution,...`) alike.
+let convolutionProfile (verbose: string) (steps: int) =
+    let mutable all, strided = 0.0, 0.0
+    let impls = Collections.Generic.SortedSet<string>()
+    let shapes = Collections.Generic.HashSet<string>()
+    for line in verbose.Split('\n') do
+        let f = line.Trim().Split(',')
+        match Array.tryFindIndex ((=) "exec") f with
+        | Some i when f.Length > i + 4 && f[0].EndsWith "_verbose" && f[i + 2] = "convolution" ->
+            match Double.TryParse(f[f.Length - 1], Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
+            | true, ms ->
+                all <- all + ms
+                let shape = f |> Array.tryFind (fun x -> x.StartsWith "mb") |> Option.defaultValue ""
+                if f[i + 4] = "backward_data" && (shape.Contains "sh2" || shape.Contains "sw2") then
+                    strided <- strided + ms
+                    shapes.Add shape |> ignore
+                    impls.Add(f[i + 3]) |> ignore
+            | _ -> ()
+        | _ -> ()
+    all / float steps, strided / float steps, $"{shapes.Count} convolutions, by " + (if impls.Count = 0 then "none" else String.Join(", ", impls))
+
 /// Runs the probe's training-throughput mode under this process's kernels: images/s and minor page faults per step.
 let probeThroughput (backend: string) (threads: string) (steps: int) (env: (string * string) list) =
     let struct (code, out, err) =
@@ -604,6 +643,26 @@ let main argv =
                 let r = median (train |> List.map (fun (x, _, _) -> x))
                 add $"training images/s, ours / PyTorch {version} ({label})" r ">= 1.0" (r >= 1.0)
                     $"(cpu-scale ResNet, batch {batch}, joint loss, AdamW; ours {median (train |> List.map (fun (_, a, _) -> a)):F0}, PyTorch {median (train |> List.map (fun (_, _, b) -> b)):F0} images/s)"
+                // Where the convolutions' time goes, by oneDNN's own account (1 thread, one run per side): the kernels
+                // libtorch picks differ by version, the strided backward-data most (see the README).
+                if t = 1 then
+                    let steps = if smoke then 2 else 10
+                    let verbose = [ "ONEDNN_VERBOSE", "1"; "DNNL_VERBOSE", "1" ]
+                    let struct (code, oursOut, oursErr) =
+                        NumericsGuard.RunProbe([ "throughput"; "--backend"; numerics.kernels; "--threads"; "1"; "--steps"; string steps ], dict verbose |> Collections.Generic.Dictionary)
+                    if code <> 0 then failwithf "the probe failed under ONEDNN_VERBOSE (exit code %d): %s" code (oursErr.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue "")
+                    let theirsOut = runPeerRaw python script [ "train"; "--threads"; "1"; "--batch"; string batch; "--steps"; string steps; "--warmup"; string warmupSteps ] verbose
+                    // Both run `steps` timed steps after two warm-up steps; every one of them executes the primitives.
+                    let oAll, oStrided, oImpls = convolutionProfile oursOut (steps + 2)
+                    let pAll, pStrided, pImpls = convolutionProfile theirsOut (steps + warmupSteps)
+                    let theirOneDnn =
+                        match theirsOut.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{") with
+                        | Some line -> (use doc = JsonDocument.Parse line in doc.RootElement.GetProperty("onednn").GetString())
+                        | None -> "its oneDNN"
+                    info "oneDNN time per training step in convolutions, ours / PyTorch (1 thread(s))" (oAll / pAll)
+                        $"(ONEDNN_VERBOSE, one run each, {steps + 2} steps: ours {oAll:F1} ms with oneDNN {numerics.onednn}, PyTorch {pAll:F1} ms with {theirOneDnn}; every convolution primitive's execution)"
+                    info "… of which the strided convolutions' backward-data, ours / PyTorch (1 thread(s))" (oStrided / pStrided)
+                        $"(ours {oStrided:F2} ms, {oImpls}; PyTorch {pStrided:F2} ms, {pImpls}; the kernels each libtorch picks; our strided shortcuts are stride-1 convolutions of a subsampled input)"
                 // Inference latency: every exit, eval mode, no gradients.
                 for b in [ 1; 64 ] do
                     let iterations = if smoke then 5 elif b = 1 then 200 else 30
