@@ -112,6 +112,20 @@ let models =
             names |> Array.contains "shortcutConv.weight"
             && near ours textbook && Array.forall2 near (gradsOf ours) (gradsOf textbook))
 
+        testPropArbs "a forward leaves only its logits in the caller's dispose scope: feature maps are released when it returns" (fun (c: SmallResNet) ->
+            use net = build c
+            net.eval() |> ignore
+            use outer = torch.NewDisposeScope()
+            let x = torch.randn([| 3L; c.Input[0]; c.Input[1]; c.Input[2] |])
+            use _ = torch.no_grad()
+            let before = outer.DisposablesCount
+            let all = net.ForwardUpTo(x, net.ExitCount)
+            let afterAll = outer.DisposablesCount
+            let one = net.ForwardExit(x, net.ExitCount)
+            afterAll - before = net.ExitCount && outer.DisposablesCount - afterAll = 1
+            && all |> Array.forall (fun t -> not t.IsInvalid) && not one.IsInvalid
+            && Seq.forall2 same [ one ] [ all[net.ExitCount - 1] ])
+
         testPropArbs "every parameter and buffer belongs to exactly one group; groups cover the network" (fun (c: SmallResNet) ->
             use net = build c
             let groups = net.Groups() |> Seq.toList

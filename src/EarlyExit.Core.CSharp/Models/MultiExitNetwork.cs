@@ -64,6 +64,12 @@ namespace EarlyExit.Models
             int upTo = needed.Length;
             CheckExit(upTo, "needed.Length");
             CheckInput(x);
+            // The segments' outputs are released when this returns; only the logits go to the caller's dispose scope.
+            // Without this, a caller with no scope of its own (a loop of eval forwards in a script) left every feature
+            // map to the garbage collector: resident memory grew by about 18 MB per teacher forward at batch 128, and
+            // the fresh pages cost ~19,000 minor faults and a fifth of the time of four teacher forwards (151 against
+            // 121 ms, 1 thread). Autograd keeps what it saved for backward on its own, so training is unaffected.
+            using var scope = NewDisposeScope();
             var logits = new Tensor?[upTo];
             Tensor[] state = { x };
             for (int mu = 1; mu <= upTo; mu++)
@@ -71,6 +77,7 @@ namespace EarlyExit.Models
                 state = Segment(mu).call(state);
                 if (needed[mu - 1]) logits[mu - 1] = Head(mu).call(state);
             }
+            foreach (var l in logits) l?.MoveToOuterDisposeScope();
             return logits;
         }
 
