@@ -114,34 +114,37 @@ let pytorchPeer () =
         p.WaitForExit()
         if p.ExitCode = 0 then Ok(python, out) else Error "/usr/bin/python3 cannot import torch (apt-get install -y python3-torch libopenblas0-pthread)"
 
-/// One measurement by the PyTorch peer (bench/pytorch/peer.py): its JSON answer.
-let runPeer (python: string) (script: string) (args: string list) =
+/// The last non-empty line of a process's output (what a failing one said last).
+let lastLine (text: string) = text.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue ""
+
+/// The last line of a standard output that is a JSON object: the answer of the peer and of the probe.
+let lastJsonLine (out: string) = out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{")
+
+/// Runs the PyTorch peer (bench/pytorch/peer.py) with `env` added: its exit code, standard output and standard error.
+let execPeer (python: string) (script: string) (args: string list) (env: (string * string) list) =
     let psi = ProcessStartInfo(python, RedirectStandardOutput = true, RedirectStandardError = true)
     psi.ArgumentList.Add script
     for a in args do psi.ArgumentList.Add a
     // The peer's own OpenMP pool sized like ours (libgomp reads it when it loads).
     psi.Environment["OMP_NUM_THREADS"] <- (match List.tryFindIndex ((=) "--threads") args with Some i -> args[i + 1] | None -> "1")
-    use p = Process.Start psi
-    let out = p.StandardOutput.ReadToEnd()
-    let err = p.StandardError.ReadToEnd()
-    p.WaitForExit()
-    match out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{") with
-    | Some line when p.ExitCode = 0 -> JsonDocument.Parse(line).RootElement.Clone()
-    | _ -> failwithf "the PyTorch peer failed (exit code %d): %s" p.ExitCode (err.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue "")
-
-/// The same as `runPeer` with extra environment variables, returning the peer's whole standard output.
-let runPeerRaw (python: string) (script: string) (args: string list) (env: (string * string) list) =
-    let psi = ProcessStartInfo(python, RedirectStandardOutput = true, RedirectStandardError = true)
-    psi.ArgumentList.Add script
-    for a in args do psi.ArgumentList.Add a
-    psi.Environment["OMP_NUM_THREADS"] <- (match List.tryFindIndex ((=) "--threads") args with Some i -> args[i + 1] | None -> "1")
     for k, v in env do psi.Environment[k] <- v
     use p = Process.Start psi
-    let errTask = p.StandardError.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
     let out = p.StandardOutput.ReadToEnd()
     p.WaitForExit()
-    if p.ExitCode <> 0 then failwithf "the PyTorch peer failed (exit code %d): %s" p.ExitCode (errTask.Result.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue "")
-    out
+    p.ExitCode, out, err.Result
+
+/// One measurement by the PyTorch peer: its JSON answer.
+let runPeer (python: string) (script: string) (args: string list) =
+    match execPeer python script args [] with
+    | 0, out, _ when (lastJsonLine out).IsSome -> JsonDocument.Parse((lastJsonLine out).Value).RootElement.Clone()
+    | code, _, err -> failwithf "the PyTorch peer failed (exit code %d): %s" code (lastLine err)
+
+/// The PyTorch peer's whole standard output, with `env` added (its verbose lines, then its JSON answer).
+let runPeerRaw (python: string) (script: string) (args: string list) (env: (string * string) list) =
+    match execPeer python script args env with
+    | 0, out, _ -> out
+    | code, _, err -> failwithf "the PyTorch peer failed (exit code %d): %s" code (lastLine err)
 
 /// oneDNN's own execution time per training step (ms) from `ONEDNN_VERBOSE=1` lines over `steps` steps: every
 /// convolution primitive, and the backward-data of the strided ones with how many there are (distinct shapes) and the
@@ -172,11 +175,11 @@ let convolutionProfile (verbose: string) (steps: int) =
 let probeThroughput (backend: string) (threads: string) (steps: int) (env: (string * string) list) =
     let struct (code, out, err) =
         NumericsGuard.RunProbe([ "throughput"; "--backend"; backend; "--threads"; string threads; "--steps"; string steps ], dict env |> Collections.Generic.Dictionary)
-    match code, out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{") with
+    match code, lastJsonLine out with
     | 0, Some line ->
         use doc = JsonDocument.Parse line
         Ok(doc.RootElement.GetProperty("imagesPerSecond").GetDouble(), doc.RootElement.GetProperty("minorFaultsPerStep").GetDouble())
-    | _ -> Error($"exit code {code}: " + (err.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue ""))
+    | _ -> Error($"exit code {code}: " + lastLine err)
 
 let usage = """EarlyExit benchmarks: ratios timed side by side in one process, medians over repeats.
 
@@ -650,13 +653,13 @@ let main argv =
                     let verbose = [ "ONEDNN_VERBOSE", "1"; "DNNL_VERBOSE", "1" ]
                     let struct (code, oursOut, oursErr) =
                         NumericsGuard.RunProbe([ "throughput"; "--backend"; numerics.kernels; "--threads"; "1"; "--steps"; string steps ], dict verbose |> Collections.Generic.Dictionary)
-                    if code <> 0 then failwithf "the probe failed under ONEDNN_VERBOSE (exit code %d): %s" code (oursErr.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue "")
+                    if code <> 0 then failwithf "the probe failed under ONEDNN_VERBOSE (exit code %d): %s" code (lastLine oursErr)
                     let theirsOut = runPeerRaw python script [ "train"; "--threads"; "1"; "--batch"; string batch; "--steps"; string steps; "--warmup"; string warmupSteps ] verbose
                     // Both run `steps` timed steps after two warm-up steps; every one of them executes the primitives.
                     let oAll, oStrided, oImpls = convolutionProfile oursOut (steps + 2)
                     let pAll, pStrided, pImpls = convolutionProfile theirsOut (steps + warmupSteps)
                     let theirOneDnn =
-                        match theirsOut.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{") with
+                        match lastJsonLine theirsOut with
                         | Some line -> (use doc = JsonDocument.Parse line in doc.RootElement.GetProperty("onednn").GetString())
                         | None -> "its oneDNN"
                     info "oneDNN time per training step in convolutions, ours / PyTorch (1 thread(s))" (oAll / pAll)
