@@ -87,11 +87,11 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ] && [ -z "${EARLYEXIT_SKIP_PACKAGES:-}" ]; 
 fi
 # The benchmark harness, at smoke size (seconds): every figure is produced and written (25, and training throughput
 # under each convolution backend of this CPU, at least default and no-onednn; and, where Debian's python3-torch is
-# installed, the 11 of the PyTorch peer at one thread, its batch-1 profile and oneDNN convolution profile included); its numbers mean nothing.
+# installed, the 14 of the PyTorch peer at one thread, its training step by phase, batch-1 profile and oneDNN convolution profile included); its numbers mean nothing.
 if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
   bench=$(mktemp -d)
   pytorch_expected=0
-  /usr/bin/python3 -c "import torch" >/dev/null 2>&1 && pytorch_expected=11
+  /usr/bin/python3 -c "import torch" >/dev/null 2>&1 && pytorch_expected=14
   dotnet bench/EarlyExit.Bench/bin/Release/net10.0/linux-x64/EarlyExit.Bench.dll --smoke --out "$bench" > "$bench/log" 2>&1 \
     && perbackend=$(grep -c '"Name": "training images/s with' "$bench/bench.json") \
     && pytorch=$(grep -c '"Name": ".*PyTorch' "$bench/bench.json") \

@@ -96,6 +96,39 @@ let bareLoop (net: MultiExitNetwork) (data: ImageDataset) (steps: int) (batch: i
         clock.Restart()
     median (List.ofSeq times)
 
+/// A bare joint step split into its phases, as the PyTorch peer's `train` splits its own (medians in ms, the first
+/// `warmupSteps` left out): forward with the loss; zero_grad and backward; AdamW's step and the loss read back. One fixed
+/// random batch (as the peer's), so that data loading is in neither.
+let stepPhases (net: MultiExitNetwork) (steps: int) (batch: int) (device: torch.Device) =
+    use opt = torch.optim.AdamW(net.parameters(), lr = 1e-3)
+    net.train() |> ignore
+    let m = net.ExitCount
+    torch.manual_seed 1L |> ignore
+    use x = torch.randn([| int64 batch; 1L; 28L; 28L |], device = device)
+    use y = torch.randint(0L, 10L, [| int64 batch |], device = device)
+    let forward, backward, optimizer = ResizeArray<float>(), ResizeArray<float>(), ResizeArray<float>()
+    for s in 0 .. warmupSteps + steps - 1 do
+        use scope = torch.NewDisposeScope()
+        let clock = Stopwatch.StartNew()
+        let logits = net.forward x
+        let mutable loss = torch.nn.functional.cross_entropy(logits[0], y) * (1.0 / float m)
+        for e in 1 .. m - 1 do
+            loss <- loss + torch.nn.functional.cross_entropy(logits[e], y) * (1.0 / float m)
+        sync device
+        let t1 = clock.Elapsed.TotalMilliseconds
+        opt.zero_grad()
+        loss.backward()
+        sync device
+        let t2 = clock.Elapsed.TotalMilliseconds
+        opt.step() |> ignore
+        loss.item<float32>() |> ignore
+        let t3 = clock.Elapsed.TotalMilliseconds
+        if s >= warmupSteps then
+            forward.Add t1
+            backward.Add(t2 - t1)
+            optimizer.Add(t3 - t2)
+    median (List.ofSeq forward), median (List.ofSeq backward), median (List.ofSeq optimizer)
+
 let rssMiB () =
     use p = Process.GetCurrentProcess()
     p.Refresh()
@@ -646,6 +679,22 @@ let main argv =
                 let r = median (train |> List.map (fun (x, _, _) -> x))
                 add $"training images/s, ours / PyTorch {version} ({label})" r ">= 1.0" (r >= 1.0)
                     $"(cpu-scale ResNet, batch {batch}, joint loss, AdamW; ours {median (train |> List.map (fun (_, a, _) -> a)):F0}, PyTorch {median (train |> List.map (fun (_, _, b) -> b)):F0} images/s)"
+                // Where a step's time goes, by phase: a bare loop of ours on one fixed batch against the peer's own
+                // split, in alternating rounds (medians of the rounds' medians).
+                let rounds = if smoke then 1 elif quick then 2 else 3
+                let phases =
+                    [ for _ in 1..rounds ->
+                        let o = (use netC = model device in stepPhases netC trainSteps batch device)
+                        let p = runPeer python script [ "train"; "--threads"; string t; "--batch"; string batch; "--steps"; string trainSteps; "--warmup"; string warmupSteps ]
+                        o, (p.GetProperty("forwardMs").GetDouble(), p.GetProperty("backwardMs").GetDouble(), p.GetProperty("optimizerMs").GetDouble()) ]
+                for name, pick, what in
+                        [ "forward", (fun (f, _, _) -> f), "the exits' logits and the joint loss"
+                          "backward", (fun (_, b, _) -> b), "zero_grad and backward"
+                          "optimizer", (fun (_, _, o) -> o), "AdamW's step and the loss read back" ] do
+                    let mine = median (phases |> List.map (fst >> pick))
+                    let theirs = median (phases |> List.map (snd >> pick))
+                    info $"training step's {name}, ours / PyTorch ({label})" (mine / theirs)
+                        $"({what}; ours {mine:F2}, PyTorch {theirs:F2} ms per step, batch {batch}, one fixed random batch each, medians of {rounds} alternated round(s) of {trainSteps} steps)"
                 // Where the convolutions' time goes, by oneDNN's own account (1 thread, one run per side): the kernels
                 // libtorch picks differ by version, the strided backward-data most (see the README).
                 if t = 1 then

@@ -60,18 +60,27 @@ def train(a):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(a.batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (a.batch,), generator=g)
-    times = []
+    times, forward, backward, optimizer = [], [], [], []
     for step in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         logits = net(x)
         loss = sum(F.cross_entropy(l, y) for l in logits) / len(logits)
+        t1 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
         loss.item()  # the trainer reads the loss back every step too
+        t3 = time.perf_counter()
         if step >= a.warmup:
-            times.append(time.perf_counter() - t0)
-    return {"secondsPerStep": sum(times) / len(times), "imagesPerSecond": a.batch * len(times) / sum(times)}
+            times.append(t3 - t0)
+            forward.append(t1 - t0)
+            backward.append(t2 - t1)
+            optimizer.append(t3 - t2)
+    # The phases' medians (ms): forward with the loss; zero_grad and backward; AdamW's step and the loss read back.
+    med = lambda v: 1000 * sorted(v)[len(v) // 2]
+    return {"secondsPerStep": sum(times) / len(times), "imagesPerSecond": a.batch * len(times) / sum(times),
+            "forwardMs": med(forward), "backwardMs": med(backward), "optimizerMs": med(optimizer)}
 
 
 def latency(a):
