@@ -70,12 +70,20 @@ let basePlan (name: string) (m: int) (steps: int) (batch: int) (epochs: int) (au
         Mix = (if augment then MixSettings() else null), Schedule = (if augment then LrSchedule.Cosine else LrSchedule.Constant),
         LearningRate = 1e-3, EvalBatchSize = 256)
 
+/// The joint loss in plain TorchSharp (the mean of the exits' cross-entropies), as the bare loops and the PyTorch peer
+/// compute it.
+let bareJointLoss (logits: torch.Tensor[]) (y: torch.Tensor) =
+    let m = logits.Length
+    let mutable loss = torch.nn.functional.cross_entropy(logits[0], y) * (1.0 / float m)
+    for e in 1 .. m - 1 do
+        loss <- loss + torch.nn.functional.cross_entropy(logits[e], y) * (1.0 / float m)
+    loss
+
 /// A bare TorchSharp loop over the same data source, model, batch and optimiser: seconds per step. Like the
 /// trainer, it reads the loss back every step (the trainer checks it for NaN); that is also what synchronises a GPU.
 let bareLoop (net: MultiExitNetwork) (data: ImageDataset) (steps: int) (batch: int) (device: torch.Device) =
     use opt = torch.optim.AdamW(net.parameters(), lr = 1e-3)
     net.train() |> ignore
-    let m = net.ExitCount
     let times = ResizeArray<float>()
     let clock = Stopwatch.StartNew()
     for s in 0 .. steps - 1 do
@@ -84,9 +92,7 @@ let bareLoop (net: MultiExitNetwork) (data: ImageDataset) (steps: int) (batch: i
         let x = data.Images(ReadOnlySpan idx, device)
         let y = data.LabelTensor(ReadOnlySpan idx, device)
         let logits = net.forward x
-        let mutable loss = torch.nn.functional.cross_entropy(logits[0], y) * (1.0 / float m)
-        for e in 1 .. m - 1 do
-            loss <- loss + torch.nn.functional.cross_entropy(logits[e], y) * (1.0 / float m)
+        let loss = bareJointLoss logits y
         loss.item<float32>() |> ignore
         opt.zero_grad()
         loss.backward()
@@ -102,7 +108,6 @@ let bareLoop (net: MultiExitNetwork) (data: ImageDataset) (steps: int) (batch: i
 let stepPhases (net: MultiExitNetwork) (steps: int) (batch: int) (device: torch.Device) =
     use opt = torch.optim.AdamW(net.parameters(), lr = 1e-3)
     net.train() |> ignore
-    let m = net.ExitCount
     torch.manual_seed 1L |> ignore
     use x = torch.randn([| int64 batch; 1L; 28L; 28L |], device = device)
     use y = torch.randint(0L, 10L, [| int64 batch |], device = device)
@@ -111,9 +116,7 @@ let stepPhases (net: MultiExitNetwork) (steps: int) (batch: int) (device: torch.
         use scope = torch.NewDisposeScope()
         let clock = Stopwatch.StartNew()
         let logits = net.forward x
-        let mutable loss = torch.nn.functional.cross_entropy(logits[0], y) * (1.0 / float m)
-        for e in 1 .. m - 1 do
-            loss <- loss + torch.nn.functional.cross_entropy(logits[e], y) * (1.0 / float m)
+        let loss = bareJointLoss logits y
         sync device
         let t1 = clock.Elapsed.TotalMilliseconds
         opt.zero_grad()
@@ -662,6 +665,8 @@ let main argv =
             for t in threadCounts do
                 torch.set_num_threads t
                 let label = $"{t} thread(s)"
+                // The peer's training steps: throughput and its own split by phase, in one JSON line.
+                let peerTrain () = runPeer python script [ "train"; "--threads"; string t; "--batch"; string batch; "--steps"; string trainSteps; "--warmup"; string warmupSteps ]
                 // Training: our trainer's joint step against PyTorch's (same batch, AdamW, the loss read back every step).
                 let train =
                     [ for _ in 1..repeats ->
@@ -672,7 +677,7 @@ let main argv =
                             StageTrainer.Run(netA, basePlan "joint" netA.ExitCount (warmupSteps + trainSteps) batch 1 false, data, regs, device, clock) |> ignore
                             float batch / clock.PerStepSeconds
                         let theirsStep () =
-                            (runPeer python script [ "train"; "--threads"; string t; "--batch"; string batch; "--steps"; string trainSteps; "--warmup"; string warmupSteps ]).GetProperty("imagesPerSecond").GetDouble()
+                            (peerTrain ()).GetProperty("imagesPerSecond").GetDouble()
                         let a = oursStep ()
                         let b = theirsStep ()
                         a / b, a, b ]
@@ -685,7 +690,7 @@ let main argv =
                 let phases =
                     [ for _ in 1..rounds ->
                         let o = (use netC = model device in stepPhases netC trainSteps batch device)
-                        let p = runPeer python script [ "train"; "--threads"; string t; "--batch"; string batch; "--steps"; string trainSteps; "--warmup"; string warmupSteps ]
+                        let p = peerTrain ()
                         o, (p.GetProperty("forwardMs").GetDouble(), p.GetProperty("backwardMs").GetDouble(), p.GetProperty("optimizerMs").GetDouble()) ]
                 for name, pick, what in
                         [ "forward", (fun (f, _, _) -> f), "the exits' logits and the joint loss"
