@@ -200,6 +200,85 @@ let lwfTeachers =
         }
     ]
 
+/// Batch norms away from their initial state: running statistics and affine parameters drawn from the seed.
+let private shakeBatchNorms (net: MultiExitNetwork) (seed: int) =
+    use _ = torch.no_grad()
+    let g = torch.Generator(uint64 seed)
+    for m in net.modules() do
+        match m with
+        | :? TorchSharp.Modules.BatchNorm2d as bn ->
+            let c = bn.running_mean.shape[0]
+            bn.running_mean.copy_(torch.randn([| c |], generator = g) * 0.5) |> ignore
+            bn.running_var.copy_(torch.rand([| c |], generator = g) * 2.0 + 0.1) |> ignore
+            bn.weight.copy_(torch.randn([| c |], generator = g)) |> ignore
+            bn.bias.copy_(torch.randn([| c |], generator = g) * 0.5) |> ignore
+        | _ -> ()
+
+let private inputOf (c: SmallResNet) (n: int64) =
+    torch.randn([| n; c.Input[0]; c.Input[1]; c.Input[2] |], generator = torch.Generator(uint64 c.Seed + 7UL))
+
+let frozenCopies =
+    testList "frozen copies (LwF teachers): batch norm folded into the convolutions" [
+        testPropertyWithConfig { configWithArbs with maxTest = 12 } "a frozen copy's logits equal its source's in eval mode, up to float rounding" (fun (c: SmallResNet) ->
+            use net = build c
+            shakeBatchNorms net c.Seed
+            use frozen = net.FrozenCopy()
+            net.eval() |> ignore
+            use x = inputOf c 5L
+            use _ = torch.no_grad()
+            use scope = torch.NewDisposeScope()
+            let folded = frozen.modules() |> Seq.filter (fun m -> match box m with :? IBatchNormFoldable as f -> f.IsFolded | _ -> false) |> Seq.length
+            folded = Array.sum c.Blocks + 1 // the stem and every block
+            && Array.forall2 close (frozen.forward x) (net.forward x))
+        test "the fold serves eval forwards without gradients only, and is taken again by Freeze" {
+            let c = { Blocks = [| 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = 9 }
+            use net = build c
+            shakeBatchNorms net 9
+            use frozen = net.FrozenCopy()
+            net.eval() |> ignore
+            use x = inputOf c 4L
+            use scope = torch.NewDisposeScope()
+            let noGrad (n: MultiExitNetwork) = (use _ = torch.no_grad() in (n.forward x)[1])
+            let unfolded () = ((frozen.forward x)[1]).detach()
+            let folded () = noGrad frozen
+            let reference = noGrad net
+            // With gradients enabled the copy runs the very ops of its source: equal bit for bit.
+            Expect.isTrue (same (unfolded ()) reference) "gradients enabled: the unfolded forward"
+            Expect.isTrue (close (folded ()) reference) "no gradients: the fold, equal up to rounding"
+            let before = folded ()
+            // A running variance changed after Freeze: the fold still holds the old statistics until Freeze runs again.
+            let bn = frozen.modules() |> Seq.pick (fun m -> match m with :? TorchSharp.Modules.BatchNorm2d as b -> Some b | _ -> None)
+            do (use _ = torch.no_grad()
+                use four = 4.0.ToScalar()
+                bn.running_var.mul_(four) |> ignore)
+            Expect.isTrue (same (folded ()) before) "stale until Freeze"
+            Expect.isFalse (close (unfolded ()) before) "the unfolded forward sees the change"
+            frozen.Freeze()
+            Expect.isTrue (close (folded ()) (unfolded ())) "Freeze takes the fold again"
+            // Train mode never uses the fold, with or without gradients.
+            frozen.train() |> ignore
+            Expect.isTrue (same (noGrad frozen) (unfolded ())) "train mode: no fold"
+        }
+        test "LwF teachers saved and loaded give the logits of the teachers that were saved, bit for bit" {
+            let c = { Blocks = [| 1; 1; 1 |]; BaseWidth = 4; Exits = [| 1; 2; 3 |]; Classes = 3; Input = [| 1L; 8L; 8L |]; Seed = 6 }
+            use net = build c
+            shakeBatchNorms net 6
+            let settings = readOnlyDict [ "teachers", "per-exit" ]
+            use saved = new EarlyExit.Regularisers.LwfRegulariser(settings)
+            saved.Teachers[1] <- net.FrozenCopy()
+            saved.Teachers[2] <- net.FrozenCopy()
+            use state = new EarlyExit.Regularisers.StateWriter()
+            saved.Save(state, "lwf/")
+            use loaded = new EarlyExit.Regularisers.LwfRegulariser(settings)
+            loaded.Load(state.Tensors, "lwf/", net)
+            use x = inputOf c 6L
+            use _ = torch.no_grad()
+            use scope = torch.NewDisposeScope()
+            for nu in [ 1; 2 ] do
+                Expect.isTrue (same (loaded.Teachers[nu].ForwardExit(x, nu)) (saved.Teachers[nu].ForwardExit(x, nu))) $"teacher {nu}"
+        }
+    ]
+
 let private stateOf (net: MultiExitNetwork) (groups: string list) =
     groups
     |> List.collect (fun g ->
@@ -315,6 +394,18 @@ let msdnet =
                 for k in fast.Keys do
                     Expect.isTrue (close fast[k] slow[k]) $"exit {exit}: {k}"
                 for t in Seq.append fast.Values slow.Values do t.Dispose()
+        }
+        test "a frozen copy (its batch norms folded into the convolutions) gives its source's logits in eval mode" {
+            use net = smallMsdNet ()
+            shakeBatchNorms net 12
+            use frozen = net.FrozenCopy()
+            net.eval() |> ignore
+            use x = torch.randn([| 3L; 1L; 20L; 20L |], generator = torch.Generator(5UL))
+            use _ = torch.no_grad()
+            use scope = torch.NewDisposeScope()
+            let folded = frozen.modules() |> Seq.filter (fun m -> match box m with :? IBatchNormFoldable as f -> f.IsFolded | _ -> false) |> Seq.length
+            Expect.equal folded (net.modules() |> Seq.filter (fun m -> m :? TorchSharp.Modules.BatchNorm2d) |> Seq.length) "every batch norm folded"
+            Array.iteri2 (fun i a b -> Expect.isTrue (close a b) $"exit {i + 1}") (frozen.forward x) (net.forward x)
         }
         test "sequential EWC and LwF stages leave frozen segments and heads bit-for-bit unchanged" {
             for strategy in [ Sequential [ ewc 100.0 ]; Sequential [ lwf 0.5 ] ] do
@@ -480,4 +571,4 @@ let nativeScalars =
         }
     ]
 
-let all = testList "training engine" [ gradientOracle; nativeScalars; msdnet; fisher; ewcPenalty; lwfKl; lwfTeachers; freezing; memory; resume ]
+let all = testList "training engine" [ gradientOracle; nativeScalars; msdnet; fisher; ewcPenalty; lwfKl; lwfTeachers; frozenCopies; freezing; memory; resume ]

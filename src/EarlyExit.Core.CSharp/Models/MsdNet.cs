@@ -57,21 +57,42 @@ namespace EarlyExit.Models
     }
 
     /// <summary>3×3 (or k×k) convolution, BatchNorm, ReLU: ConvBasic of the reference.</summary>
-    public sealed class ConvBnRelu : nn.Module<Tensor, Tensor>
+    public sealed class ConvBnRelu : nn.Module<Tensor, Tensor>, IBatchNormFoldable
     {
         private readonly Conv2d conv;
         private readonly BatchNorm2d bn;
         private readonly ReLU relu;
+        private readonly long stride, padding;
+        private FoldedConv? folded;
 
         public ConvBnRelu(string name, long nIn, long nOut, long kernel = 3, long stride = 1, long padding = 1) : base(name)
         {
             conv = nn.Conv2d(nIn, nOut, kernel, stride: stride, padding: padding, bias: false);
             bn = nn.BatchNorm2d(nOut);
             relu = nn.ReLU();
+            this.stride = stride;
+            this.padding = padding;
             RegisterComponents();
         }
 
-        public override Tensor forward(Tensor x) => relu.call(bn.call(conv.call(x)));
+        public override Tensor forward(Tensor x) =>
+            folded is not null && !training && !is_grad_enabled() && folded.Serves(x)
+                ? folded.Forward(x).relu_()
+                : relu.call(bn.call(conv.call(x)));
+
+        public bool IsFolded => folded is not null;
+
+        public void FoldBatchNorm()
+        {
+            folded?.Dispose();
+            folded = new FoldedConv(conv, bn, stride, padding);
+        }
+
+        protected override void Dispose(bool disposing)
+        {
+            if (disposing) { folded?.Dispose(); folded = null; }
+            base.Dispose(disposing);
+        }
     }
 
     /// <summary>ConvBN of the reference: optional 1×1 bottleneck, then a 3×3 convolution (stride 2 when "down").</summary>

@@ -1,9 +1,65 @@
+using System;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace EarlyExit.Models
 {
+    /// <summary>
+    /// A module that can fold its batch norms into the convolutions before them, for a network that will only run
+    /// inference from now on (<see cref="MultiExitNetwork.Freeze"/>): in eval mode a batch norm is a per-channel affine
+    /// map, so conv∘BN is one convolution with scaled weights and a bias, and the pass of BN over the feature map goes.
+    /// </summary>
+    public interface IBatchNormFoldable
+    {
+        /// <summary>Computes the folded weights from the current parameters and running statistics (again on every call).</summary>
+        void FoldBatchNorm();
+        /// <summary>Whether folded weights are held.</summary>
+        bool IsFolded { get; }
+    }
+
+    /// <summary>The weight and bias of conv∘BN in eval mode, and the forward that uses them.</summary>
+    internal sealed class FoldedConv : IDisposable
+    {
+        public readonly Tensor Weight;
+        public readonly Tensor Bias;
+        private readonly long[] stride;
+        private readonly long[] padding;
+
+        /// <summary>W' = W·γ/√(σ²+ε) per output channel, b' = β − μ·γ/√(σ²+ε) (computed in float64, stored in W's type).</summary>
+        public FoldedConv(Conv2d conv, BatchNorm2d bn, long stride, long padding)
+        {
+            using var scope = NewDisposeScope();
+            using var _ = no_grad();
+            var w = conv.weight!;
+            var mean = bn.running_mean!.to(float64);
+            using var eps = bn.eps.ToScalar();
+            var scale = bn.weight!.to(float64) / bn.running_var!.to(float64).add(eps).sqrt();
+            Weight = (w.to(float64) * scale.reshape(-1, 1, 1, 1)).to(w.dtype).contiguous().MoveToOuterDisposeScope();
+            var shift = bn.bias!.to(float64) - mean * scale;
+            if (conv.bias is not null) shift = shift + conv.bias.to(float64) * scale;
+            Bias = shift.to(w.dtype).MoveToOuterDisposeScope();
+            this.stride = new[] { stride, stride };
+            this.padding = new[] { padding, padding };
+        }
+
+        /// <summary>Whether this fold can serve an input: same device and type as the folded weights.</summary>
+        public bool Serves(Tensor x) => x.device_type == Weight.device_type && x.device_index == Weight.device_index && x.dtype == Weight.dtype;
+
+        public Tensor Forward(Tensor x)
+        {
+            // What ConvolutionLayout's pre-hook does for the module, for the backends that need NCHW inputs.
+            var input = Native.ConvolutionLayout.NchwInputs && !x.is_contiguous() ? x.contiguous() : x;
+            return nn.functional.conv2d(input, Weight, Bias, strides: stride, padding: padding);
+        }
+
+        public void Dispose()
+        {
+            Weight.Dispose();
+            Bias.Dispose();
+        }
+    }
+
     /// <summary>
     /// ResNet BasicBlock: 3×3 conv, BN, ReLU, 3×3 conv, BN, plus a shortcut (1×1 conv + BN when the shape changes), ReLU.
     /// A strided shortcut is computed as the stride-1 1×1 convolution of the input's every stride-th pixel, which is the
@@ -13,7 +69,7 @@ namespace EarlyExit.Models
     /// the strided convolution took 6.3, 3.0 and 1.8 ms (8→16 channels at 28×28, 16→32 at 14×14, 32→64 at 7×7; 1 thread,
     /// AVX-512 Zen 4). Its weight, and the parameter names, are those of a strided 1×1 convolution.
     /// </summary>
-    public sealed class BasicBlock : nn.Module<Tensor, Tensor>
+    public sealed class BasicBlock : nn.Module<Tensor, Tensor>, IBatchNormFoldable
     {
         private readonly Conv2d conv1;
         private readonly BatchNorm2d bn1;
@@ -23,10 +79,13 @@ namespace EarlyExit.Models
         private readonly Conv2d? shortcutConv;
         private readonly BatchNorm2d? shortcutBn;
         private readonly long shortcutStride;
+        private readonly long stride;
         private readonly ReLU relu2;
+        private FoldedConv? folded1, folded2, foldedShortcut;
 
         public BasicBlock(string name, long inChannels, long outChannels, long stride) : base(name)
         {
+            this.stride = stride;
             conv1 = nn.Conv2d(inChannels, outChannels, 3, stride: stride, padding: 1, bias: false);
             bn1 = nn.BatchNorm2d(outChannels);
             relu1 = nn.ReLU();
@@ -45,10 +104,43 @@ namespace EarlyExit.Models
         public override Tensor forward(Tensor x)
         {
             using var scope = NewDisposeScope();
+            if (folded1 is not null && !training && !is_grad_enabled() && folded1.Serves(x))
+            {
+                // Folded inference (a frozen network): conv+bias, ReLU in place, conv+bias, the shortcut added in place.
+                // Every tensor written here is a fresh output of this forward, so nothing a caller holds is changed.
+                var h = folded1.Forward(x).relu_();
+                var z = folded2!.Forward(h);
+                var t = foldedShortcut is null ? x : foldedShortcut.Forward(Subsample(x, shortcutStride));
+                return z.add_(t).relu_().MoveToOuterDisposeScope();
+            }
             var y = bn2.call(conv2.call(relu1.call(bn1.call(conv1.call(x)))));
             var s = shortcutConv is null ? x : shortcutBn!.call(shortcutConv.call(Subsample(x, shortcutStride)));
             // Out-of-place add: forward hooks (MAC counter, per-sample Fisher) may hold on to bn2's output.
             return relu2.call(y + s).MoveToOuterDisposeScope();
+        }
+
+        public bool IsFolded => folded1 is not null;
+
+        public void FoldBatchNorm()
+        {
+            DisposeFolds();
+            folded1 = new FoldedConv(conv1, bn1, stride, 1);
+            folded2 = new FoldedConv(conv2, bn2, 1, 1);
+            if (shortcutConv is not null) foldedShortcut = new FoldedConv(shortcutConv, shortcutBn!, 1, 0);
+        }
+
+        void DisposeFolds()
+        {
+            folded1?.Dispose();
+            folded2?.Dispose();
+            foldedShortcut?.Dispose();
+            folded1 = folded2 = foldedShortcut = null;
+        }
+
+        protected override void Dispose(bool disposing)
+        {
+            if (disposing) DisposeFolds();
+            base.Dispose(disposing);
         }
 
         /// <summary>Every <paramref name="stride"/>-th pixel of an N×C×H×W map, from the first (a view): what a strided 1×1
@@ -58,11 +150,12 @@ namespace EarlyExit.Models
     }
 
     /// <summary>CIFAR stem: 3×3 conv, stride 1, BN, ReLU (no max-pool).</summary>
-    public sealed class CifarStem : nn.Module<Tensor, Tensor>
+    public sealed class CifarStem : nn.Module<Tensor, Tensor>, IBatchNormFoldable
     {
         private readonly Conv2d conv;
         private readonly BatchNorm2d bn;
         private readonly ReLU relu;
+        private FoldedConv? folded;
 
         public CifarStem(string name, long inChannels, long outChannels) : base(name)
         {
@@ -72,7 +165,24 @@ namespace EarlyExit.Models
             RegisterComponents();
         }
 
-        public override Tensor forward(Tensor x) => relu.call(bn.call(conv.call(x)));
+        public override Tensor forward(Tensor x) =>
+            folded is not null && !training && !is_grad_enabled() && folded.Serves(x)
+                ? folded.Forward(x).relu_()
+                : relu.call(bn.call(conv.call(x)));
+
+        public bool IsFolded => folded is not null;
+
+        public void FoldBatchNorm()
+        {
+            folded?.Dispose();
+            folded = new FoldedConv(conv, bn, 1, 1);
+        }
+
+        protected override void Dispose(bool disposing)
+        {
+            if (disposing) { folded?.Dispose(); folded = null; }
+            base.Dispose(disposing);
+        }
     }
 
     /// <summary>A backbone segment that carries a single feature map: a sequence of modules applied to state[0].</summary>

@@ -120,8 +120,7 @@ namespace EarlyExit.Regularisers
                 var teacher = net.CreateSibling();
                 TensorStore.LoadInto(teacher, from, $"{prefix}teacher{nu}/");
                 teacher.to(device);
-                foreach (var p in teacher.parameters()) p.requires_grad = false;
-                teacher.eval();
+                teacher.Freeze();
                 Teachers[(int)nu] = teacher;
             }
         }
