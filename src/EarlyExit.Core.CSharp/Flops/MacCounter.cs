@@ -82,6 +82,7 @@ namespace EarlyExit.Flops
             try
             {
                 using var noGrad = no_grad();
+                using var unfolded = BatchNormFolding.Suspend();  // a frozen network's folded forward bypasses the hooked leaves
                 using var scope = NewDisposeScope();
                 var p0 = net.parameters().First();
                 var x = zeros(new long[] { 1 }.Concat(net.InputShape).ToArray(), dtype: p0.dtype, device: p0.device);

@@ -18,6 +18,36 @@ namespace EarlyExit.Models
         bool IsFolded { get; }
     }
 
+    /// <summary>
+    /// Switches folded forwards off on this thread while a tool that hooks leaf modules runs one (the MAC counter): a
+    /// folded forward calls no Conv2d, BatchNorm2d or ReLU module, so their hooks would not fire. Nests.
+    /// </summary>
+    public static class BatchNormFolding
+    {
+        [ThreadStatic] static int suspended;
+
+        /// <summary>Whether folded forwards may run on this thread.</summary>
+        public static bool Active => suspended == 0;
+
+        /// <summary>Folded forwards are off on this thread until the returned object is disposed.</summary>
+        public static IDisposable Suspend()
+        {
+            suspended++;
+            return new Resume();
+        }
+
+        sealed class Resume : IDisposable
+        {
+            bool done;
+            public void Dispose()
+            {
+                if (done) return;
+                done = true;
+                suspended--;
+            }
+        }
+    }
+
     /// <summary>The weight and bias of conv∘BN in eval mode, and the forward that uses them.</summary>
     internal sealed class FoldedConv : IDisposable
     {
@@ -43,8 +73,8 @@ namespace EarlyExit.Models
             this.padding = new[] { padding, padding };
         }
 
-        /// <summary>Whether this fold can serve an input: same device and type as the folded weights.</summary>
-        public bool Serves(Tensor x) => x.device_type == Weight.device_type && x.device_index == Weight.device_index && x.dtype == Weight.dtype;
+        /// <summary>Whether this fold can serve an input: folding not suspended, same device and type as the folded weights.</summary>
+        public bool Serves(Tensor x) => BatchNormFolding.Active && x.device_type == Weight.device_type && x.device_index == Weight.device_index && x.dtype == Weight.dtype;
 
         public Tensor Forward(Tensor x)
         {
