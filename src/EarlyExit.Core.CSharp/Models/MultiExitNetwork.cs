@@ -61,7 +61,9 @@ namespace EarlyExit.Models
         /// The fold is taken from the parameters and running statistics as they are now: call Freeze again after
         /// changing them (loading weights, say), or the forwards keep computing with the old ones. A forward in train
         /// mode or with gradients enabled never uses the fold. Same logits as before up to float rounding (a frozen copy
-        /// against its source: a few 1e-6 relative at the cpu scale).
+        /// against its source: a few 1e-6 relative at the cpu scale). A folded forward calls no Conv2d, BatchNorm2d or
+        /// ReLU module, so a tool that hooks those leaves runs its forward inside <see cref="BatchNormFolding.Suspend"/>,
+        /// as the MAC counter does.
         /// </summary>
         public void Freeze()
         {
