@@ -24,8 +24,14 @@ type Figure =
     { Name: string
       Value: float
       Target: string
-      /// None for a figure given for scale only (no target).
+      /// None for a figure given for scale only (no target); else whether the median meets the target.
       Met: bool option
+      /// For a figure measured in repeats: the 95% confidence interval of the repeats' geometric mean (Student t on
+      /// the logs of the per-repeat ratios), low and high; None for a single measurement or a figure without a target.
+      Ci95: float[] option
+      /// "met" or "not met": for a figure measured in repeats, only where its whole 95% interval lies on one side of
+      /// the target, and "inconclusive" where the interval spans it; for a single measurement, the median's; "–" without a target.
+      Verdict: string
       Detail: string }
 
 let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
@@ -279,10 +285,22 @@ let main argv =
     let data = DataSplits(train, splits.Validation.Take(256, 0), splits.Test.Take(2000, 0), splits.Source)
     let figures = ResizeArray<Figure>()
     let add name value (target: string) met detail =
-        figures.Add { Name = name; Value = value; Target = target; Met = Some met; Detail = detail }
+        figures.Add { Name = name; Value = value; Target = target; Met = Some met; Ci95 = None; Verdict = (if met then "met" else "not met"); Detail = detail }
         log $"  {name}: {value:F3} (target {target}) {detail}"
+    /// A figure measured as one ratio per repeat against a bound (`atMost`: the ratio must not exceed it): the median,
+    /// and the verdict from the 95% interval of the repeats (`repeatedVerdict`).
+    let addRepeats name (ratios: float list) (bound: float) (atMost: bool) (target: string) detail =
+        let value = median ratios
+        let meets v = if atMost then v <= bound else v >= bound
+        let ci = EarlyExit.Experiments.Reports.Statistics.ratioInterval ratios
+        let verdict = EarlyExit.Experiments.Reports.Statistics.repeatedVerdict meets value ci
+        figures.Add { Name = name; Value = value; Target = target; Met = Some (meets value); Ci95 = ci; Verdict = verdict; Detail = detail }
+        let interval = match ci with
+                       | Some [| lo; hi |] -> $"95%% CI {lo:F3}-{hi:F3} over {ratios.Length} repeats: "
+                       | _ -> ""
+        log $"  {name}: {value:F3} (target {target}; {interval}{verdict}) {detail}"
     let info name value detail =
-        figures.Add { Name = name; Value = value; Target = "–"; Met = None; Detail = detail }
+        figures.Add { Name = name; Value = value; Target = "–"; Met = None; Ci95 = None; Verdict = "–"; Detail = detail }
         log $"  {name}: {value:F3} {detail}"
 
     // 0. Training throughput under every convolution backend of this CPU, each in a fresh probe process (oneDNN
@@ -358,11 +376,9 @@ let main argv =
                     finally busy.Kill true
                 alone / beside, aloneFixed / besideFixed ] |> List.unzip
         let each xs = xs |> List.map (sprintf "%.2f") |> String.concat " "
-        let p = median parallelRatios
-        add $"throughput of {cores} one-thread runs at once / one run on {cores} threads" p ">= 1.5" (p >= 1.5)
+        addRepeats $"throughput of {cores} one-thread runs at once / one run on {cores} threads" parallelRatios 1.5 false ">= 1.5"
             $"(the executor's default; cpu-scale ResNet, batch 128, {numerics.kernels} kernels; runs {each parallelRatios})"
-        let s = median slowdowns
-        add "slowdown of a training run beside a busy process, default threads (auto)" s "<= 2" (s <= 2.0)
+        addRepeats "slowdown of a training run beside a busy process, default threads (auto)" slowdowns 2.0 true "<= 2"
             $"(alone / beside one process spinning on a core; auto takes the cores minus the runnable processes at start; runs {each slowdowns})"
         info $"slowdown of a training run beside a busy process, fixed at {cores} threads" (median fixedSlowdowns) $"(OpenMP threads wait for a sibling the busy process descheduled; runs {each fixedSlowdowns})"
 
@@ -388,9 +404,8 @@ let main argv =
                 else
                     let t = trainer ()
                     bare () / t ]
-        let r1 = median trainerVsBare
         let each = trainerVsBare |> List.map (fun v -> v.ToString "F2") |> String.concat " "
-        add "trainer step throughput / bare TorchSharp loop" r1 ">= 0.95" (r1 >= 0.95) $"(joint, batch {batch}, AdamW; runs {each})"
+        addRepeats "trainer step throughput / bare TorchSharp loop" trainerVsBare 0.95 false ">= 0.95" $"(joint, batch {batch}, AdamW; runs {each})"
         info "minor page faults per trainer step (this process)" (median (List.ofSeq trainerFaults))
             $"(includes the stage's validation pass; allocator: {NativeAllocator.Status})"
 
@@ -461,23 +476,20 @@ let main argv =
                 stepOf (stagePlan 100.0 0.0 LwfTeacherPolicy.PerExit),
                 lwf,
                 stepOf (stagePlan 0.0 0.7 LwfTeacherPolicy.PreviousStage) ]
-        let ratio pick = median (runsOf |> List.map (fun (a, e, l, p) -> pick (e, l, p) / a))
-        let ewcRatio = ratio (fun (e, _, _) -> e)
-        let lwfRatio = ratio (fun (_, l, _) -> l)
-        let prevRatio = ratio (fun (_, _, p) -> p)
-        add "sequential + EWC step / plain step" ewcRatio "<= 1.10" (ewcRatio <= 1.10) $"(stage μ={m}, {m - 1} protected exits)"
+        let ratiosOf pick = runsOf |> List.map (fun (a, e, l, p) -> pick (e, l, p) / a)
+        addRepeats "sequential + EWC step / plain step" (ratiosOf (fun (e, _, _) -> e)) 1.10 true "<= 1.10" $"(stage μ={m}, {m - 1} protected exits)"
         // What the per-exit teachers cost by MACs: Σ_ν (cost up to exit ν) against a training step (≈ 3 forward passes).
         let cost = EarlyExit.Flops.MacCounter.Count net
         let cum = cost.Exits |> Seq.map (fun e -> float e.CumulativeMacs) |> Seq.toArray
         let teacherForwards = (Array.sum cum[.. m - 2]) / cum[m - 1]
         // The floor by MACs: a step (≈ 3 forward passes) plus the teachers' forwards. The target is within 5% of it.
         let floor = 1.0 + teacherForwards / 3.0
-        add "sequential + LwF step, per-exit teachers (the paper's definition) / plain step" lwfRatio $"<= {1.05 * floor:F2} (5%% above its MACs floor)" (lwfRatio <= 1.05 * floor)
+        addRepeats "sequential + LwF step, per-exit teachers (the paper's definition) / plain step" (ratiosOf (fun (_, l, _) -> l)) (1.05 * floor) true $"<= {1.05 * floor:F2} (5%% above its MACs floor)"
             $"(by MACs: the {m - 1} teacher forwards cost {teacherForwards:F2} full forwards and a training step about 3, so a floor of {floor:F2} before the earlier heads' own gradients)"
         let teacherEach = teacherRuns |> Seq.map (fun v -> v.ToString "F2") |> String.concat " "
         info "sequential + LwF step, per-exit teachers / (plain step + the teachers' forwards, timed)" (median (List.ofSeq teacherRuns))
             $"(what is left above 1: the earlier exits' heads forward and backward, their gradients through the backbone, and the KL terms; runs {teacherEach})"
-        add "sequential + LwF step, one previous-stage teacher (--lwf-teachers previous-stage) / plain step" prevRatio "<= 1.5" (prevRatio <= 1.5)
+        addRepeats "sequential + LwF step, one previous-stage teacher (--lwf-teachers previous-stage) / plain step" (ratiosOf (fun (_, _, p) -> p)) 1.5 true "<= 1.5"
             $"(one teacher forward up to exit {m - 1})"
 
     let plainStep () =
@@ -499,9 +511,8 @@ let main argv =
             for v in f.Values do v.Dispose()
             t
         let pairs = [ for _ in 1..repeats -> let pass = trainingPass () in pass, fisher FisherEstimator.PerSampleEmpirical n ]
-        let fisherRatio = median (pairs |> List.map (fun (pass, f) -> f / pass))
         let pass = median (pairs |> List.map fst)
-        add "per-sample Fisher over N samples / one training pass over N" fisherRatio "<= 3" (fisherRatio <= 3.0) $"(N = {n}; training pass {pass:F2} s)"
+        addRepeats "per-sample Fisher over N samples / one training pass over N" (pairs |> List.map (fun (pass, f) -> f / pass)) 3.0 true "<= 3" $"(N = {n}; training pass {pass:F2} s)"
         let naiveN = if smoke then 8 else 64
         let naive = fisher FisherEstimator.PerSampleEmpiricalNaive naiveN / float naiveN * float n
         info "for scale: one backward pass per sample / one training pass" (naive / trainingPass ()) $"(the naive oracle, extrapolated from {naiveN} samples)"
@@ -610,7 +621,7 @@ let main argv =
             // At batch 64, MACs mispredict time on this CPU (shallow layers run fewer MACs per second): the target is
             // against each exit's measured latency, with the MACs figure beside it.
             if b = 1 then
-                add $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r ">= 0.9" (r >= 0.9) macsDetail
+                addRepeats $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" (runs |> List.map (fun (a, _, _, _, _, _) -> a)) 0.9 false ">= 0.9" macsDetail
                 info $"early-exit inference, batch {b}: measured speed-up / speed-up predicted by each exit's measured latency" rl latencyDetail
             else
                 info $"early-exit inference, batch {b}: measured speed-up / MACs-predicted speed-up" r macsDetail
@@ -620,9 +631,8 @@ let main argv =
                     (latencyDetail.TrimEnd(')') + "; the batches shrink as samples leave)")
                 info $"early-exit inference, batch {b}, batch by batch: measured speed-up / speed-up predicted by each segment's latency at the batch sizes it ran at" rShrink
                     $"(predicted {byShrinking:F2}x: segment μ + head μ timed at every size that occurs; measured {median measuredSpeedUps:F2}x; what is left is the cost of deciding and compacting, and drift between the two timings)"
-                let rs = median (List.ofSeq streamed)
                 let each = streamed |> Seq.map (fun v -> v.ToString "F2") |> String.concat " "
-                add $"early-exit inference, batch {b}, streamed (EarlyExitInference.RunStreamed: a queue per segment, full batches): measured speed-up / speed-up predicted by each exit's measured latency" rs ">= 0.95" (rs >= 0.95)
+                addRepeats $"early-exit inference, batch {b}, streamed (EarlyExitInference.RunStreamed: a queue per segment, full batches): measured speed-up / speed-up predicted by each exit's measured latency" (List.ofSeq streamed) 0.95 false ">= 0.95"
                     $"(the same samples, threshold and exits; every segment runs batches of {b} but the tail; runs {each})"
 
         torch.set_num_threads threads
@@ -681,8 +691,7 @@ let main argv =
                         let a = oursStep ()
                         let b = theirsStep ()
                         a / b, a, b ]
-                let r = median (train |> List.map (fun (x, _, _) -> x))
-                add $"training images/s, ours / PyTorch {version} ({label})" r ">= 1.0" (r >= 1.0)
+                addRepeats $"training images/s, ours / PyTorch {version} ({label})" (train |> List.map (fun (x, _, _) -> x)) 1.0 false ">= 1.0"
                     $"(cpu-scale ResNet, batch {batch}, joint loss, AdamW; ours {median (train |> List.map (fun (_, a, _) -> a)):F0}, PyTorch {median (train |> List.map (fun (_, _, b) -> b)):F0} images/s)"
                 // Where a step's time goes, by phase: a bare loop of ours on one fixed batch against the peer's own
                 // split, in alternating rounds (medians of the rounds' medians).
@@ -740,7 +749,7 @@ let main argv =
                             mine / other, mine, other ]
                     let r = median (lat |> List.map (fun (x, _, _) -> x))
                     let detail = $"(every exit, eval mode; ours {median (lat |> List.map (fun (_, a, _) -> a)):F3}, PyTorch {median (lat |> List.map (fun (_, _, c) -> c)):F3} ms per batch)"
-                    if b = 1 then add $"batch-1 latency, ours / PyTorch ({label})" r "<= 1.0" (r <= 1.0) detail
+                    if b = 1 then addRepeats $"batch-1 latency, ours / PyTorch ({label})" (lat |> List.map (fun (x, _, _) -> x)) 1.0 true "<= 1.0" detail
                     else info $"batch-64 latency, ours / PyTorch ({label})" r detail
                 // What batch-1 inference spends its time on, both sides alike: the whole forward, each convolution alone
                 // at the input it gets in the network (summed: the kernels, libtorch 2.10's oneDNN against 1.13's), the
@@ -799,8 +808,7 @@ let main argv =
                         for v in f.Values do v.Dispose()
                         let other = (runPeer python script [ "fisher"; "--threads"; string t; "--samples"; string n; "--chunk"; "128" ]).GetProperty("seconds").GetDouble()
                         mine / other, mine, other ]
-                let r = median (fisherRuns |> List.map (fun (x, _, _) -> x))
-                add $"per-sample Fisher over N = {n}, ours / PyTorch functorch ({label})" r "<= 1.0" (r <= 1.0)
+                addRepeats $"per-sample Fisher over N = {n}, ours / PyTorch functorch ({label})" (fisherRuns |> List.map (fun (x, _, _) -> x)) 1.0 true "<= 1.0"
                     $"(ours {median (fisherRuns |> List.map (fun (_, a, _) -> a)):F2} s, functorch vmap(grad) in chunks of 128: {median (fisherRuns |> List.map (fun (_, _, c) -> c)):F2} s)"
             torch.set_num_threads processThreads
 
@@ -842,16 +850,22 @@ let main argv =
     let md =
         "# EarlyExit benchmarks\n\n" +
         $"Ratios measured side by side in one process, medians of {repeats} runs ({kind}). " +
+        "Met: for a figure measured in repeats, yes or no only where the 95% confidence interval of the repeats' geometric mean " +
+        "(Student t on the logs of the per-repeat ratios) lies wholly on one side of the target, inconclusive where it spans it; " +
+        "for a single measurement, the measured value's. " +
         $"Device: {Devices.Describe device}. Machine: {machine}. Code: {code}. " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC.\n\n" +
         $"Numerics: {numerics.summary}.\n\nAllocator: {NativeAllocator.Status}. Native scalars: {NativeScalars.Status}.\n\n" +
-        Markdown.table [ "figure"; "measured"; "target"; "met"; "detail" ]
+        Markdown.table [ "figure"; "measured"; "95% CI"; "target"; "met"; "detail" ]
             [ for f in figures ->
                 let met =
-                    match f.Met with
-                    | Some true -> "yes"
-                    | Some false -> "**no**"
-                    | None -> "–"
-                [ f.Name; f.Value.ToString("F3"); f.Target; met; f.Detail ] ] +
+                    match f.Verdict with
+                    | "met" -> "yes"
+                    | "not met" -> "**no**"
+                    | v -> v
+                let ci = match f.Ci95 with
+                         | Some [| lo; hi |] -> $"{lo:F3}–{hi:F3}"
+                         | _ -> "–"
+                [ f.Name; f.Value.ToString("F3"); ci; f.Target; met; f.Detail ] ] +
         "\nCommand: `dotnet run -c Release --project bench/EarlyExit.Bench -- " + (if smoke then "--smoke" elif quick then "--quick" else "") + "`\n"
     Markdown.writeAtomic (Path.Combine(outDir, "bench.md")) md
     let mdPath = Path.Combine(outDir, "bench.md")

@@ -13,6 +13,31 @@ let private close (tol: float) (actual: float) (expected: float) (what: string) 
 
 let statistics =
     testList "statistics over seeds (worked by hand)" [
+        test "a timing ratio's interval by hand: ratios 2, 4, 8 -> logs ln2·(1, 2, 3), geometric mean 4, interval 4·2^(±4.3027/√3)" {
+            match Statistics.ratioInterval [ 2.0; 4.0; 8.0 ] with
+            | Some [| lo; hi |] ->
+                let half = 4.3027 * 1.0 / sqrt 3.0   // in units of ln 2: the logs' sample standard deviation is 1
+                close 1e-3 lo (4.0 * 2.0 ** -half) "low"
+                close 1e-2 hi (4.0 * 2.0 ** half) "high"
+                // The inverse ratios get the mirrored interval.
+                match Statistics.ratioInterval [ 0.5; 0.25; 0.125 ] with
+                | Some [| lo'; hi' |] ->
+                    close 1e-9 lo' (1.0 / hi) "mirrored low"
+                    close 1e-9 hi' (1.0 / lo) "mirrored high"
+                | other -> failwithf "no interval: %A" other
+            | other -> failwithf "no interval: %A" other
+            Expect.isNone (Statistics.ratioInterval [ 1.1 ]) "one repeat: no interval"
+            Expect.isNone (Statistics.ratioInterval [ 1.1; 0.0 ]) "a ratio that is not positive: no interval"
+        }
+        test "a target over repeats is met or missed only where the whole interval is on one side of it" {
+            let atLeast1 v = v >= 1.0
+            let verdict xs = Statistics.repeatedVerdict atLeast1 (List.average xs) (Statistics.ratioInterval xs)
+            Expect.equal (verdict [ 1.20; 1.25; 1.30 ]) "met" "all above, tight"
+            Expect.equal (verdict [ 0.80; 0.82; 0.84 ]) "not met" "all below, tight"
+            Expect.equal (verdict [ 0.93; 0.96; 1.09; 1.00 ]) "inconclusive" "spans 1 (the four 1-thread training runs against PyTorch)"
+            Expect.equal (Statistics.repeatedVerdict atLeast1 1.02 None) "met" "without an interval: the value's"
+            Expect.equal (Statistics.repeatedVerdict atLeast1 0.98 None) "not met" "without an interval: the value's"
+        }
         test "Student t quantiles t(0.975, df) as printed in tables: 12.706, 4.303, 2.776, 2.262, 2.042" {
             for df, expected in [ 1, 12.7062; 2, 4.3027; 4, 2.7764; 9, 2.2622; 30, 2.0423 ] do
                 close 5e-4 (Statistics.tQuantile df 0.975) expected $"df {df}"

@@ -62,6 +62,23 @@ let claimVerdict (claimedPositive: bool) (d: Summary) =
     | Worse, true | Better, false -> "reversed"
     | _ -> "inconclusive"
 
+/// Timings (the benchmark): the 95% confidence interval of the geometric mean of positive per-repeat ratios (Student t on their logs, so a
+/// ratio and its inverse get mirrored intervals); None for fewer than 2 repeats or a ratio that is not positive.
+let ratioInterval (xs: float list) =
+    if xs.Length < 2 || xs |> List.exists (fun x -> not (x > 0.0) || Double.IsInfinity x) then None
+    else
+        let s = summarize (xs |> List.map log)
+        Some [| exp (s.Mean - s.HalfWidth); exp (s.Mean + s.HalfWidth) |]
+
+/// A target's verdict over repeats: met or not met where the whole interval is on one side of the bound,
+/// inconclusive where it spans it; the median's verdict where there is no interval.
+let repeatedVerdict (meets: float -> bool) (value: float) (ci: float[] option) =
+    match ci with
+    | Some [| lo; hi |] when meets lo && meets hi -> "met"
+    | Some [| lo; hi |] when not (meets lo) && not (meets hi) -> "not met"
+    | Some _ -> "inconclusive"
+    | None -> if meets value then "met" else "not met"
+
 let private inv = Globalization.CultureInfo.InvariantCulture
 
 /// "88.12 ± 0.45" (values scaled by `scale`, e.g. 100 for accuracies in %); "88.12" when n < 2; "–" when n = 0.
