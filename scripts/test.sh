@@ -87,7 +87,8 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ] && [ -z "${EARLYEXIT_SKIP_PACKAGES:-}" ]; 
 fi
 # The benchmark harness, at smoke size (seconds): every figure is produced and written (25, and training throughput
 # under each convolution backend of this CPU, at least default and no-onednn; and, where Debian's python3-torch is
-# installed, the 14 of the PyTorch peer at one thread, its training step by phase, batch-1 profile and oneDNN convolution profile included); its numbers mean nothing.
+# installed, the 14 of the PyTorch peer at one thread, its training step by phase, batch-1 profile and oneDNN convolution profile included),
+# as readable JSON (no \u00XX escapes of '+' or apostrophes); its numbers mean nothing.
 if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
   bench=$(mktemp -d)
   pytorch_expected=0
@@ -97,7 +98,8 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
     && pytorch=$(grep -c '"Name": ".*PyTorch' "$bench/bench.json") \
     && [ "$perbackend" -ge 2 ] && [ "$(( $(grep -c '"Name"' "$bench/bench.json") - perbackend - pytorch ))" -eq 25 ] \
     && [ "$pytorch" -eq "$pytorch_expected" ] \
-    && grep -q "^| trainer step" "$bench/bench.md" && grep -q "^Numerics: CPU " "$bench/bench.md"
+    && grep -q "^| trainer step" "$bench/bench.md" && grep -q "^Numerics: CPU " "$bench/bench.md" \
+    && grep -q '"Name": "sequential + EWC step' "$bench/bench.json" && ! grep -q '\\u00' "$bench/bench.json"
   report "bench smoke" $? "$bench/log"
   rm -rf "$bench"
 fi

@@ -846,7 +846,7 @@ let main argv =
            date = DateTime.UtcNow.ToString("o")
            repeats = repeats
            figures = figures |}
-    Markdown.writeAtomic (Path.Combine(outDir, "bench.json")) (JsonSerializer.Serialize(doc, JsonSerializerOptions(WriteIndented = true)))
+    Markdown.writeAtomic (Path.Combine(outDir, "bench.json")) (JsonSerializer.Serialize(doc, Markdown.jsonOptions false))
     let md =
         "# EarlyExit benchmarks\n\n" +
         $"Ratios measured side by side in one process, medians of {repeats} runs ({kind}). " +

@@ -140,7 +140,7 @@ let main argv =
             0
         | Some (Models r) ->
             if r.Contains ModelsArgs.Json then
-                Console.Out.WriteLine(Text.Json.JsonSerializer.Serialize([ for f in ModelRegistry.Families -> {| name = f.Name; summary = f.Summary; defaults = f.Defaults |} ], Text.Json.JsonSerializerOptions(WriteIndented = true)))
+                Console.Out.WriteLine(Text.Json.JsonSerializer.Serialize([ for f in ModelRegistry.Families -> {| name = f.Name; summary = f.Summary; defaults = f.Defaults |} ], EarlyExit.Experiments.Reports.Markdown.jsonOptions false))
             else Describe.listModels AnsiConsole.Console
             0
         | Some (Describe r) -> describe r

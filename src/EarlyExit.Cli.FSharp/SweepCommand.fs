@@ -103,7 +103,7 @@ let status (r: ParseResults<SweepStatusArgs>) =
                counts = dict counts
                remaining = left
                runs = [ for st in statuses -> {| task = st.Run.Task; name = st.Run.Name; seed = st.Run.Seed; state = st.State; detail = st.Detail; logTail = st.LogTail; runDir = st.Run.RunDir |} ] |}
-        printfn "%s" (JsonSerializer.Serialize(json, JsonSerializerOptions(WriteIndented = true)))
+        printfn "%s" (JsonSerializer.Serialize(json, EarlyExit.Experiments.Reports.Markdown.jsonOptions false))
     else
         queueError |> Option.iter (fun e -> eprintfn "warning: %s (states below come from the run folders alone)" e)
         let table = Table().AddColumns("task", "run", "seed", "state", "detail")

@@ -109,6 +109,28 @@ let describeJson =
         }
     ]
 
+/// The JSON that results, run folders and sweeps are written with: readable text, still valid JSON.
+let readableJson =
+    testList "JSON for people (Markdown.jsonOptions)" [
+        test "'+', apostrophes, '<', '&' and non-ASCII text are written as themselves; quotes and control characters escaped; it reads back" {
+            let name = "sequential + LwF's teachers < 1.60 & Δ μ – \"quoted\"\tend"
+            let text = JsonSerializer.Serialize({| name = name |}, EarlyExit.Experiments.Reports.Markdown.jsonOptions false)
+            Expect.stringContains text "sequential + LwF's teachers < 1.60 & Δ μ –" "printable text as itself"
+            Expect.isFalse (text.Contains "\\u00") $"no \\u00XX escapes of printable characters: {text}"
+            Expect.stringContains text "\\\"quoted\\\"\\tend" "a quote and a tab still escaped"
+            use doc = JsonDocument.Parse text
+            Expect.equal (doc.RootElement.GetProperty("name").GetString()) name "reads back to the same string"
+            // The default encoder, for contrast: what the files held before.
+            Expect.stringContains (JsonSerializer.Serialize({| name = name |})) "\\u002B" "System.Text.Json's default escapes '+'"
+        }
+        test "named floats: NaN and Infinity written with namedFloats, refused without" {
+            let text = JsonSerializer.Serialize([| nan; infinity |], EarlyExit.Experiments.Reports.Markdown.jsonOptions true)
+            Expect.stringContains text "\"NaN\"" "NaN"
+            Expect.stringContains text "\"Infinity\"" "Infinity"
+            Expect.throws (fun () -> JsonSerializer.Serialize([| nan |], EarlyExit.Experiments.Reports.Markdown.jsonOptions false) |> ignore) "strict numbers refuse NaN"
+        }
+    ]
+
 /// A minimal ELF64 with a .gnu.version_r section naming libstdc++.so.6 and two versions, built byte by byte.
 let syntheticElf (weak: bool) =
     let strtab = Text.Encoding.ASCII.GetBytes("\000libstdc++.so.6\000GLIBCXX_3.4.30\000GLIBCXX_3.4.32\000")
@@ -367,4 +389,4 @@ let budgets =
         }
     ]
 
-let all = testList "golden" [ budgets; msdnetPaper; resnet34Paper; describeJson; elfPatch; runtimeLoader; registry; NumericsTests.all; AnalyzerTests.all; StatisticsTests.all; SchemaTests.all; SlurmTests.all ]
+let all = testList "golden" [ budgets; msdnetPaper; resnet34Paper; describeJson; readableJson; elfPatch; runtimeLoader; registry; NumericsTests.all; AnalyzerTests.all; StatisticsTests.all; SchemaTests.all; SlurmTests.all ]

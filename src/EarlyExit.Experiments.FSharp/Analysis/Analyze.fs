@@ -34,7 +34,7 @@ let defaults = { Samples = 1000; RankSamples = 256; Grid = 11; Span = 1.0; Group
 
 let metricNames = [ "gradients"; "rank"; "landscape"; "connectivity" ]
 
-let private json = JsonSerializerOptions(WriteIndented = true, NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
+let private json = Markdown.jsonOptions true
 let private inv = Globalization.CultureInfo.InvariantCulture
 let private f3 (v: float) = if Double.IsNaN v then "–" else v.ToString("F3", inv)
 

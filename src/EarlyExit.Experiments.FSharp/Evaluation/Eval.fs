@@ -148,7 +148,7 @@ let run (dir: string) (asJson: bool) (timingSamples: int) (policy: Budget.Policy
                expectedCalibrationError = calibration |> Array.map fst
                curve = sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |})
                timing = timings |}
-        Console.Out.WriteLine(JsonSerializer.Serialize(doc, JsonSerializerOptions(WriteIndented = true)))
+        Console.Out.WriteLine(JsonSerializer.Serialize(doc, Markdown.jsonOptions false))
     else
         let c = AnsiConsole.Console
         c.MarkupLine($"[bold]{Markup.Escape info.Recipe}[/] ({Markup.Escape info.Data}, scale {info.Scale}, {Markup.Escape info.Device}, code {info.CodeVersion})")

@@ -28,7 +28,7 @@ let settingsFor (scale: Scales.Scale) =
 let pairs = [ "disjoint", "mixed"; "joint", "mixed"; "joint", "disjoint" ]
 
 let private inv = Globalization.CultureInfo.InvariantCulture
-let private json = JsonSerializerOptions(WriteIndented = true, NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
+let private json = Markdown.jsonOptions true
 
 let run (o: Table1.Options) =
     if o.Strategies.IsSome || o.Regularisers.IsSome || o.Parts.IsSome then

@@ -491,7 +491,7 @@ let run (o: Options) =
                    deltaVsSeparate = deltas r |> List.map (fun (q, s) -> {| quantity = q; summary = summaryJson s; verdict = Statistics.verdictName (Statistics.verdict s) |})
                    cost = costOf r
                    curves = r.Runs |> List.map (fun s -> {| seed = s.Seed; curve = s.Sweep |> Array.map (fun p -> {| threshold = p.Threshold; accuracy = p.Accuracy; averageMacs = p.AverageMacs; exitRatios = p.ExitRatios |}) |}) |}) |}
-    let options = JsonSerializerOptions(WriteIndented = true, NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
+    let options = Markdown.jsonOptions true
     Markdown.writeAtomic (Path.Combine(dir, $"table1{suffix}.json")) (JsonSerializer.Serialize(json, options))
     let title = $"{o.Model} on {data}, {Scales.name o.Scale} scale" + (if suffix = "" then "" else $", {Budget.policyName o.Policy} exits")
     if suffix = "" then writeFig2 dir title rows

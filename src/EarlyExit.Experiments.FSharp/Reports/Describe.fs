@@ -44,7 +44,7 @@ let toJson (model: string) (net: MultiExitNetwork) (cost: NetworkCost) =
                    segmentParameters = e.SegmentParameters
                    headParameters = e.HeadParameters |})
             |> Seq.toArray |}
-    JsonSerializer.Serialize(doc, JsonSerializerOptions(WriteIndented = true))
+    JsonSerializer.Serialize(doc, Markdown.jsonOptions false)
 
 let private n (v: int64) = v.ToString("N0", Globalization.CultureInfo.InvariantCulture)
 

@@ -27,4 +27,15 @@ let writeAtomic (path: string) (text: string) =
     File.WriteAllText(tmp, text)
     File.Move(tmp, path, true)
 
+/// JSON options for the files and outputs people read (results, run folders, sweeps): indented, with '+', '\'', '<',
+/// '&' and non-ASCII text (μ, Δ, –) written as themselves, not as the "\u002B" escapes System.Text.Json's default,
+/// HTML-safe encoder writes; quotes and control characters are still escaped, so the JSON is valid. `namedFloats`:
+/// NaN and ±Infinity written as "NaN" and "Infinity" rather than refused.
+let jsonOptions (namedFloats: bool) =
+    Text.Json.JsonSerializerOptions(
+        WriteIndented = true,
+        Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+        NumberHandling = (if namedFloats then Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals
+                          else Text.Json.Serialization.JsonNumberHandling.Strict))
+
 let f2 (v: float) = v.ToString("F2", Globalization.CultureInfo.InvariantCulture)

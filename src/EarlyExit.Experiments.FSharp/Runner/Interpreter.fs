@@ -48,7 +48,7 @@ type RunResult =
 exception RunError of string
 
 // NaN (a cosine of a zero gradient, a missing value) is written as "NaN" rather than refused.
-let private json = JsonSerializerOptions(WriteIndented = true, NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
+let private json = Markdown.jsonOptions true
 
 let private writeAtomic = Markdown.writeAtomic
 

@@ -137,7 +137,7 @@ let submit (s: Sweep.Sweep) (o: Options) (tasks: int list) =
     let jobId = out.Split(';').[0].Trim()
     if not (Regex.IsMatch(jobId, "^[0-9]+$")) then raise (Sweep.SweepError $"sbatch answered '{out}', not a job id")
     let all = submissions s.Root @ [ { JobId = jobId; Tasks = tasks; Script = path; Submitted = DateTime.UtcNow.ToString "o"; Options = o } ]
-    File.WriteAllText(submissionsFile s.Root + ".tmp", JsonSerializer.Serialize(all, JsonSerializerOptions(WriteIndented = true)))
+    File.WriteAllText(submissionsFile s.Root + ".tmp", JsonSerializer.Serialize(all, EarlyExit.Experiments.Reports.Markdown.jsonOptions false))
     File.Move(submissionsFile s.Root + ".tmp", submissionsFile s.Root, true)
     jobId
 

@@ -40,7 +40,7 @@ exception SweepError of string
 let folder (root: string) = Path.Combine(root, "sweep")
 let file (root: string) = Path.Combine(folder root, "sweep.json")
 
-let private json = JsonSerializerOptions(WriteIndented = true)
+let private json = EarlyExit.Experiments.Reports.Markdown.jsonOptions false
 
 /// Refuses a root that cannot be written, before anything is written (a read-only or missing parent, a file).
 let checkWritable (root: string) =
