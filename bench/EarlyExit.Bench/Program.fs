@@ -29,6 +29,8 @@ type Figure =
       /// For a figure measured in repeats: the 95% confidence interval of the repeats' geometric mean (Student t on
       /// the logs of the per-repeat ratios), low and high; None for a single measurement or a figure without a target.
       Ci95: float[] option
+      /// How many repeats the figure is the median of (1 for a single measurement).
+      Repeats: int
       /// "met" or "not met": for a figure measured in repeats, only where its whole 95% interval lies on one side of
       /// the target, and "inconclusive" where the interval spans it; for a single measurement, the median's; "–" without a target.
       Verdict: string
@@ -285,7 +287,7 @@ let main argv =
     let data = DataSplits(train, splits.Validation.Take(256, 0), splits.Test.Take(2000, 0), splits.Source)
     let figures = ResizeArray<Figure>()
     let add name value (target: string) met detail =
-        figures.Add { Name = name; Value = value; Target = target; Met = Some met; Ci95 = None; Verdict = (if met then "met" else "not met"); Detail = detail }
+        figures.Add { Name = name; Value = value; Target = target; Met = Some met; Ci95 = None; Repeats = 1; Verdict = (if met then "met" else "not met"); Detail = detail }
         log $"  {name}: {value:F3} (target {target}) {detail}"
     /// A figure measured as one ratio per repeat against a bound (`atMost`: the ratio must not exceed it): the median,
     /// and the verdict from the 95% interval of the repeats (`repeatedVerdict`).
@@ -294,13 +296,13 @@ let main argv =
         let meets v = if atMost then v <= bound else v >= bound
         let ci = EarlyExit.Experiments.Reports.Statistics.ratioInterval ratios
         let verdict = EarlyExit.Experiments.Reports.Statistics.repeatedVerdict meets value ci
-        figures.Add { Name = name; Value = value; Target = target; Met = Some (meets value); Ci95 = ci; Verdict = verdict; Detail = detail }
+        figures.Add { Name = name; Value = value; Target = target; Met = Some (meets value); Ci95 = ci; Repeats = ratios.Length; Verdict = verdict; Detail = detail }
         let interval = match ci with
                        | Some [| lo; hi |] -> $"95%% CI {lo:F3}-{hi:F3} over {ratios.Length} repeats: "
                        | _ -> ""
         log $"  {name}: {value:F3} (target {target}; {interval}{verdict}) {detail}"
     let info name value detail =
-        figures.Add { Name = name; Value = value; Target = "–"; Met = None; Ci95 = None; Verdict = "–"; Detail = detail }
+        figures.Add { Name = name; Value = value; Target = "–"; Met = None; Ci95 = None; Repeats = 1; Verdict = "–"; Detail = detail }
         log $"  {name}: {value:F3} {detail}"
 
     // 0. Training throughput under every convolution backend of this CPU, each in a fresh probe process (oneDNN
@@ -849,13 +851,13 @@ let main argv =
     Markdown.writeAtomic (Path.Combine(outDir, "bench.json")) (JsonSerializer.Serialize(doc, Markdown.jsonOptions false))
     let md =
         "# EarlyExit benchmarks\n\n" +
-        $"Ratios measured side by side in one process, medians of {repeats} runs ({kind}). " +
+        $"Ratios measured side by side in one process, medians of {repeats} runs ({kind}) unless the interval column says fewer. " +
         "Met: for a figure measured in repeats, yes or no only where the 95% confidence interval of the repeats' geometric mean " +
         "(Student t on the logs of the per-repeat ratios) lies wholly on one side of the target, inconclusive where it spans it; " +
         "for a single measurement, the measured value's. " +
         $"Device: {Devices.Describe device}. Machine: {machine}. Code: {code}. " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC.\n\n" +
         $"Numerics: {numerics.summary}.\n\nAllocator: {NativeAllocator.Status}. Native scalars: {NativeScalars.Status}.\n\n" +
-        Markdown.table [ "figure"; "measured"; "95% CI"; "target"; "met"; "detail" ]
+        Markdown.table [ "figure"; "measured"; "95% CI (repeats)"; "target"; "met"; "detail" ]
             [ for f in figures ->
                 let met =
                     match f.Verdict with
@@ -863,7 +865,7 @@ let main argv =
                     | "not met" -> "**no**"
                     | v -> v
                 let ci = match f.Ci95 with
-                         | Some [| lo; hi |] -> $"{lo:F3}–{hi:F3}"
+                         | Some [| lo; hi |] -> $"{lo:F3}–{hi:F3} ({f.Repeats})"
                          | _ -> "–"
                 [ f.Name; f.Value.ToString("F3"); ci; f.Target; met; f.Detail ] ] +
         "\nCommand: `dotnet run -c Release --project bench/EarlyExit.Bench -- " + (if smoke then "--smoke" elif quick then "--quick" else "") + "`\n"
