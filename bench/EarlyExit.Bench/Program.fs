@@ -636,6 +636,30 @@ let main argv =
                 let each = streamed |> Seq.map (fun v -> v.ToString "F2") |> String.concat " "
                 addRepeats $"early-exit inference, batch {b}, streamed (EarlyExitInference.RunStreamed: a queue per segment, full batches): measured speed-up / speed-up predicted by each exit's measured latency" (List.ofSeq streamed) 0.95 false ">= 0.95"
                     $"(the same samples, threshold and exits; every segment runs batches of {b} but the tail; runs {each})"
+            // What a deployment gains from a frozen copy (MultiExitNetwork.FrozenCopy: batch norms folded into the
+            // convolutions, the LwF teachers' path): every exit's logits at this batch size, the frozen copy against the
+            // network as trained in eval mode, in alternating order.
+            use frozen = net.FrozenCopy()
+            let everyExit (n: EarlyExit.Models.MultiExitNetwork) =
+                use _ = torch.no_grad()
+                let x = images.narrow(0L, 0L, int64 b)
+                let once () =
+                    use scope = torch.NewDisposeScope()
+                    n.ForwardUpTo(x, m) |> ignore
+                    sync device
+                for _ in 1..3 do once ()
+                median [ for _ in 1..(if smoke then 5 elif b = 1 then 101 else 21) -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
+            let folds =
+                [ for r in 1..repeats ->
+                    if r % 2 = 1 then
+                        let f = everyExit frozen
+                        f, everyExit net
+                    else
+                        let u = everyExit net
+                        everyExit frozen, u ]
+            let foldEach = folds |> List.map (fun (f, u) -> (f / u).ToString "F2") |> String.concat " "
+            info $"inference, batch {b}, every exit: frozen copy (batch norms folded) / eval mode as trained" (median (folds |> List.map (fun (f, u) -> f / u)))
+                $"(time per batch: {median (List.map fst folds):F3} against {median (List.map snd folds):F3} ms{threadNote ()}; runs {foldEach})"
 
         torch.set_num_threads threads
 
