@@ -556,17 +556,17 @@ let main argv =
             // cost on this machine, where MACs of shallow layers (few channels, large maps) run slower than deep ones.
             // Timed again in every repeat, beside that repeat's early-exit run, so that a change in machine speed
             // between the two (runs of this VM drift by 2x over minutes on 2 threads) moves both.
-            let exitLatencies () =
+            // The median time (ms) of `timings` forwards of network n up to exit μ on the first b images, after 3 warm-ups.
+            let forwardMs (n: EarlyExit.Models.MultiExitNetwork) mu timings =
                 use _ = torch.no_grad()
-                [| for mu in 1..m ->
-                    let x = images.narrow(0L, 0L, int64 b)
-                    let once () =
-                        use scope = torch.NewDisposeScope()
-                        net.ForwardUpTo(x, mu) |> ignore
-                        sync device
-                    for _ in 1..3 do once ()
-                    let ts = [ for _ in 1..(if b = 1 then 41 else 15) -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
-                    median ts |]
+                let x = images.narrow(0L, 0L, int64 b)
+                let once () =
+                    use scope = torch.NewDisposeScope()
+                    n.ForwardUpTo(x, mu) |> ignore
+                    sync device
+                for _ in 1..3 do once ()
+                median [ for _ in 1..timings -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
+            let exitLatencies () = [| for mu in 1..m -> forwardMs net mu (if b = 1 then 41 else 15) |]
             let streamed = ResizeArray<float>()
             let latencies = ResizeArray<float[]>()
             let runs =
@@ -640,15 +640,7 @@ let main argv =
             // convolutions, the LwF teachers' path): every exit's logits at this batch size, the frozen copy against the
             // network as trained in eval mode, in alternating order.
             use frozen = net.FrozenCopy()
-            let everyExit (n: EarlyExit.Models.MultiExitNetwork) =
-                use _ = torch.no_grad()
-                let x = images.narrow(0L, 0L, int64 b)
-                let once () =
-                    use scope = torch.NewDisposeScope()
-                    n.ForwardUpTo(x, m) |> ignore
-                    sync device
-                for _ in 1..3 do once ()
-                median [ for _ in 1..(if smoke then 5 elif b = 1 then 101 else 21) -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
+            let everyExit n = forwardMs n m (if smoke then 5 elif b = 1 then 101 else 21)
             let folds =
                 [ for r in 1..repeats ->
                     if r % 2 = 1 then
