@@ -19,7 +19,7 @@ open EarlyExit.Experiments.Reports
 open EarlyExit.Experiments.Runner
 open EarlyExit.Experiments.Evaluation
 
-let private json = JsonSerializerOptions(WriteIndented = true, Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping)
+let private json = Markdown.jsonOptions false
 
 let private recipeOf (dir: string) =
     let path = Path.Combine(dir, "recipe.json")

@@ -466,7 +466,7 @@ let toCompactJson (schema: string option) (r: Recipe) =
     for KeyValue (k, v) in List.ofSeq root do
         if k = "stages" && defaults.Count > 0 then result["defaults"] <- defaults
         result[k] <- v.DeepClone()
-    result.ToJsonString(JsonSerializerOptions(WriteIndented = true, Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping))
+    result.ToJsonString(EarlyExit.Experiments.Reports.Markdown.jsonOptions false)
 
 /// Reads a recipe from JSON text (tests and round trips).
 let parse (json: string) : Result<Recipe, string list> =

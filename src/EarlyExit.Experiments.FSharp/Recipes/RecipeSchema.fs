@@ -170,4 +170,4 @@ let text () =
         ", \"$schema\": \"https://json-schema.org/draft/2020-12/schema\", \"title\": \"EarlyExit training recipe\", " +
         "\"$defs\": { \"stage\": " + stageSchema () + ", \"penalty\": " + penalties + ", \"strength\": " + strength + " } }"
     use doc = JsonDocument.Parse full
-    JsonSerializer.Serialize(doc.RootElement, JsonSerializerOptions(WriteIndented = true, Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping)) + "\n"
+    JsonSerializer.Serialize(doc.RootElement, EarlyExit.Experiments.Reports.Markdown.jsonOptions false) + "\n"

@@ -1,4 +1,4 @@
-/// Small writers for the tables of reports: Markdown and CSV, with a provenance header.
+/// Small writers for the tables of reports: Markdown and CSV, with a provenance header; the JSON options of files people read.
 module EarlyExit.Experiments.Reports.Markdown
 
 open System
@@ -31,11 +31,12 @@ let writeAtomic (path: string) (text: string) =
 /// '&' and non-ASCII text (μ, Δ, –) written as themselves, not as the "\u002B" escapes System.Text.Json's default,
 /// HTML-safe encoder writes; quotes and control characters are still escaped, so the JSON is valid. `namedFloats`:
 /// NaN and ±Infinity written as "NaN" and "Infinity" rather than refused.
-let jsonOptions (namedFloats: bool) =
+/// Two shared instances (System.Text.Json caches each type's metadata per options instance); never modified.
+let private readable (numbers: Text.Json.Serialization.JsonNumberHandling) =
     Text.Json.JsonSerializerOptions(
-        WriteIndented = true,
-        Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
-        NumberHandling = (if namedFloats then Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals
-                          else Text.Json.Serialization.JsonNumberHandling.Strict))
+        WriteIndented = true, Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping, NumberHandling = numbers)
+let private readableStrict = readable Text.Json.Serialization.JsonNumberHandling.Strict
+let private readableNamedFloats = readable Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals
+let jsonOptions (namedFloats: bool) = if namedFloats then readableNamedFloats else readableStrict
 
 let f2 (v: float) = v.ToString("F2", Globalization.CultureInfo.InvariantCulture)
