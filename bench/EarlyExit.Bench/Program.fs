@@ -556,18 +556,27 @@ let main argv =
             // cost on this machine, where MACs of shallow layers (few channels, large maps) run slower than deep ones.
             // Timed again in every repeat, beside that repeat's early-exit run, so that a change in machine speed
             // between the two (runs of this VM drift by 2x over minutes on 2 threads) moves both.
-            // The median time (ms) of `timings` forwards of network n up to exit μ on the first b images, after 3 warm-ups.
-            let forwardMs (n: EarlyExit.Models.MultiExitNetwork) mu timings =
+            // One forward (ms) of network n up to exit μ on the first b images.
+            let forwardOnce (n: EarlyExit.Models.MultiExitNetwork) mu =
                 use _ = torch.no_grad()
-                let x = images.narrow(0L, 0L, int64 b)
-                let once () =
-                    use scope = torch.NewDisposeScope()
-                    n.ForwardUpTo(x, mu) |> ignore
-                    sync device
-                for _ in 1..3 do once ()
-                median [ for _ in 1..timings -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
-            let exitLatencies () = [| for mu in 1..m -> forwardMs net mu (if b = 1 then 41 else 15) |]
+                use scope = torch.NewDisposeScope()
+                let c = Stopwatch.StartNew()
+                n.ForwardUpTo(images.narrow(0L, 0L, int64 b), mu) |> ignore
+                sync device
+                c.Elapsed.TotalMilliseconds
+            // The median time (ms) of `timings` forwards of network n up to exit μ, after 3 warm-ups.
+            let forwardMs n mu timings =
+                for _ in 1..3 do forwardOnce n mu |> ignore
+                median [ for _ in 1..timings -> forwardOnce n mu ]
+            // Every exit's median latency, timed round-robin (each round times every exit once), so that a change in
+            // machine speed during the measurement moves every exit alike and their ratios keep.
+            let exitLatencies () =
+                let timings = if b = 1 then 41 else 15
+                for _ in 1..3 do for mu in 1..m do forwardOnce net mu |> ignore
+                let rounds = [ for _ in 1..timings -> [| for mu in 1..m -> forwardOnce net mu |] ]
+                [| for mu in 0 .. m - 1 -> median [ for r in rounds -> r[mu] ] |]
             let streamed = ResizeArray<float>()
+            let streamedDetail = ResizeArray<string>()
             let latencies = ResizeArray<float[]>()
             let runs =
                 [ for _ in 1..repeats ->
@@ -578,8 +587,10 @@ let main argv =
                     let byLatency = latency[m - 1] / (exits |> Array.averageBy (fun e -> latency[e - 1]))
                     let measured = full / early
                     if b > 1 then
-                        let streamedMs = EarlyExit.Experiments.Evaluation.Eval.timeStreamed net images b EarlyExit.Experiments.Evaluation.Budget.Softmax half.Threshold 3
-                        streamed.Add((full / streamedMs) / byLatency)
+                        // Streamed runs paired with full runs of their own (drift between the two moves both).
+                        let _, _, speedUp = EarlyExit.Experiments.Evaluation.Eval.timeStreamed net images b EarlyExit.Experiments.Evaluation.Budget.Softmax half.Threshold 3
+                        streamed.Add(speedUp / byLatency)
+                        streamedDetail.Add $"{speedUp / byLatency:F2} ({speedUp:F2}x/{byLatency:F2}x)"
                     measured / byMacs, measured / byLatency, byMacs, byLatency, exits, measured ]
             let latency = [| for mu in 0 .. m - 1 -> median [ for l in latencies -> l[mu] ] |]
             let r = median (runs |> List.map (fun (a, _, _, _, _, _) -> a))
@@ -633,9 +644,9 @@ let main argv =
                     (latencyDetail.TrimEnd(')') + "; the batches shrink as samples leave)")
                 info $"early-exit inference, batch {b}, batch by batch: measured speed-up / speed-up predicted by each segment's latency at the batch sizes it ran at" rShrink
                     $"(predicted {byShrinking:F2}x: segment μ + head μ timed at every size that occurs; measured {median measuredSpeedUps:F2}x; what is left is the cost of deciding and compacting, and drift between the two timings)"
-                let each = streamed |> Seq.map (fun v -> v.ToString "F2") |> String.concat " "
+                let each = String.Join(", ", streamedDetail)
                 addRepeats $"early-exit inference, batch {b}, streamed (EarlyExitInference.RunStreamed: a queue per segment, full batches): measured speed-up / speed-up predicted by each exit's measured latency" (List.ofSeq streamed) 0.95 false ">= 0.95"
-                    $"(the same samples, threshold and exits; every segment runs batches of {b} but the tail; runs {each})"
+                    $"(the same samples, threshold and exits; every segment runs batches of {b} but the tail; runs, as measured/predicted: {each})"
             // What a deployment gains from a frozen copy (MultiExitNetwork.FrozenCopy: batch norms folded into the
             // convolutions, the LwF teachers' path): every exit's logits at this batch size, the frozen copy against the
             // network as trained in eval mode, in alternating order.

@@ -26,7 +26,8 @@ type Timing =
       EarlyExitMsPerSample: float
       FullMsPerSample: float
       /// Streamed early exit (EarlyExitInference.RunStreamed: a queue per segment, every segment at full batches),
-      /// the same samples and exits: ms per sample, and its speed-up over FullMsPerSample.
+      /// the same samples and exits: ms per sample, and its speed-up over the full network (the median of the speed-ups
+      /// of runs paired with full runs of their own, so not exactly FullMsPerSample / StreamedMsPerSample).
       StreamedMsPerSample: float
       StreamedSpeedUp: float }
 
@@ -74,16 +75,30 @@ let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Bu
     let pairs = [ for _ in 1..repeats -> runAll false, runAll true ]
     median (List.map fst pairs), median (List.map snd pairs), exits
 
-/// Times streamed early exit (a queue per segment, full batches of `batch`) over all of `images`: ms per sample,
-/// median of `repeats` after one warm-up run.
+/// Times streamed early exit (a queue per segment, full batches of `batch`) over all of `images`, each run paired with
+/// a run of the full network batch by batch right after it (threshold 1, as `time` runs it), so that a change in
+/// machine speed between the two hits both: (ms per sample streamed, ms per sample full, the median of the pairs'
+/// speed-ups full / streamed), medians of `repeats` pairs after one warm-up pair.
 let timeStreamed (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Budget.Policy) (threshold: float) (repeats: int) =
     let n = int images.shape[0]
-    let once () =
+    let streamed () =
         let clock = Stopwatch.StartNew()
         EarlyExitInference.RunStreamed(net, images, inferencePolicy policy, threshold, batch) |> ignore
         clock.Elapsed.TotalMilliseconds / float n
-    once () |> ignore
-    [ for _ in 1..repeats -> once () ] |> List.sort |> fun s -> s[s.Length / 2]
+    let full () =
+        let clock = Stopwatch.StartNew()
+        let mutable i = 0
+        while i < n do
+            let len = min batch (n - i)
+            use scope = torch.NewDisposeScope()
+            EarlyExitInference.Run(net, images.narrow(0L, int64 i, int64 len), ExitPolicy.Softmax, 1.0) |> ignore
+            i <- i + len
+        clock.Elapsed.TotalMilliseconds / float n
+    streamed () |> ignore
+    full () |> ignore
+    let pairs = [ for _ in 1..repeats -> (let s = streamed () in s, full ()) ]
+    let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
+    median (List.map fst pairs), median (List.map snd pairs), median [ for s, f in pairs -> f / s ]
 
 /// The speed-up MACs predict for samples that left at `exits` (1-based): cost of the last exit ÷ their mean cost.
 let predictedSpeedUp (exitMacs: int64[]) (exits: int[]) =
@@ -116,7 +131,7 @@ let run (dir: string) (asJson: bool) (timingSamples: int) (policy: Budget.Policy
             use images = data.Test.Images(ReadOnlySpan<int>([| 0 .. k - 1 |]))
             [ for batch in [ 1; 64 ] ->
                 let early, full, exits = time net images batch policy half.Threshold 3
-                let streamed = timeStreamed net images batch policy half.Threshold 3
+                let streamed, _, streamedSpeedUp = timeStreamed net images batch policy half.Threshold 3
                 // Predicted for the timed images themselves (the threshold was chosen on the whole test set).
                 let predicted = predictedSpeedUp outputs.ExitMacs exits
                 { BatchSize = batch
@@ -127,7 +142,7 @@ let run (dir: string) (asJson: bool) (timingSamples: int) (policy: Budget.Policy
                   EarlyExitMsPerSample = early
                   FullMsPerSample = full
                   StreamedMsPerSample = streamed
-                  StreamedSpeedUp = full / streamed } ]
+                  StreamedSpeedUp = streamedSpeedUp } ]
     if asJson then
         let doc =
             {| run = dir
