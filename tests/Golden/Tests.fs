@@ -301,6 +301,22 @@ let budgets =
             Expect.equal (o.Prediction[0][2]) 0 "tie -> class 0"
             Expect.equal (o.Confidence[0][2]) 0.5f "tie confidence"
         }
+        test "the exit decision of real early exit and of the evaluation (EarlyExitInference.Confidence), by hand" {
+            let at (row: float32[]) = EarlyExit.Inference.EarlyExitInference.Confidence(ReadOnlySpan row, true)
+            // [ln 3, 0]: z = 1 + 1/3, p = (3/4, 1/4); H = −(3/4 ln 3/4 + 1/4 ln 1/4) = ln 4 − (3/4) ln 3.
+            let struct (c, p, h) = at [| float32 (log 3.0); 0.0f |]
+            Expect.floatClose Accuracy.high (float c) 0.75 "confidence 3/4"
+            Expect.equal p 0L "class 0"
+            Expect.floatClose Accuracy.high (float h) (log 4.0 - 0.75 * log 3.0) "entropy"
+            let struct (c, p, h) = at [| 1.0f; 1.0f; 0.0f |]
+            Expect.equal p 0L "a tie predicts the first class"
+            Expect.floatClose Accuracy.high (float c) (1.0 / (2.0 + exp -1.0)) "confidence of a tie"
+            let struct (c, _, h) = at [| 0.0f; 0.0f |]
+            Expect.equal (c, h) (0.5f, float32 (log 2.0)) "uniform over 2: 1/2 and ln 2"
+            let struct (_, p, h) = EarlyExit.Inference.EarlyExitInference.Confidence(ReadOnlySpan [| -2.0f; 5.0f; 1.0f |], false)
+            Expect.equal (p, h) (1L, 0.0f) "no entropy asked: 0"
+            Expect.throwsT<ArgumentException> (fun () -> at [||] |> ignore) "an empty row"
+        }
         test "threshold 0: every sample leaves at exit 1" {
             let p = open' (budgetFixture ()) 0.0
             Expect.equal (p.Accuracy, p.AverageMacs, p.ExitRatios) (0.25, 10.0, [| 1.0; 0.0; 0.0 |]) "t = 0"

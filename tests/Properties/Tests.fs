@@ -363,4 +363,82 @@ let data =
                     same crop o || same (crop.flip(2L)) o)))
     ]
 
-let all = testList "properties" [ models; data ]
+/// What TensorStore wrote before it wrote tensors in one block (value by value with BinaryWriter): the file format.
+let valueByValue (name: string) (t: Tensor) =
+    use ms = new MemoryStream()
+    use w = new BinaryWriter(ms)
+    w.Write "EETS1"
+    w.Write 1
+    w.Write name
+    w.Write(int t.dtype)
+    w.Write(int (t.dim()))
+    for s in t.shape do w.Write s
+    match t.dtype with
+    | torch.ScalarType.Float32 -> for v in t.data<float32>() do w.Write v
+    | torch.ScalarType.Float64 -> for v in t.data<float>() do w.Write v
+    | torch.ScalarType.Int64 -> for v in t.data<int64>() do w.Write v
+    | torch.ScalarType.Int32 -> for v in t.data<int>() do w.Write v
+    | _ -> for v in t.data<bool>() do w.Write v
+    w.Flush()
+    ms.ToArray()
+
+let tensorFiles =
+    testList "tensor files and native copies" [
+        testProp "TensorStore: every supported type and shape reads back bit for bit, in the format written value by value before" (fun (seed: int) (NonNegativeInt d0) (NonNegativeInt k0) ->
+            use scope = torch.NewDisposeScope()
+            let rng = Random seed
+            // 0 to 3 dimensions of 0 to 4 (an empty tensor and a scalar included).
+            let shape = Array.init (d0 % 4) (fun _ -> int64 (rng.Next 5))
+            let t =
+                match k0 % 5 with
+                | 0 -> torch.randn(shape, dtype = torch.float32) * 1e30
+                | 1 -> torch.randn(shape, dtype = torch.float64)
+                | 2 -> torch.randint(-1000000000000L, 1000000000000L, shape, dtype = torch.int64)
+                | 3 -> torch.randint(-100000L, 100000L, shape, dtype = torch.int32)
+                | _ -> torch.rand(shape).gt(torch.tensor 0.5)
+            use dir = new TempDir()
+            let file = dir.File "t.tensors"
+            EarlyExit.Training.TensorStore.Save(file, readOnlyDict [ "x", t ])
+            let back = EarlyExit.Training.TensorStore.Load file
+            let b = back["x"]
+            let ok = b.dtype = t.dtype && b.shape = t.shape && (t.numel() = 0L || same b t) && File.ReadAllBytes file = valueByValue "x" t
+            b.Dispose()
+            ok)
+
+        test "TensorStore: a truncated file, or one whose shape claims more data than it holds, is an error naming the file" {
+            use dir = new TempDir()
+            let file = dir.File "t.tensors"
+            use t = torch.arange(0.0f, 1000.0f, 1.0f)
+            EarlyExit.Training.TensorStore.Save(file, readOnlyDict [ "x", t ])
+            let bytes = File.ReadAllBytes file
+            File.WriteAllBytes(file, bytes[.. bytes.Length - 5])
+            Expect.throwsT<InvalidDataException> (fun () -> EarlyExit.Training.TensorStore.Load file |> ignore) "truncated"
+            // A shape of 2^40 elements in a short file: refused before allocating (the count is checked against the file).
+            use ms = new MemoryStream()
+            use w = new BinaryWriter(ms)
+            w.Write "EETS1"; w.Write 1; w.Write "x"; w.Write(int torch.ScalarType.Float32); w.Write 1; w.Write (1L <<< 40); w.Write 1.0f
+            w.Flush()
+            File.WriteAllBytes(file, ms.ToArray())
+            let err = try EarlyExit.Training.TensorStore.Load file |> ignore; "" with :? InvalidDataException as e -> e.Message
+            Expect.stringContains err "truncated" "a huge claimed shape"
+            Expect.stringContains err file "names the file"
+        }
+
+        testProp "TensorData.ToArray equals TorchSharp's element accessor for contiguous, sliced and transposed tensors" (fun (seed: int) (PositiveInt r0) (PositiveInt c0) ->
+            use scope = torch.NewDisposeScope()
+            torch.manual_seed (int64 seed) |> ignore
+            let r, c = 1L + int64 (r0 % 7), 1L + int64 (c0 % 7)
+            let x = torch.randn(r, c)
+            let views = [ x; x.t(); x.narrow(0L, r / 2L, r - r / 2L); x.narrow(1L, c / 2L, c - c / 2L); x[torch.TensorIndex.Ellipsis, torch.TensorIndex.Slice(step = 2L)] ]
+            views |> List.forall (fun v -> EarlyExit.Native.TensorData.ToArray<float32> v = v.data<float32>().ToArray())
+            && EarlyExit.Native.TensorData.ToArray<int64>(torch.arange(r)) = Array.init (int r) int64)
+
+        test "TensorData.ToArray refuses a tensor of another element type" {
+            use t = torch.zeros(3L, dtype = torch.float64)
+            Expect.throwsT<ArgumentException> (fun () -> EarlyExit.Native.TensorData.ToArray<float32> t |> ignore) "float64 read as float32"
+            use e = torch.zeros(0L)
+            Expect.equal (EarlyExit.Native.TensorData.ToArray<float32> e) [||] "empty"
+        }
+    ]
+
+let all = testList "properties" [ models; data; tensorFiles ]

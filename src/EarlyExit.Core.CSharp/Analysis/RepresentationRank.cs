@@ -27,7 +27,7 @@ namespace EarlyExit.Analysis
         {
             if (matrix.dim() != 2) throw new ArgumentException($"the rank needs an N×D matrix, got [{string.Join(", ", matrix.shape)}]");
             using var scope = NewDisposeScope();
-            var sv = linalg.svdvals(matrix.detach().to_type(ScalarType.Float64).cpu()).data<double>().ToArray();
+            var sv = EarlyExit.Native.TensorData.ToArray<double>(linalg.svdvals(matrix.detach().to_type(ScalarType.Float64).cpu()));
             if (sv.Length == 0) return (0, 0, 0, 0);
             double largest = sv.Max();
             double tol = largest * Math.Max(matrix.shape[0], matrix.shape[1]) * Float32Epsilon;

@@ -150,6 +150,35 @@ namespace EarlyExit.Inference
             return (batch, ids.ToArray(), taken);
         }
 
+        /// <summary>
+        /// Of one row of logits: the maximum softmax probability, the predicted class (the first maximum) and, when
+        /// asked, the softmax entropy in nats (clamped at 0; else 0), in double from the float32 logits: with m the
+        /// maximum, z = Σ exp(x_c − m), confidence 1/z, entropy −Σ p log p with log p = (x_c − m) − log z. Real early exit
+        /// and the evaluation from cached logits (<c>Budget.fromLogits</c>) both decide with it.
+        /// </summary>
+        public static (float Confidence, long Prediction, float Entropy) Confidence(ReadOnlySpan<float> row, bool entropy = true)
+        {
+            if (row.Length == 0) throw new ArgumentException("a row of logits needs at least one class", nameof(row));
+            int arg = 0;
+            for (int c = 1; c < row.Length; c++)
+                if (row[c] > row[arg]) arg = c;
+            float max = row[arg];
+            double z = 0.0;
+            for (int c = 0; c < row.Length; c++)
+                z += Math.Exp((double)(row[c] - max));
+            double h = 0.0;
+            if (entropy)
+            {
+                double logZ = Math.Log(z);
+                for (int c = 0; c < row.Length; c++)
+                {
+                    double lp = (double)(row[c] - max) - logZ;
+                    h -= Math.Exp(lp) * lp;
+                }
+            }
+            return ((float)(1.0 / z), arg, (float)Math.Max(0.0, h));
+        }
+
         /// <summary>The exit decision of both runs: per sample (by its position in the input) the policy's state,
         /// and the results of the samples that have left.</summary>
         sealed class ExitRule
@@ -179,39 +208,35 @@ namespace EarlyExit.Inference
             /// those that stay (none at the last exit).</summary>
             public System.Collections.Generic.List<long> Decide(int mu, Tensor logits, long[] alive)
             {
-                using var scope = NewDisposeScope();
-                var probs = nn.functional.softmax(logits.to_type(ScalarType.Float32), 1);
-                var (conf, pred) = probs.max(1);
-                var confArr = conf.cpu().data<float>().ToArray();
-                var predArr = pred.cpu().data<long>().ToArray();
-                float[]? entropyArr = null;
-                if (policy == ExitPolicy.Entropy)
-                {
-                    // From float32 logits, as the evaluation from cached (float32) logits computes it.
-                    var logp = nn.functional.log_softmax(logits.to_type(ScalarType.Float32).to_type(ScalarType.Float64), 1);
-                    using var zero = 0.0.ToScalar();
-                    entropyArr = (-(logp.exp() * logp).sum(1L)).clamp_min(zero).to_type(ScalarType.Float32).cpu().data<float>().ToArray();
-                }
+                // One copy of the float32 logits to managed memory, and per row the maximum softmax probability, the
+                // argmax (first index on ties) and the entropy by Confidence, which the evaluation from cached logits
+                // (Budget.fromLogits) calls too: so real early exit and the evaluation agree bit for bit, and a
+                // decision costs one native copy instead of a kernel and a copy per quantity.
+                float[] rows;
+                using (var scope = NewDisposeScope())
+                    rows = EarlyExit.Native.TensorData.ToArray<float>(logits.to_type(ScalarType.Float32));
+                int classes = (int)logits.shape[1];
                 var stay = new System.Collections.Generic.List<long>();
                 for (int i = 0; i < alive.Length; i++)
                 {
+                    var (conf, pred, entropy) = Confidence(rows.AsSpan(i * classes, classes), policy == ExitPolicy.Entropy);
                     long at = alive[i];
                     if (policy == ExitPolicy.Patience)
                     {
-                        agreements[at] = mu > 1 && predArr[i] == previous[at] ? agreements[at] + 1 : 0;
-                        previous[at] = predArr[i];
+                        agreements[at] = mu > 1 && pred == previous[at] ? agreements[at] + 1 : 0;
+                        previous[at] = pred;
                     }
                     bool leaves = policy switch
                     {
-                        ExitPolicy.Softmax => confArr[i] > parameter,
-                        ExitPolicy.Entropy => entropyArr![i] < parameter,
+                        ExitPolicy.Softmax => conf > parameter,
+                        ExitPolicy.Entropy => entropy < parameter,
                         _ => agreements[at] >= patience,
                     };
                     if (mu == m || leaves)
                     {
-                        predictions[at] = predArr[i];
+                        predictions[at] = pred;
                         exits[at] = mu;
-                        confidences[at] = confArr[i];
+                        confidences[at] = conf;
                     }
                     else stay.Add(i);
                 }

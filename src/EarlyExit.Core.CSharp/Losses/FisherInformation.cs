@@ -115,7 +115,7 @@ namespace EarlyExit.Losses
                     using var noGrad = no_grad();
                     var idx = indices.AsSpan(start, Math.Min(batchSize, indices.Length - start));
                     var p = nn.functional.softmax(net.ForwardExit(data.Images(idx, device), exit), 1).to(float64).cpu();
-                    var probs = p.data<double>().ToArray();
+                    var probs = EarlyExit.Native.TensorData.ToArray<double>(p);
                     int classes = (int)p.shape[1];
                     for (int i = 0; i < idx.Length; i++)
                         labels[start + i] = DrawLabel(probs.AsSpan(i * classes, classes), Uniform(seed, idx[i]));

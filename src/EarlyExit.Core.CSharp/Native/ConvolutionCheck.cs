@@ -165,10 +165,8 @@ namespace EarlyExit.Native
         public static bool SameBits(Tensor a, Tensor b)
         {
             if (!a.shape.SequenceEqual(b.shape)) return false;
-            using var ac = a.contiguous();
-            using var bc = b.contiguous();
-            var x = ac.data<float>().ToArray();
-            var y = bc.data<float>().ToArray();
+            var x = TensorData.ToArray<float>(a);
+            var y = TensorData.ToArray<float>(b);
             return System.Runtime.InteropServices.MemoryMarshal.Cast<float, int>(x).SequenceEqual(System.Runtime.InteropServices.MemoryMarshal.Cast<float, int>(y));
         }
     }

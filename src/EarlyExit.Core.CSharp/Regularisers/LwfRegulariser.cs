@@ -115,7 +115,7 @@ namespace EarlyExit.Regularisers
             DisposeTeachers();
             if (!from.TryGetValue(prefix + "teachers", out var index)) return;
             var device = net.parameters().First().device;
-            foreach (var nu in index.data<long>())
+            foreach (var nu in EarlyExit.Native.TensorData.ToArray<long>(index))
             {
                 var teacher = net.CreateSibling();
                 TensorStore.LoadInto(teacher, from, $"{prefix}teacher{nu}/");

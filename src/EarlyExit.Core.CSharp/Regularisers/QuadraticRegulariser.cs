@@ -66,7 +66,7 @@ namespace EarlyExit.Regularisers
 
         public void Load(IReadOnlyDictionary<string, Tensor> from, string prefix, MultiExitNetwork net)
         {
-            var exits = from.TryGetValue(prefix + "exits", out var e) ? e.data<long>().Select(x => (int)x).ToArray() : Array.Empty<int>();
+            var exits = from.TryGetValue(prefix + "exits", out var e) ? EarlyExit.Native.TensorData.ToArray<long>(e).Select(x => (int)x).ToArray() : Array.Empty<int>();
             State.LoadFrom(from, prefix, exits);
             var device = net.parameters().First().device;
             // The state lives beside the parameters it protects.

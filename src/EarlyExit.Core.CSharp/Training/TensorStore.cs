@@ -4,6 +4,7 @@ using System.IO;
 using System.Linq;
 using TorchSharp;
 using static TorchSharp.torch;
+using EarlyExit.Native;
 
 namespace EarlyExit.Training
 {
@@ -34,15 +35,9 @@ namespace EarlyExit.Training
                         w.Write((int)c.dtype);
                         w.Write((int)c.dim());
                         foreach (var s in c.shape) w.Write(s);
-                        switch (c.dtype)
-                        {
-                            case ScalarType.Float32: foreach (var v in c.data<float>()) w.Write(v); break;
-                            case ScalarType.Float64: foreach (var v in c.data<double>()) w.Write(v); break;
-                            case ScalarType.Int64: foreach (var v in c.data<long>()) w.Write(v); break;
-                            case ScalarType.Int32: foreach (var v in c.data<int>()) w.Write(v); break;
-                            case ScalarType.Bool: foreach (var v in c.data<bool>()) w.Write(v); break;
-                            default: throw new NotSupportedException($"TensorStore cannot save {name} of type {c.dtype}");
-                        }
+                        if (c.dtype is not (ScalarType.Float32 or ScalarType.Float64 or ScalarType.Int64 or ScalarType.Int32 or ScalarType.Bool))
+                            throw new NotSupportedException($"TensorStore cannot save {name} of type {c.dtype}");
+                        TensorData.Write(w, c);  // one block: the bytes BinaryWriter writes value by value
                     }
                 }
                 File.Move(tmp, path, overwrite: true);
@@ -73,11 +68,11 @@ namespace EarlyExit.Training
                     long n = shape.Aggregate(1L, (a, b) => a * b);
                     Tensor t = dtype switch
                     {
-                        ScalarType.Float32 => tensor(Read(n, r.ReadSingle), shape),
-                        ScalarType.Float64 => tensor(Read(n, r.ReadDouble), shape),
-                        ScalarType.Int64 => tensor(Read(n, r.ReadInt64), shape),
-                        ScalarType.Int32 => tensor(Read(n, r.ReadInt32), shape),
-                        ScalarType.Bool => tensor(Read(n, r.ReadBoolean), shape),
+                        ScalarType.Float32 => tensor(TensorData.Read<float>(r, n), shape),
+                        ScalarType.Float64 => tensor(TensorData.Read<double>(r, n), shape),
+                        ScalarType.Int64 => tensor(TensorData.Read<long>(r, n), shape),
+                        ScalarType.Int32 => tensor(TensorData.Read<int>(r, n), shape),
+                        ScalarType.Bool => tensor(ReadBools(r, n), shape),
                         _ => throw new InvalidDataException($"{path}: tensor {name} has unsupported type {dtype}"),
                     };
                     result[name] = t.DetachFromDisposeScope();
@@ -90,10 +85,13 @@ namespace EarlyExit.Training
             }
         }
 
-        static T[] Read<T>(long n, Func<T> read)
+        /// <summary>Booleans as BinaryReader reads them (any non-zero byte is true), so a damaged byte cannot make a
+        /// bool that is neither.</summary>
+        static bool[] ReadBools(BinaryReader r, long n)
         {
-            var a = new T[n];
-            for (long i = 0; i < n; i++) a[i] = read();
+            var raw = TensorData.Read<byte>(r, n);
+            var a = new bool[n];
+            for (long i = 0; i < n; i++) a[i] = raw[i] != 0;
             return a;
         }
 

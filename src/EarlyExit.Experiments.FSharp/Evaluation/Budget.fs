@@ -39,23 +39,12 @@ let fromLogits (logits: float32[][][]) (labels: int[]) (exitMacs: int64[]) (back
     for e in 0 .. logits.Length - 1 do
         if logits[e].Length <> labels.Length then invalidArg "logits" $"exit {e + 1} has {logits[e].Length} samples, labels {labels.Length}"
         for i in 0 .. labels.Length - 1 do
-            let row = logits[e][i]
-            let mutable arg = 0
-            for c in 1 .. row.Length - 1 do
-                if row[c] > row[arg] then arg <- c
-            let m = row[arg]
-            let mutable z = 0.0
-            for c in 0 .. row.Length - 1 do
-                z <- z + exp (float (row[c] - m))
-            // H = −Σ p log p with log p_c = (x_c − m) − log z.
-            let logZ = log z
-            let mutable h = 0.0
-            for c in 0 .. row.Length - 1 do
-                let lp = float (row[c] - m) - logZ
-                h <- h - exp lp * lp
-            conf[e][i] <- float32 (1.0 / z)
-            pred[e][i] <- arg
-            entropy[e][i] <- float32 (max 0.0 h)
+            // The same function real early exit decides with (EarlyExitInference.Run and RunStreamed), so the two agree
+            // bit for bit: maximum softmax probability, first argmax, entropy in nats.
+            let struct (c, p, h) = EarlyExit.Inference.EarlyExitInference.Confidence(ReadOnlySpan logits[e][i], true)
+            conf[e][i] <- c
+            pred[e][i] <- int p
+            entropy[e][i] <- h
     let classes = if logits.Length > 0 && labels.Length > 0 then (logits[0][0]).Length else 0
     { Confidence = conf; Prediction = pred; Entropy = entropy; Classes = classes; Labels = labels; ExitMacs = exitMacs; BackboneMacs = backboneMacs }
 

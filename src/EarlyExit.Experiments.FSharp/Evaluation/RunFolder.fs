@@ -77,7 +77,7 @@ let readInfo (dir: string) =
 /// Exit outputs from a logits tensor of shape exits × samples × classes (as Evaluator.CollectLogits returns).
 let outputsOfLogits (logits: TorchSharp.torch.Tensor) (labels: int[]) (exitMacs: int64[]) (backboneMacs: int64) : ExitOutputs =
     let m, n, c = int logits.shape[0], int logits.shape[1], int logits.shape[2]
-    let flat = logits.data<float32>().ToArray()
+    let flat = EarlyExit.Native.TensorData.ToArray<float32> logits
     let nested = Array.init m (fun e -> Array.init n (fun i -> Array.sub flat ((e * n + i) * c) c))
     fromLogits nested labels exitMacs backboneMacs
 
@@ -85,7 +85,7 @@ let outputsOfLogits (logits: TorchSharp.torch.Tensor) (labels: int[]) (exitMacs:
 let readOutputs (dir: string) (info: RunInfo) : ExitOutputs =
     let tensors = TensorStore.Load(Path.Combine(dir, "test-logits.tensors"))
     try
-        let labels = tensors["labels"].data<int64>().ToArray() |> Array.map int
+        let labels = EarlyExit.Native.TensorData.ToArray<int64> tensors["labels"] |> Array.map int
         outputsOfLogits tensors["logits"] labels info.ExitMacs info.BackboneMacs
     finally
         for t in tensors.Values do t.Dispose()
@@ -98,7 +98,7 @@ let readValidationOutputs (dir: string) (info: RunInfo) : ExitOutputs option =
     else
         let tensors = TensorStore.Load path
         try
-            let labels = tensors["labels"].data<int64>().ToArray() |> Array.map int
+            let labels = EarlyExit.Native.TensorData.ToArray<int64> tensors["labels"] |> Array.map int
             Some(outputsOfLogits tensors["logits"] labels info.ExitMacs info.BackboneMacs)
         finally
             for t in tensors.Values do t.Dispose()
