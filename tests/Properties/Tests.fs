@@ -422,6 +422,15 @@ let tensorFiles =
             let err = try EarlyExit.Training.TensorStore.Load file |> ignore; "" with :? InvalidDataException as e -> e.Message
             Expect.stringContains err "truncated" "a huge claimed shape"
             Expect.stringContains err file "names the file"
+            // A negative dimension: a damaged shape, named with the file.
+            use ms2 = new MemoryStream()
+            use w2 = new BinaryWriter(ms2)
+            w2.Write "EETS1"; w2.Write 1; w2.Write "x"; w2.Write(int torch.ScalarType.Float32); w2.Write 1; w2.Write -4L
+            w2.Flush()
+            File.WriteAllBytes(file, ms2.ToArray())
+            let err2 = try EarlyExit.Training.TensorStore.Load file |> ignore; "" with :? InvalidDataException as e -> e.Message
+            Expect.stringContains err2 "damaged shape" "a negative dimension"
+            Expect.stringContains err2 file "names the file"
         }
 
         testProp "TensorData.ToArray equals TorchSharp's element accessor for contiguous, sliced and transposed tensors" (fun (seed: int) (PositiveInt r0) (PositiveInt c0) ->

@@ -66,6 +66,8 @@ namespace EarlyExit.Training
                     var shape = new long[r.ReadInt32()];
                     for (int d = 0; d < shape.Length; d++) shape[d] = r.ReadInt64();
                     long n = shape.Aggregate(1L, (a, b) => a * b);
+                    if (shape.Any(d => d < 0) || n < 0)
+                        throw new InvalidDataException($"{path}: tensor {name} has a damaged shape [{string.Join(", ", shape)}]");
                     Tensor t = dtype switch
                     {
                         ScalarType.Float32 => tensor(TensorData.Read<float>(r, n), shape),

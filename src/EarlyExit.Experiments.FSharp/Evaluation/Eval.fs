@@ -45,34 +45,39 @@ let loadFinalNetwork (dir: string) (recipe: Recipe) =
     net.eval() |> ignore
     net
 
-/// Times real early-exit inference at a threshold against the same path with no early exit (threshold 1: every
-/// sample runs every segment and head), median of `repeats`, in ms per sample; with the exit each sample took.
 let inferencePolicy =
     function
     | Budget.Softmax -> ExitPolicy.Softmax
     | Budget.Entropy -> ExitPolicy.Entropy
     | Budget.Patience -> ExitPolicy.Patience
 
-let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Budget.Policy) (threshold: float) (repeats: int) =
+/// One pass of batch-by-batch inference (EarlyExitInference.Run) over all of `images` in batches of `batch`: ms per
+/// sample, each batch's exits handed to `record` (its offset in `images` and the result).
+let private batchByBatch (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: ExitPolicy) (parameter: float) (record: int -> EarlyExitResult -> unit) =
     let n = int images.shape[0]
-    let exits = Array.zeroCreate<int> n
-    // `full`: the same path with no early exit (softmax above 1: no sample leaves before the last exit).
-    let runAll (full: bool) =
-        let clock = Stopwatch.StartNew()
-        let mutable i = 0
-        while i < n do
-            let len = min batch (n - i)
-            use scope = torch.NewDisposeScope()
-            let x = images.narrow(0L, int64 i, int64 len)
-            let r = if full then EarlyExitInference.Run(net, x, ExitPolicy.Softmax, 1.0) else EarlyExitInference.Run(net, x, inferencePolicy policy, threshold)
-            if not full then Array.blit r.Exits 0 exits i len
-            i <- i + len
-        clock.Elapsed.TotalMilliseconds / float n
-    runAll false |> ignore // warm-up
-    runAll true |> ignore
-    let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
+    let clock = Stopwatch.StartNew()
+    let mutable i = 0
+    while i < n do
+        let len = min batch (n - i)
+        use scope = torch.NewDisposeScope()
+        record i (EarlyExitInference.Run(net, images.narrow(0L, int64 i, int64 len), policy, parameter))
+        i <- i + len
+    clock.Elapsed.TotalMilliseconds / float n
+
+/// The same path with no early exit (softmax above 1: no sample leaves before the last exit): ms per sample.
+let private fullPass net images batch = batchByBatch net images batch ExitPolicy.Softmax 1.0 (fun _ _ -> ())
+
+let private median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
+
+/// Times real early-exit inference at a threshold against the same path with no early exit (threshold 1: every
+/// sample runs every segment and head), median of `repeats`, in ms per sample; with the exit each sample took.
+let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Budget.Policy) (threshold: float) (repeats: int) =
+    let exits = Array.zeroCreate<int> (int images.shape[0])
+    let early () = batchByBatch net images batch (inferencePolicy policy) threshold (fun i r -> Array.blit r.Exits 0 exits i r.Exits.Length)
+    early () |> ignore // warm-up
+    fullPass net images batch |> ignore
     // Interleaved, so that a change in machine load hits both alike.
-    let pairs = [ for _ in 1..repeats -> runAll false, runAll true ]
+    let pairs = [ for _ in 1..repeats -> (let e = early () in e, fullPass net images batch) ]
     median (List.map fst pairs), median (List.map snd pairs), exits
 
 /// Times streamed early exit (a queue per segment, full batches of `batch`) over all of `images`, each run paired with
@@ -85,19 +90,9 @@ let timeStreamed (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (po
         let clock = Stopwatch.StartNew()
         EarlyExitInference.RunStreamed(net, images, inferencePolicy policy, threshold, batch) |> ignore
         clock.Elapsed.TotalMilliseconds / float n
-    let full () =
-        let clock = Stopwatch.StartNew()
-        let mutable i = 0
-        while i < n do
-            let len = min batch (n - i)
-            use scope = torch.NewDisposeScope()
-            EarlyExitInference.Run(net, images.narrow(0L, int64 i, int64 len), ExitPolicy.Softmax, 1.0) |> ignore
-            i <- i + len
-        clock.Elapsed.TotalMilliseconds / float n
     streamed () |> ignore
-    full () |> ignore
-    let pairs = [ for _ in 1..repeats -> (let s = streamed () in s, full ()) ]
-    let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
+    fullPass net images batch |> ignore
+    let pairs = [ for _ in 1..repeats -> (let s = streamed () in s, fullPass net images batch) ]
     median (List.map fst pairs), median (List.map snd pairs), median [ for s, f in pairs -> f / s ]
 
 /// The speed-up MACs predict for samples that left at `exits` (1-based): cost of the last exit ÷ their mean cost.
