@@ -598,33 +598,42 @@ let main argv =
             let (_, _, byMacs, byLatency, exits, _) = runs.Head
             // The batches shrink as samples leave: segment μ of a batch runs on the samples still in it, and a smaller
             // batch costs more per sample. Predicted from segment μ + head μ timed at each batch size that occurs.
-            let segmentLatency =
-                let cache = Collections.Generic.Dictionary<int, float[]>()
-                fun (size: int) ->
-                    match cache.TryGetValue size with
-                    | true, v -> v
-                    | _ ->
-                        use _ = torch.no_grad()
-                        use outer = torch.NewDisposeScope()
-                        let mutable state = [| images.narrow(0L, 0L, int64 size) |]
-                        let v =
-                            [| for mu in 1..m ->
-                                let input = state
-                                let once () =
-                                    use scope = torch.NewDisposeScope()
-                                    net.Head(mu).call(net.Segment(mu).call(input)) |> ignore
-                                    sync device
-                                for _ in 1..2 do once ()
-                                let t = median [ for _ in 1..(if size <= 4 then 21 else 7) -> (let c = Stopwatch.StartNew() in once (); c.Elapsed.TotalMilliseconds) ]
-                                state <- net.Segment(mu).call(input)
-                                t |]
-                        cache[size] <- v
-                        v
             let chunks = [ for i in 0 .. b .. samples - 1 -> exits[i .. min (i + b) samples - 1] ]
+            let aliveFull (chunk: int[]) (_: int) = chunk.Length
+            let aliveEarly (chunk: int[]) mu = chunk |> Array.filter (fun e -> e >= mu) |> Array.length
+            // Every size that occurs is timed in one chained pass (segment μ on segment μ−1's output, then head μ, each
+            // timed on its own, nothing computed twice), and the passes run round-robin over the sizes, so that a change
+            // in machine speed during the measurement moves every size alike (timing each size once, at its own moment,
+            // had given predictions from 0.71x to 1.5x between repeats).
+            let segmentLatency =
+                let sizes =
+                    [ for chunk in chunks do
+                        for mu in 1..m do
+                            for k in [ aliveFull chunk mu; aliveEarly chunk mu ] do
+                                if k > 0 then yield k ]
+                    |> List.distinct |> List.sort
+                let pass (size: int) =
+                    use _ = torch.no_grad()
+                    use scope = torch.NewDisposeScope()
+                    let mutable state = [| images.narrow(0L, 0L, int64 size) |]
+                    [| for mu in 1..m ->
+                        let c = Stopwatch.StartNew()
+                        state <- net.Segment(mu).call(state)
+                        sync device
+                        let segment = c.Elapsed.TotalMilliseconds
+                        let c = Stopwatch.StartNew()
+                        net.Head(mu).call(state) |> ignore
+                        sync device
+                        segment + c.Elapsed.TotalMilliseconds |]
+                for _ in 1..2 do for size in sizes do pass size |> ignore
+                let rounds = [ for _ in 1..(if smoke then 3 else 9) -> [ for size in sizes -> size, pass size ] ]
+                let table = Collections.Generic.Dictionary<int, float[]>()
+                for size in sizes do
+                    table[size] <- [| for mu in 0 .. m - 1 -> median [ for r in rounds -> (r |> List.find (fun (s, _) -> s = size) |> snd)[mu] ] |]
+                fun (size: int) -> table[size]
             let modelled (alive: int[] -> int -> int) =
                 chunks |> List.sumBy (fun chunk -> Seq.sum (seq { for mu in 1..m do let k = alive chunk mu in if k > 0 then yield (segmentLatency k)[mu - 1] }))
-            let byShrinking =
-                modelled (fun chunk _ -> chunk.Length) / modelled (fun chunk mu -> chunk |> Array.filter (fun e -> e >= mu) |> Array.length)
+            let byShrinking = modelled aliveFull / modelled aliveEarly
             let measuredSpeedUps = runs |> List.map (fun (_, _, _, _, _, measured) -> measured)
             let rShrink = median (measuredSpeedUps |> List.map (fun s -> s / byShrinking))
             let early = exits |> Array.filter (fun e -> e < m) |> Array.length
