@@ -604,14 +604,14 @@ let main argv =
             // Every size that occurs is timed in one chained pass (segment μ on segment μ−1's output, then head μ, each
             // timed on its own, nothing computed twice), and the passes run round-robin over the sizes, so that a change
             // in machine speed during the measurement moves every size alike (timing each size once, at its own moment,
-            // had given predictions from 0.71x to 1.5x between repeats).
+            // had predicted 0.71x in one run and 1.42x in another).
             let segmentLatency =
                 let sizes =
                     [ for chunk in chunks do
                         for mu in 1..m do
                             for k in [ aliveFull chunk mu; aliveEarly chunk mu ] do
                                 if k > 0 then yield k ]
-                    |> List.distinct |> List.sort
+                    |> List.distinct |> List.sort |> Array.ofList
                 let pass (size: int) =
                     use _ = torch.no_grad()
                     use scope = torch.NewDisposeScope()
@@ -626,10 +626,9 @@ let main argv =
                         sync device
                         segment + c.Elapsed.TotalMilliseconds |]
                 for _ in 1..2 do for size in sizes do pass size |> ignore
-                let rounds = [ for _ in 1..(if smoke then 3 else 9) -> [ for size in sizes -> size, pass size ] ]
-                let table = Collections.Generic.Dictionary<int, float[]>()
-                for size in sizes do
-                    table[size] <- [| for mu in 0 .. m - 1 -> median [ for r in rounds -> (r |> List.find (fun (s, _) -> s = size) |> snd)[mu] ] |]
+                // rounds[r][i][μ−1]: round r's time of segment μ + head μ at sizes[i].
+                let rounds = [ for _ in 1..(if smoke then 3 else 9) -> sizes |> Array.map pass ]
+                let table = dict [ for i, size in Array.indexed sizes -> size, [| for mu in 0 .. m - 1 -> median [ for r in rounds -> r[i][mu] ] |] ]
                 fun (size: int) -> table[size]
             let modelled (alive: int[] -> int -> int) =
                 chunks |> List.sumBy (fun chunk -> Seq.sum (seq { for mu in 1..m do let k = alive chunk mu in if k > 0 then yield (segmentLatency k)[mu - 1] }))
