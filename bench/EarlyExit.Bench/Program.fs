@@ -36,7 +36,7 @@ type Figure =
       Verdict: string
       Detail: string }
 
-let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
+let median = EarlyExit.Experiments.Reports.Statistics.median
 
 /// Where one batch-1 forward spends its time (µs, medians): the whole forward, its convolutions each timed alone at
 /// their inputs in the network (summed, and how many), one trivial op; and the oneDNN build that ran them.

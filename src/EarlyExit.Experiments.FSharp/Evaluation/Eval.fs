@@ -67,8 +67,6 @@ let private batchByBatch (net: MultiExitNetwork) (images: torch.Tensor) (batch: 
 /// The same path with no early exit (softmax above 1: no sample leaves before the last exit): ms per sample.
 let private fullPass net images batch = batchByBatch net images batch ExitPolicy.Softmax 1.0 (fun _ _ -> ())
 
-let private median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
-
 /// Times real early-exit inference at a threshold against the same path with no early exit (threshold 1: every
 /// sample runs every segment and head), median of `repeats`, in ms per sample; with the exit each sample took.
 let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Budget.Policy) (threshold: float) (repeats: int) =
@@ -78,7 +76,7 @@ let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Bu
     fullPass net images batch |> ignore
     // Interleaved, so that a change in machine load hits both alike.
     let pairs = [ for _ in 1..repeats -> (let e = early () in e, fullPass net images batch) ]
-    median (List.map fst pairs), median (List.map snd pairs), exits
+    Statistics.median (List.map fst pairs), Statistics.median (List.map snd pairs), exits
 
 /// Times streamed early exit (a queue per segment, full batches of `batch`) over all of `images`, each run paired with
 /// a run of the full network batch by batch right after it (threshold 1, as `time` runs it), so that a change in
@@ -93,7 +91,7 @@ let timeStreamed (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (po
     streamed () |> ignore
     fullPass net images batch |> ignore
     let pairs = [ for _ in 1..repeats -> (let s = streamed () in s, fullPass net images batch) ]
-    median (List.map fst pairs), median (List.map snd pairs), median [ for s, f in pairs -> f / s ]
+    Statistics.median (List.map fst pairs), Statistics.median (List.map snd pairs), Statistics.median [ for s, f in pairs -> f / s ]
 
 /// The speed-up MACs predict for samples that left at `exits` (1-based): cost of the last exit ÷ their mean cost.
 let predictedSpeedUp (exitMacs: int64[]) (exits: int[]) =

@@ -62,6 +62,9 @@ let claimVerdict (claimedPositive: bool) (d: Summary) =
     | Worse, true | Better, false -> "reversed"
     | _ -> "inconclusive"
 
+/// Timings: the median of repeated measurements (for an even count the upper of the two middle values).
+let median (xs: float list) = xs |> List.sort |> fun s -> s[s.Length / 2]
+
 /// Timings (the benchmark): the 95% confidence interval of the geometric mean of positive per-repeat ratios (Student t on their logs, so a
 /// ratio and its inverse get mirrored intervals); None for fewer than 2 repeats or a ratio that is not positive.
 let ratioInterval (xs: float list) =
