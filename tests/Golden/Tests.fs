@@ -355,6 +355,23 @@ let budgets =
             Expect.equal (EarlyExit.Experiments.Evaluation.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 1; 3; 3; 1 |]) 1.6 "1.6x"
             Expect.equal (EarlyExit.Experiments.Evaluation.Eval.predictedSpeedUp [| 10L; 20L; 40L |] [| 3; 3 |]) 1.0 "nobody leaves early"
         }
+        test "timing warm-up: ends once two rounds in a row compile nothing, or at its cap" {
+            let mutable calls = 0
+            let quiet = EarlyExit.Experiments.Evaluation.Eval.warmUpWith 20 10 (fun () -> calls <- calls + 1)
+            Expect.isTrue (quiet >= 2 && quiet <= 4) $"a pair that compiles nothing: 2 quiet rounds after at most two that JIT the loop itself ({quiet})"
+            Expect.equal calls quiet "the pair runs once a round"
+            // A fresh dynamic method every round: the JIT compiles one each time, so the warm-up never goes quiet.
+            let compileOne () =
+                let m = System.Reflection.Emit.DynamicMethod("warm", typeof<int>, [||])
+                let il = m.GetILGenerator()
+                il.Emit(System.Reflection.Emit.OpCodes.Ldc_I4, calls)
+                il.Emit(System.Reflection.Emit.OpCodes.Ret)
+                calls <- calls + 1
+                (m.CreateDelegate(typeof<Func<int>>) :?> Func<int>).Invoke() |> ignore
+            calls <- 0
+            Expect.equal (EarlyExit.Experiments.Evaluation.Eval.warmUpWith 5 10 compileOne) 5 "capped at 5 rounds"
+            Expect.equal calls 5 "the pair ran every round"
+        }
         test "entropy policy: leave where the softmax entropy is below t (H(.9,.1) = 0.325, H(.6,.4) = 0.673, H(.5,.5) = ln 2)" {
             let o = budgetFixture ()
             let at t = EarlyExit.Experiments.Evaluation.Budget.pointWith o EarlyExit.Experiments.Evaluation.Budget.Entropy t

@@ -67,13 +67,34 @@ let private batchByBatch (net: MultiExitNetwork) (images: torch.Tensor) (batch: 
 /// The same path with no early exit (softmax above 1: no sample leaves before the last exit): ms per sample.
 let private fullPass net images batch = batchByBatch net images batch ExitPolicy.Softmax 1.0 (fun _ _ -> ())
 
+/// Warms a timed pair of passes up until the JIT is quiet: with tiered compilation on (the .NET default), a method runs
+/// unoptimised code for its first 30 calls and is then recompiled on a background thread, beside torch's threads; the
+/// early-exit path does more managed work per batch (the exit decisions, compaction) than the full pass, so timing it
+/// before that settles understated its speed-up (`earlyexit eval`'s batch-64 speed-up, one warm-up pair: 1.05-1.13 with
+/// tiering on, 1.18-1.19 with DOTNET_TieredCompilation=0, three runs each). Runs the pair, idles `idleMs` (the runtime's
+/// tiering delay is 100 ms), and stops after two rounds in a row in which no method was compiled, or after `maxRounds`.
+/// Returns the rounds run.
+let warmUpWith (maxRounds: int) (idleMs: int) (pair: unit -> unit) =
+    let compiled () = System.Runtime.JitInfo.GetCompiledMethodCount(false)
+    let mutable rounds = 0
+    let mutable quiet = 0
+    while quiet < 2 && rounds < maxRounds do
+        let before = compiled ()
+        pair ()
+        Threading.Thread.Sleep idleMs
+        rounds <- rounds + 1
+        quiet <- if compiled () = before then quiet + 1 else 0
+    rounds
+
+/// `warmUpWith` 20 rounds at most, 200 ms idle after each.
+let warmUp pair = warmUpWith 20 200 pair
+
 /// Times real early-exit inference at a threshold against the same path with no early exit (threshold 1: every
 /// sample runs every segment and head), median of `repeats`, in ms per sample; with the exit each sample took.
 let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Budget.Policy) (threshold: float) (repeats: int) =
     let exits = Array.zeroCreate<int> (int images.shape[0])
     let early () = batchByBatch net images batch (inferencePolicy policy) threshold (fun i r -> Array.blit r.Exits 0 exits i r.Exits.Length)
-    early () |> ignore // warm-up
-    fullPass net images batch |> ignore
+    warmUp (fun () -> early () |> ignore; fullPass net images batch |> ignore) |> ignore
     // Interleaved, so that a change in machine load hits both alike.
     let pairs = [ for _ in 1..repeats -> (let e = early () in e, fullPass net images batch) ]
     Statistics.median (List.map fst pairs), Statistics.median (List.map snd pairs), exits
@@ -81,15 +102,14 @@ let time (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Bu
 /// Times streamed early exit (a queue per segment, full batches of `batch`) over all of `images`, each run paired with
 /// a run of the full network batch by batch right after it (threshold 1, as `time` runs it), so that a change in
 /// machine speed between the two hits both: (ms per sample streamed, ms per sample full, the median of the pairs'
-/// speed-ups full / streamed), medians of `repeats` pairs after one warm-up pair.
+/// speed-ups full / streamed), medians of `repeats` pairs after the warm-up (`warmUp`).
 let timeStreamed (net: MultiExitNetwork) (images: torch.Tensor) (batch: int) (policy: Budget.Policy) (threshold: float) (repeats: int) =
     let n = int images.shape[0]
     let streamed () =
         let clock = Stopwatch.StartNew()
         EarlyExitInference.RunStreamed(net, images, inferencePolicy policy, threshold, batch) |> ignore
         clock.Elapsed.TotalMilliseconds / float n
-    streamed () |> ignore
-    fullPass net images batch |> ignore
+    warmUp (fun () -> streamed () |> ignore; fullPass net images batch |> ignore) |> ignore
     let pairs = [ for _ in 1..repeats -> (let s = streamed () in s, fullPass net images batch) ]
     Statistics.median (List.map fst pairs), Statistics.median (List.map snd pairs), Statistics.median [ for s, f in pairs -> f / s ]
 
