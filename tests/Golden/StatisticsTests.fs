@@ -192,6 +192,18 @@ let claims =
                 Expect.stringContains line "inconclusive" "verdict"
                 let lwf = md.Split('\n') |> Array.find (fun l -> l.Contains "sequential LwF beats separate")
                 Expect.stringContains lwf "not run" "a row the table lacks"
+                // The same table under an --out of another name (table1.fsx --out ROOT/mine): read from there, not
+                // from ROOT/table1, and the claims file beside it.
+                let mine = IO.Path.Combine(root, "mine")
+                IO.Directory.Move(IO.Path.Combine(root, "table1"), mine)
+                IO.File.Delete(IO.Path.Combine(root, "claims-fashion-mnist-cpu.md"))
+                let md = EarlyExit.Experiments.Experiments.Claims.writeAfter "table1" mine "fashion-mnist" "cpu"
+                let line = md.Split('\n') |> Array.find (fun l -> l.Contains "sequential EWC beats separate")
+                Expect.stringContains line "+2.67 ± 5.17 (n = 3)" "read from the --out folder"
+                Expect.stringContains line "mine/resnet34-fashion-mnist-cpu" "and named"
+                Expect.isTrue (IO.File.Exists(IO.Path.Combine(root, "claims-fashion-mnist-cpu.md"))) "claims file in the --out folder's parent"
+                let plain = EarlyExit.Experiments.Experiments.Claims.write root "fashion-mnist" "cpu"
+                Expect.stringContains (plain.Split('\n') |> Array.find (fun l -> l.Contains "sequential EWC beats separate")) "not run" "the default layout looks in ROOT/table1"
             finally
                 IO.Directory.Delete(root, true)
         }

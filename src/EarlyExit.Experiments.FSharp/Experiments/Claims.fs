@@ -141,17 +141,21 @@ let all: Claim list =
         Positive = true; PaperFigure = ""; Measure = "mixed − disjoint, accuracy averaged over the 25/50/75/100% budgets"
         Differences = compare "mixed" "disjoint" meanBudgets } ]
 
-/// The results folder a claim reads: RESULTS/EXPERIMENT/MODEL-DATA-SCALE (Table 2: MSDNet's when it exists, as in the
-/// paper, else ResNet's).
-let folderOf (resultsRoot: string) (data: string) (scale: string) (c: Claim) =
-    let at model = Path.Combine(resultsRoot, c.Experiment, $"{model}-{data}-{scale}")
+/// The results folder a claim reads: ROOT(EXPERIMENT)/MODEL-DATA-SCALE, where `experimentRoot` names each experiment's
+/// folder (Table 2: MSDNet's when it exists, as in the paper, else ResNet's).
+let folderIn (experimentRoot: string -> string) (data: string) (scale: string) (c: Claim) =
+    let at model = Path.Combine(experimentRoot c.Experiment, $"{model}-{data}-{scale}")
     if c.Model <> "" then at c.Model
     elif Directory.Exists(Path.Combine(at "msdnet", "runs")) || File.Exists(Path.Combine(at "msdnet", $"{c.Experiment}.csv")) then at "msdnet"
     else at "resnet34"
 
-/// Evaluates every claim from the results under RESULTS for one data set and scale; writes RESULTS/claims-DATA-SCALE.md
-/// and returns its text.
-let write (resultsRoot: string) (data: string) (scale: string) =
+/// `folderIn` with every experiment under RESULTS/EXPERIMENT (the scripts' default layout).
+let folderOf (resultsRoot: string) (data: string) (scale: string) (c: Claim) =
+    folderIn (fun e -> Path.Combine(resultsRoot, e)) data scale c
+
+/// Evaluates every claim for one data set and scale, each experiment's results read from `experimentRoot EXPERIMENT`;
+/// writes RESULTS/claims-DATA-SCALE.md and returns its text.
+let writeWith (resultsRoot: string) (experimentRoot: string -> string) (data: string) (scale: string) =
     let cache = Collections.Generic.Dictionary<string, ClaimRows option>()
     // Run folders when they are there; else the table's CSV (a checkout holds the tables, not the runs). Where both
     // are, the CSV's rows fill in what the runs lack (rows of an earlier run whose folders are gone).
@@ -175,7 +179,7 @@ let write (resultsRoot: string) (data: string) (scale: string) =
             r
     let lines =
         [ for c in all ->
-            let folder = folderOf resultsRoot data scale c
+            let folder = folderIn experimentRoot data scale c
             let where = Path.GetRelativePath(resultsRoot, folder)
             let command =
                 let model = if c.Model = "" then "resnet34 (or msdnet)" else c.Model
@@ -198,3 +202,16 @@ let write (resultsRoot: string) (data: string) (scale: string) =
     let path = Path.Combine(resultsRoot, $"claims-{data}-{scale}.md")
     Markdown.writeAtomic path md
     md
+
+/// `writeWith` in the default layout: every experiment under RESULTS/EXPERIMENT.
+let write (resultsRoot: string) (data: string) (scale: string) =
+    writeWith resultsRoot (fun e -> Path.Combine(resultsRoot, e)) data scale
+
+/// The claims after an experiment wrote to `outRoot` (its --out, any name): that experiment's claims read `outRoot`
+/// (the regularisers script's tables are Table 2's), the others RESULTS/EXPERIMENT beside it, RESULTS being its parent,
+/// where the claims file goes.
+let writeAfter (experiment: string) (outRoot: string) (data: string) (scale: string) =
+    let outRoot = Path.GetFullPath outRoot
+    let resultsRoot = Path.GetDirectoryName outRoot
+    let own = if experiment = "regularisers" then "table2" else experiment
+    writeWith resultsRoot (fun e -> if e = own then outRoot else Path.Combine(resultsRoot, e)) data scale

@@ -221,7 +221,7 @@ let bodyOf (experiment: string) : Table1.Options -> string =
 
 /// Runs an experiment's body; prints its tables and the claims file, or, when its runs went to a scheduler (or were
 /// only planned), what to do next.
-let private runBody (options: Table1.Options) (body: Table1.Options -> string) =
+let private runBody (experiment: string) (options: Table1.Options) (body: Table1.Options -> string) =
     let text =
         try Some(body options)
         with Table1.Submitted message ->
@@ -231,9 +231,10 @@ let private runBody (options: Table1.Options) (body: Table1.Options -> string) =
     | None -> ()
     | Some text ->
         printfn "\n%s" text
-        // What the results say about the papers' claims, from every table of this data set and scale.
+        // What the results say about the papers' claims, from every table of this data set and scale: this
+        // experiment's from its --out, whatever the folder is called, the others' beside it.
         let data, _ = Table1.chooseData options
-        printfn "%s" (Claims.write (Path.GetDirectoryName(Path.GetFullPath options.OutRoot)) data (Scales.name options.Scale))
+        printfn "%s" (Claims.writeAfter experiment options.OutRoot data (Scales.name options.Scale))
 
 /// The whole body of an experiment script: parse the options, run, print the Markdown and the time; the exit code.
 let runScript (experiment: string) (scriptDir: string) (argv: string[]) (body: Table1.Options -> string) =
@@ -245,7 +246,7 @@ let runScript (experiment: string) (scriptDir: string) (argv: string[]) (body: T
     else
     main (fun () ->
         let options = parse experiment (Path.Combine(scriptDir, "..")) (argv |> Array.tail |> List.ofArray)
-        runBody options body
+        runBody experiment options body
         printfn "%s.fsx finished in %.0f s" experiment clock.Elapsed.TotalSeconds)
 
 /// `earlyexit sweep plan EXPERIMENT OPTIONS`: the experiment's runs as a sweep (recipes and sweep.json), not run.
@@ -253,7 +254,7 @@ let planSweep (experiment: string) (argv: string list) =
     main (fun () ->
         let body = bodyOf experiment
         let options = parse experiment (Directory.GetCurrentDirectory()) argv
-        runBody { options with Backend = Table1.PlanOnly } body)
+        runBody experiment { options with Backend = Table1.PlanOnly } body)
 
 /// `earlyexit sweep collect ROOT`: the experiment's tables, figures and claims from whatever runs of the sweep
 /// finished, saying what is missing.
@@ -265,7 +266,7 @@ let collectSweep (root: string) =
         let options = { options with Backend = Table1.CollectOnly; OutRoot = Path.GetDirectoryName sweep.Root }
         if Table1.resultsFolder options (fst (Table1.chooseData options)) <> sweep.Root then
             raise (ScriptArgError $"{sweep.Root}: the sweep's options name another results folder ({Table1.resultsFolder options (fst (Table1.chooseData options))})")
-        runBody options body)
+        runBody sweep.Experiment options body)
 
 /// The figure scripts' argument: a results folder of table1 (default: Fashion-MNIST at cpu scale).
 let resultsDir (scriptDir: string) (argv: string[]) =
