@@ -115,6 +115,10 @@ let builders =
             Expect.stringContains (err [ "stages[1].maxEpochs", "abc" ]) "stages[1].maxEpochs: expected an integer, found 'abc'" "a wrong type"
             Expect.stringContains (err [ "stages[1].maxEpochs", "0" ]) "stages[1].maxEpochs: must be at least 1" "a wrong meaning"
             Expect.stringContains (err [ "..", "1" ]) "give a path like" "no path"
+            // NaN passed `lr <= 0` and then failed in the JSON writer with .NET's message (earlyexit train --lr nan).
+            for v in [ "NaN"; "Infinity"; "-Infinity"; "1e400" ] do
+                Expect.stringContains (err [ "stages[0].optimiser.lr", v ]) $"stages[0].optimiser.lr: expected a finite number, found '{v}'" $"lr {v}"
+            Expect.stringContains (err [ "stages[0].lossWeights", "[1, \"NaN\"]" ]) "expected a finite number, found 'NaN'" "a list entry"
             Expect.equal (RecipeJson.withOverrides [] r) (Ok r) "no overrides: the recipe as it was"
         }
 

@@ -60,9 +60,10 @@ type private Reader(errors: ResizeArray<string>) =
         match this.Value(section, path, key) with
         | None -> fallback
         | Some v ->
+            // Finite only: NaN and infinities (what --set or --lr can give) are no recipe values, and JSON cannot hold them.
             match Double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture) with
-            | true, x -> x
-            | _ -> this.Fail($"{path}{key}", $"expected a number, found '{v}'"); fallback
+            | true, x when Double.IsFinite x -> x
+            | _ -> this.Fail($"{path}{key}", $"expected a finite number, found '{v}'"); fallback
 
     member this.Bool(section, path, key, fallback: bool) =
         match this.Value(section, path, key) with
@@ -95,8 +96,8 @@ type private Reader(errors: ResizeArray<string>) =
         this.Array(section, path, key)
         |> Option.map (List.choose (fun (p, c) ->
             match Double.TryParse(c.Value, NumberStyles.Float, CultureInfo.InvariantCulture) with
-            | true, v -> Some v
-            | _ -> this.Fail(p, $"expected a number, found '{c.Value}'"); None))
+            | true, v when Double.IsFinite v -> Some v
+            | _ -> this.Fail(p, $"expected a finite number, found '{c.Value}'"); None))
 
     member this.StringList(section, path, key) : string list option =
         this.Array(section, path, key) |> Option.map (List.map (fun (_, c) -> c.Value))
