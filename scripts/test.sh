@@ -71,8 +71,10 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
       && ee models | grep tinycnn \
       && ee train --strategy sequential-ewc --model tinycnn --data image-folder --data-root "$smoke/images" --scale smoke --out "$smoke/cli" \
       && ee eval "$smoke/cli" --timing-samples 16 \
+      && { ee eval "$smoke/cli" --timing-samples -1; [ $? -eq 2 ]; } \
       && ee export "$smoke/cli" --format pt; } > "$smoke/log" 2>&1 \
     && grep -q "^exit 3: test accuracy" "$smoke/log" && grep -q "^test accuracy per exit" "$smoke/log" \
+    && grep -q "^error: --timing-samples -1: give a count" "$smoke/log" \
     && [ -s "$smoke/cli/export/model.pt" ] && [ -s "$smoke/run/metrics.json" ]
   report "samples (own network and images: F# script, C# app, command line with a plugin)" $? "$smoke/log"
   rm -rf "$smoke"

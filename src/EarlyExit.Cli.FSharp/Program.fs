@@ -192,6 +192,8 @@ let main argv =
         | Some (Eval r) ->
             match EarlyExit.Experiments.Evaluation.Budget.parsePolicy (r.GetResult(EvalArgs.Policy, "softmax")) with
             | Error e -> raise (ArgumentException e)
+            | Ok _ when r.GetResult(EvalArgs.Timing_Samples, 256) < 0 ->
+                raise (ArgumentException $"--timing-samples {r.GetResult EvalArgs.Timing_Samples}: give a count of test images, or 0 to skip the timing")
             | Ok policy -> Eval.run (r.GetResult EvalArgs.Run_Dir) (r.Contains EvalArgs.Json) (r.GetResult(EvalArgs.Timing_Samples, 256)) policy
         | Some (Export r) ->
             TorchNativeLoader.EnsureLoaded() |> ignore
