@@ -287,6 +287,13 @@ let data =
             let msg = try CifarBinary.Read(CifarBinary.Cifar100, [ file ], "t") |> ignore; "" with :? DataFormatException as x -> x.Message
             Expect.stringContains msg "label 100 is out of range 0..99 (fine label)" "label check"
         }
+        test "Fashion-MNIST missing under a given root: the error names both places looked in" {
+            use dir = new TempDir()
+            let msg = try EarlyExit.Data.DataCatalog.Load("fashion-mnist", dir.Path) |> ignore; "" with :? DataFormatException as x -> x.Message
+            let sub = Path.Combine(dir.Path, "fashion-mnist")
+            Expect.stringContains msg $"in {dir.Path} and in {sub}" "the root and its fashion-mnist folder"
+            Expect.stringContains msg "apt-get install -y dataset-fashion-mnist" "how to get it"
+        }
         test "an IDX file with a wrong magic number, or truncated, is an error naming the file" {
             use dir = new TempDir()
             let images = dir.File "imgs"
