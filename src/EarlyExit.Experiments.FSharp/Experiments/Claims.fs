@@ -149,10 +149,6 @@ let folderIn (experimentRoot: string -> string) (data: string) (scale: string) (
     elif Directory.Exists(Path.Combine(at "msdnet", "runs")) || File.Exists(Path.Combine(at "msdnet", $"{c.Experiment}.csv")) then at "msdnet"
     else at "resnet34"
 
-/// `folderIn` with every experiment under RESULTS/EXPERIMENT (the scripts' default layout).
-let folderOf (resultsRoot: string) (data: string) (scale: string) (c: Claim) =
-    folderIn (fun e -> Path.Combine(resultsRoot, e)) data scale c
-
 /// Evaluates every claim for one data set and scale, each experiment's results read from `experimentRoot EXPERIMENT`;
 /// writes RESULTS/claims-DATA-SCALE.md and returns its text.
 let writeWith (resultsRoot: string) (experimentRoot: string -> string) (data: string) (scale: string) =
