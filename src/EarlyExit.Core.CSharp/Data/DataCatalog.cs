@@ -130,9 +130,7 @@ namespace EarlyExit.Data
             var folder = FolderOf(n, root);
             // Fashion-MNIST under a root the user gave is looked for in the root and in ROOT/fashion-mnist: say both.
             if (n == "fashion-mnist" && !string.IsNullOrEmpty(root) && !IsPresent(n, root))
-                throw new DataFormatException(null,
-                    $"Fashion-MNIST not found: looked for t10k-labels-idx1-ubyte(.gz) in {root} and in {Path.Combine(root, "fashion-mnist")}. " +
-                    $"Install it with `apt-get install -y dataset-fashion-mnist` (puts it in {FashionMnist.DebianFolder}), or pass the folder that holds the IDX files.");
+                throw FashionMnist.NotFound("t10k-labels-idx1-ubyte", $"{root} and in {Path.Combine(root, "fashion-mnist")}");
             var (train, test) = n switch
             {
                 "image-folder" => ImageFolder.ReadFolder(folder),

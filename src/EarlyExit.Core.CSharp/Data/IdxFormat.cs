@@ -113,10 +113,13 @@ namespace EarlyExit.Data
                 var p = Path.Combine(folder, candidate);
                 if (File.Exists(p)) return p;
             }
-            throw new DataFormatException(null,
-                $"Fashion-MNIST not found: looked for {stem}(.gz) in {folder}. " +
-                $"Install it with `apt-get install -y dataset-fashion-mnist` (puts it in {DebianFolder}), or pass the folder that holds the IDX files.");
+            throw NotFound(stem, folder);
         }
+
+        /// <summary>The error for a missing file: what was looked for, where (<paramref name="places"/>), and how to get it.</summary>
+        internal static DataFormatException NotFound(string stem, string places) =>
+            new(null, $"Fashion-MNIST not found: looked for {stem}(.gz) in {places}. " +
+                      $"Install it with `apt-get install -y dataset-fashion-mnist` (puts it in {DebianFolder}), or pass the folder that holds the IDX files.");
 
         public static (ImageDataset train, ImageDataset test) ReadFolder(string folder)
         {
