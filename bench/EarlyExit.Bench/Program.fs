@@ -145,7 +145,7 @@ let rssMiB () =
     p.Refresh()
     float p.WorkingSet64 / float (1 <<< 20)
 
-let sections = [ "numerics"; "allocator"; "threads"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory"; "pytorch" ]
+let sections = [ "numerics"; "allocator"; "layout"; "threads"; "trainer"; "regularisers"; "fisher"; "inference"; "pipeline"; "memory"; "pytorch" ]
 
 /// Debian's PyTorch (python3-torch 1.13), when /usr/bin/python3 can import it: its version line, else why not.
 let pytorchPeer () =
@@ -231,7 +231,7 @@ usage: dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smo
 
   --quick            fewer steps and 5 repeats (a few minutes here); the default is 9 repeats (~15 minutes)
   --smoke            one repeat of a few steps (seconds): checks that every figure is produced; its numbers mean nothing
-  --only SECTIONS    comma-separated subset of: numerics, allocator, threads, trainer, regularisers, fisher, inference, pipeline, memory, pytorch
+  --only SECTIONS    comma-separated subset of: numerics, allocator, layout, threads, trainer, regularisers, fisher, inference, pipeline, memory, pytorch
                      (a partial run writes nothing)
   --out DIR          where bench.md and bench.json go (default results/bench)
   --numerics NAME    force the convolution kernels of this process (default: what the numerics check chose)
@@ -351,6 +351,30 @@ let main argv =
             let ratios = pairs |> List.map (fun ((is, _), (it, _)) -> sprintf "%.2f" (it / is)) |> String.concat " "
             info "training images/s: EarlyExit's allocator settings / glibc's defaults" speed
                 $"(glibc's defaults: {each (fun ((i, _), _) -> i)}; EarlyExit's: {each (fun (_, (i, _)) -> i)} images/s; runs {ratios})"
+
+    // 0b'. The training layout (ConvolutionLayout.Training): channels-last against NCHW, each in a fresh probe process,
+    // alternating, on 1 thread (where auto trains channels-last) and on all cores (where it trains NCHW).
+    if runs "layout" && device.``type`` = DeviceType.CPU then
+        let cores = Environment.ProcessorCount
+        let stepsL = if smoke then 2 elif quick then 20 else 30
+        for t in List.distinct [ 1; cores ] do
+            let pairs =
+                [ for r in 1..repeats ->
+                    let run layout = probeThroughput numerics.kernels (string t) stepsL [ ConvolutionLayout.TrainingVariable, layout ]
+                    let n, c = if r % 2 = 1 then (let n = run "nchw" in n, run "channels-last") else (let c = run "channels-last" in run "nchw", c)
+                    match n, c with
+                    | Ok (n, _), Ok (c, _) -> Some(n, c)
+                    | _ -> None ]
+                |> List.choose id
+            let name = $"training images/s on {t} thread(s): channels-last / NCHW"
+            if pairs.IsEmpty then info name nan "(a probe process failed)"
+            else
+                let ratios = pairs |> List.map (fun (n, c) -> c / n)
+                let each f = pairs |> List.map f |> List.map (sprintf "%.0f") |> String.concat " "
+                let detail = $"(cpu-scale ResNet, batch 128, {numerics.kernels} kernels, median of {stepsL} steps per run; NCHW: {each fst}; channels-last: {each snd} images/s; auto trains {(if t = 1 then "channels-last" else "NCHW")} here)"
+                // The verdict says whether auto's choice is the faster one on this machine.
+                if t = 1 then addRepeats name ratios 1.0 false ">= 1.0 (auto's choice)" detail
+                else addRepeats name ratios 1.0 true "<= 1.0 (auto's choice)" detail
 
     // 0c. Threads: N one-thread runs at once against one run on N threads (the executor's default against one big run),
     // and the slowdown of a run with the default thread choice (auto) beside a busy process; each in probe processes.

@@ -99,6 +99,7 @@ let doctor (r: ParseResults<DoctorArgs>) =
     printfn "cores: %d; torch threads: %s (OMP_NUM_THREADS=%s); load average: %s"
         Environment.ProcessorCount TorchThreads.Status
         (match Environment.GetEnvironmentVariable "OMP_NUM_THREADS" with null -> "unset" | v -> v) load
+    printfn "training layout: %s" ConvolutionLayout.TrainingStatus
     printfn "CUDA available: %b" (Devices.CudaAvailable())
     0
 

@@ -57,7 +57,7 @@ namespace EarlyExit.NumericsProbe
             Console.WriteLine(JsonSerializer.Serialize(new
             {
                 backend = backend.Name, model, threads = get_num_threads(), steps, imagesPerSecond, secondsPerStep = perStep,
-                minorFaultsPerStep = faultsPerStep, allocator = NativeAllocator.Status,
+                minorFaultsPerStep = faultsPerStep, allocator = NativeAllocator.Status, trainingLayout = ConvolutionLayout.TrainingStatus,
             }, NumericsGuard.Json));
             return 0;
         }

@@ -133,6 +133,80 @@ let check =
         }
     ]
 
+/// The training layout (ConvolutionLayout.Training): what each setting makes a ResNet's convolutions see, and that the
+/// layout changes nothing but the order of float sums.
+let layout =
+    testList "training layout (channels-last on 1 thread)" [
+        test "the variable: auto, nchw, channels-last, and a clear error for anything else" {
+            Expect.equal (ConvolutionLayout.ParseTraining null) TrainingLayout.Auto "unset"
+            Expect.equal (ConvolutionLayout.ParseTraining " Auto ") TrainingLayout.Auto "auto"
+            Expect.equal (ConvolutionLayout.ParseTraining "nchw") TrainingLayout.Nchw "nchw"
+            Expect.equal (ConvolutionLayout.ParseTraining "channels-last") TrainingLayout.ChannelsLast "channels-last"
+            let e = Expect.throwsC (fun () -> ConvolutionLayout.ParseTraining "nhcw" |> ignore) id
+            Expect.stringContains e.Message "EARLYEXIT_TRAINING_LAYOUT=nhcw: use auto (the default), nchw or channels-last" "names the variable and the choices"
+        }
+        test "auto trains channels-last on 1 thread only, and never under kernels that need NCHW inputs" {
+            let before, threads = ConvolutionLayout.Training, torch.get_num_threads()
+            try
+                ConvolutionLayout.Training <- TrainingLayout.Auto
+                torch.set_num_threads 1
+                Expect.equal ConvolutionLayout.TrainsChannelsLast (not ConvolutionLayout.NchwInputs) "1 thread"
+                Expect.stringContains ConvolutionLayout.TrainingStatus (if ConvolutionLayout.NchwInputs then "need NCHW inputs" else "now channels-last, 1 thread(s)") "the status says so"
+                torch.set_num_threads 2
+                Expect.isFalse ConvolutionLayout.TrainsChannelsLast "2 threads"
+                ConvolutionLayout.Training <- TrainingLayout.ChannelsLast
+                Expect.equal ConvolutionLayout.TrainsChannelsLast (not ConvolutionLayout.NchwInputs) "forced"
+                ConvolutionLayout.Training <- TrainingLayout.Nchw
+                torch.set_num_threads 1
+                Expect.isFalse ConvolutionLayout.TrainsChannelsLast "nchw"
+            finally
+                ConvolutionLayout.Training <- before
+                torch.set_num_threads threads
+        }
+        test "a ResNet trained channels-last: its blocks see channels-last maps, with NCHW's loss and gradients; eval stays NCHW" {
+            use scope = torch.NewDisposeScope()
+            let before = ConvolutionLayout.Training
+            try
+                torch.manual_seed 5L |> ignore
+                let options = EarlyExit.Models.ModelOptions(NumClasses = 10, InputShape = [| 3L; 12L; 12L |], BaseWidth = 4, Blocks = [| 1; 1 |], ExitPositions = [| 1; 2 |])
+                use net = EarlyExit.Models.ModelRegistry.Create("resnet34", options)
+                net.train() |> ignore
+                let convs = net.modules() |> Seq.choose (function :? TorchSharp.Modules.Conv2d as c -> Some c | _ -> None) |> List.ofSeq
+                let seen = Collections.Generic.List<bool>()
+                let removers = [ for c in convs -> c.register_forward_hook(fun _ input output -> seen.Add(input.stride()[1] = 1L && ConvolutionLayout.IsChannelsLast output); null) ]
+                let x = torch.randn(6L, 3L, 12L, 12L)
+                let y = torch.tensor([| 0L; 1L; 2L; 3L; 4L; 5L |])
+                let step layout =
+                    ConvolutionLayout.Training <- layout
+                    seen.Clear()
+                    for p in net.parameters() do p.grad <- null
+                    let loss = net.forward(x) |> Array.map (fun l -> torch.nn.functional.cross_entropy(l, y)) |> Array.reduce (+)
+                    loss.backward()
+                    loss.item<float32>(), [ for p in net.parameters() -> p.grad.clone() ], List.ofSeq seen
+                // Batch norm in train mode updates its running statistics: both steps start from the same ones.
+                let buffers = [ for b in net.buffers() -> b, b.clone() ]
+                let lossN, gradsN, seenN = step TrainingLayout.Nchw
+                for b, saved in buffers do b.copy_(saved) |> ignore
+                let lossC, gradsC, seenC = step TrainingLayout.ChannelsLast
+                Expect.isTrue (seenN |> List.forall not) "NCHW: no convolution sees a channels-last map"
+                if ConvolutionLayout.NchwInputs then
+                    Expect.isTrue (seenC |> List.forall not) "kernels that need NCHW inputs: never channels-last"
+                else
+                    Expect.isFalse seenC.Head "the stem reads the NCHW input"
+                    Expect.isTrue (seenC.Tail |> List.forall id) $"every later convolution reads channels innermost (the strided shortcut a subsampled view) and writes a channels-last map: %A{seenC}"
+                Expect.floatClose { absolute = 1e-5; relative = 1e-5 } (float lossC) (float lossN) "the same loss"
+                for gn, gc in List.zip gradsN gradsC do
+                    Expect.isLessThanOrEqual (ConvolutionCheck.RelativeError(gc, gn)) 1e-4 "the same gradients"
+                net.eval() |> ignore
+                seen.Clear()
+                using (torch.no_grad()) (fun _ -> net.forward(x) |> ignore)
+                Expect.isTrue (seen |> Seq.forall not) "eval mode: NCHW"
+                for r in removers do r.remove()
+            finally
+                ConvolutionLayout.Training <- before
+        }
+    ]
+
 /// Runs the CLI of this test's output folder with a private verdict cache and extra environment.
 let private runCli (cache: string) (env: (string * string) list) (args: string list) =
     let psi = ProcessStartInfo("dotnet", Path.Combine(AppContext.BaseDirectory, "earlyexit.dll") :: args)
@@ -269,4 +343,4 @@ let allocator =
         }
     ]
 
-let all = testList "numerics guard" [ ladder; libtorchInfo; check; guard; allocator ]
+let all = testList "numerics guard" [ ladder; libtorchInfo; check; layout; guard; allocator ]

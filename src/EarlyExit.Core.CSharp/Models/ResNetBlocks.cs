@@ -179,7 +179,9 @@ namespace EarlyExit.Models
             stride == 1 ? x : x.slice(2, 0, x.shape[2], stride).slice(3, 0, x.shape[3], stride);
     }
 
-    /// <summary>CIFAR stem: 3×3 conv, stride 1, BN, ReLU (no max-pool).</summary>
+    /// <summary>CIFAR stem: 3×3 conv, stride 1, BN, ReLU (no max-pool). In a training forward its output is handed on in
+    /// the layout <see cref="Native.ConvolutionLayout.Training"/> chooses (channels-last on 1 thread by default), which
+    /// the rest of the network keeps.</summary>
     public sealed class CifarStem : nn.Module<Tensor, Tensor>, IBatchNormFoldable
     {
         private readonly Conv2d conv;
@@ -198,7 +200,9 @@ namespace EarlyExit.Models
         public override Tensor forward(Tensor x) =>
             folded is not null && !training && !is_grad_enabled() && folded.Serves(x)
                 ? folded.Forward(x).relu_()
-                : relu.call(bn.call(conv.call(x)));
+                : training && is_grad_enabled()
+                    ? Native.ConvolutionLayout.ForTraining(relu.call(bn.call(conv.call(x))))
+                    : relu.call(bn.call(conv.call(x)));
 
         public bool IsFolded => folded is not null;
 

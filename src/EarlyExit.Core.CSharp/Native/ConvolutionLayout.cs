@@ -7,7 +7,8 @@ using static TorchSharp.torch;
 namespace EarlyExit.Native
 {
     /// <summary>
-    /// The layout half of the <c>default-nchw</c> backend. On some processors libtorch's oneDNN kernels are wrong
+    /// The memory layouts convolutions get: the layout a ResNet trains in (<see cref="Training"/>), and the layout half of
+    /// the <c>default-nchw</c> backend. On some processors libtorch's oneDNN kernels are wrong
     /// (or corrupt the heap) only for convolutions whose input arrives channels-last (measured on an AVX2 EPYC,
     /// family 25 model 1: <c>brgconv_1x1:avx2</c>, a 1×1 stride-2 convolution of a channels-last input, crashes with
     /// "corrupted double-linked list"), while the NCHW kernels the model zoo runs (<c>jit:avx2</c> on blocked layouts)
@@ -24,6 +25,78 @@ namespace EarlyExit.Native
 
         /// <summary>Whether the backend in use needs NCHW inputs (set by <see cref="NumericsBackend.Apply"/>).</summary>
         public static bool NchwInputs { get; internal set; }
+
+        /// <summary>The variable that sets <see cref="Training"/>: <c>auto</c> (the default), <c>nchw</c> or <c>channels-last</c>.</summary>
+        public const string TrainingVariable = "EARLYEXIT_TRAINING_LAYOUT";
+
+        static TrainingLayout? training;
+
+        /// <summary>
+        /// The memory layout a ResNet trains in (its stem hands the first block a channels-last map, and every later
+        /// convolution, batch norm, ReLU and add keeps that layout; <see cref="Models.CifarStem"/>). Measured with the
+        /// numerics probe's training mode (cpu-scale ResNet, batch 128, joint loss, AdamW, default kernels; Intel Xeon
+        /// family 6 model 167, AVX-512; six alternated pairs of 60-step runs): on 1 thread channels-last / NCHW
+        /// 0.90, 1.46, 1.22, 1.12, 1.16, 1.15 (993–1031 against 831–893 images/s in the last five), because oneDNN then
+        /// runs its NHWC kernels on the map itself where an NCHW map is reordered to a blocked layout and back around
+        /// every convolution (oneDNN's own account per step: 67 against 87 ms in all, of which reorders 1.6 against 27);
+        /// on 2 threads 0.88, 0.91, 1.10, 0.89, 0.89, 0.98. So <c>auto</c> trains channels-last on 1 thread only (the
+        /// executor's one-thread jobs among them); the bench's "layout" section measures it again on every machine.
+        /// Inference, and every pass in eval mode, stays NCHW. The layout changes the order of float sums only (a golden
+        /// test: the same loss and gradients within float rounding). Never channels-last under a backend that needs
+        /// NCHW inputs (<see cref="NchwInputs"/>), nor off the CPU.
+        /// </summary>
+        public static TrainingLayout Training
+        {
+            get => training ??= ParseTraining(Environment.GetEnvironmentVariable(TrainingVariable));
+            set => training = value;
+        }
+
+        /// <summary>Parses the variable's value (null or empty: auto); an <see cref="ArgumentException"/> for anything else.</summary>
+        public static TrainingLayout ParseTraining(string? spec) =>
+            (spec ?? "").Trim().ToLowerInvariant() switch
+            {
+                "" or "auto" => TrainingLayout.Auto,
+                "nchw" => TrainingLayout.Nchw,
+                "channels-last" or "channels_last" or "nhwc" => TrainingLayout.ChannelsLast,
+                _ => throw new ArgumentException($"{TrainingVariable}={spec}: use auto (the default), nchw or channels-last"),
+            };
+
+        /// <summary>Whether a training forward in this process, on the threads torch has now, runs channels-last.</summary>
+        public static bool TrainsChannelsLast =>
+            !NchwInputs && Training switch
+            {
+                TrainingLayout.ChannelsLast => true,
+                TrainingLayout.Nchw => false,
+                _ => torch.get_num_threads() == 1,
+            };
+
+        /// <summary>What the training layout is and why, for provenance (run.json, metrics.json, bench.json).</summary>
+        public static string TrainingStatus =>
+            NchwInputs ? "NCHW (the kernels in use need NCHW inputs)"
+            : Training switch
+            {
+                TrainingLayout.ChannelsLast => $"channels-last ({TrainingVariable}=channels-last)",
+                TrainingLayout.Nchw => $"NCHW ({TrainingVariable}=nchw)",
+                _ => $"auto: channels-last on 1 thread, NCHW on more (now {(TrainsChannelsLast ? "channels-last" : "NCHW")}, {torch.get_num_threads()} thread(s))",
+            };
+
+        /// <summary>A training forward's feature map in the layout <see cref="TrainsChannelsLast"/> chooses (a copy when it
+        /// changes layout, the map itself otherwise). A map with one channel is left alone (both layouts are the same
+        /// there), and so is one off the CPU (the measurement is of oneDNN's CPU kernels).</summary>
+        public static Tensor ForTraining(Tensor x) =>
+            x.dim() == 4 && x.shape[1] > 1 && x.device_type == DeviceType.CPU && TrainsChannelsLast && !IsChannelsLast(x) ? ToChannelsLast(x) : x;
+
+        /// <summary>An N×C×H×W tensor laid out N,H,W,C in memory (TorchSharp has no memory-format argument: a permuted
+        /// contiguous copy, permuted back).</summary>
+        public static Tensor ToChannelsLast(Tensor x) => x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2);
+
+        /// <summary>Whether a 4-D tensor is dense in N,H,W,C order.</summary>
+        public static bool IsChannelsLast(Tensor x)
+        {
+            if (x.dim() != 4) return false;
+            var (shape, stride) = (x.shape, x.stride());
+            return stride[1] == 1 && stride[3] == shape[1] && stride[2] == shape[1] * shape[3] && stride[0] == shape[1] * shape[2] * shape[3];
+        }
 
         /// <summary>Convolutions hooked in this process (for tests and reports).</summary>
         public static int HookedCount { get; private set; }
@@ -49,5 +122,16 @@ namespace EarlyExit.Native
                 conv.register_forward_pre_hook((_, x) => x.is_contiguous() ? x : x.contiguous());
             }
         }
+    }
+
+    /// <summary>The layout a network trains in (<see cref="ConvolutionLayout.Training"/>).</summary>
+    public enum TrainingLayout
+    {
+        /// <summary>Channels-last on 1 thread, NCHW on more (measured; the default).</summary>
+        Auto,
+        /// <summary>Always NCHW.</summary>
+        Nchw,
+        /// <summary>Always channels-last (where the kernels allow it).</summary>
+        ChannelsLast,
     }
 }

@@ -54,6 +54,7 @@ namespace EarlyExit.Native
                 if (!_threadsApplied) { TorchThreads.Apply(); _threadsApplied = true; }
             }
             NumericsGuard.Ensure();
+            _ = ConvolutionLayout.Training;  // a bad EARLYEXIT_TRAINING_LAYOUT fails here, before any work
             return report;
         }
 

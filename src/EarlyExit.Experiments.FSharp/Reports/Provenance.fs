@@ -49,5 +49,6 @@ let numericsRecord () =
        decision = v.Decision
        threads = v.Threads
        allocator = EarlyExit.Native.NativeAllocator.Status
+       trainingLayout = EarlyExit.Native.ConvolutionLayout.TrainingStatus
        nativeScalars = EarlyExit.Native.NativeScalars.Status
        checkedBackends = [| for c in v.Checked -> {| backend = c.Backend; outcome = c.Outcome; detail = c.Detail |} |] |}
