@@ -371,7 +371,8 @@ let main argv =
             else
                 let ratios = pairs |> List.map (fun (n, c) -> c / n)
                 let each f = pairs |> List.map f |> List.map (sprintf "%.0f") |> String.concat " "
-                let detail = $"(cpu-scale ResNet, batch 128, {numerics.kernels} kernels, median of {stepsL} steps per run; NCHW: {each fst}; channels-last: {each snd} images/s; auto trains {(if t = 1 then "channels-last" else "NCHW")} here)"
+                let autoPicks = if t = 1 then "channels-last" else "NCHW"
+                let detail = $"(cpu-scale ResNet, batch 128, {numerics.kernels} kernels, median of {stepsL} steps per run; NCHW: {each fst}; channels-last: {each snd} images/s; auto trains {autoPicks} here)"
                 // The verdict says whether auto's choice is the faster one on this machine.
                 if t = 1 then addRepeats name ratios 1.0 false ">= 1.0 (auto's choice)" detail
                 else addRepeats name ratios 1.0 true "<= 1.0 (auto's choice)" detail

@@ -35,7 +35,7 @@ namespace EarlyExit.Native
         /// The memory layout a ResNet trains in (its stem hands the first block a channels-last map, and every later
         /// convolution, batch norm, ReLU and add keeps that layout; <see cref="Models.CifarStem"/>). Measured with the
         /// numerics probe's training mode (cpu-scale ResNet, batch 128, joint loss, AdamW, default kernels; Intel Xeon
-        /// family 6 model 167, AVX-512; six alternated pairs of 60-step runs): on 1 thread channels-last / NCHW
+        /// family 6 model 207, AVX-512 without AMX; six alternated pairs of 60-step runs): on 1 thread channels-last / NCHW
         /// 0.90, 1.46, 1.22, 1.12, 1.16, 1.15 (993–1031 against 831–893 images/s in the last five), because oneDNN then
         /// runs its NHWC kernels on the map itself where an NCHW map is reordered to a blocked layout and back around
         /// every convolution (oneDNN's own account per step: 67 against 87 ms in all, of which reorders 1.6 against 27);
