@@ -511,7 +511,7 @@ let main argv =
         let teacherForwards = (Array.sum cum[.. m - 2]) / cum[m - 1]
         // The floor by MACs: a step (≈ 3 forward passes) plus the teachers' forwards. The target is within 5% of it.
         let floor = 1.0 + teacherForwards / 3.0
-        addRepeats "sequential + LwF step, per-exit teachers (the paper's definition) / plain step" (ratiosOf (fun (_, l, _) -> l)) (1.05 * floor) true $"<= {1.05 * floor:F2} (5%% above its MACs floor)"
+        addRepeats "sequential + LwF step, per-exit teachers (the paper's definition) / plain step" (ratiosOf (fun (_, l, _) -> l)) (1.05 * floor) true $"<= {1.05 * floor:F3} (5%% above its MACs floor)"
             $"(by MACs: the {m - 1} teacher forwards cost {teacherForwards:F2} full forwards and a training step about 3, so a floor of {floor:F2} before the earlier heads' own gradients)"
         let teacherEach = teacherRuns |> Seq.map (fun v -> v.ToString "F2") |> String.concat " "
         info "sequential + LwF step, per-exit teachers / (plain step + the teachers' forwards, timed)" (median (List.ofSeq teacherRuns))

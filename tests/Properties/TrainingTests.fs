@@ -467,14 +467,22 @@ let private relativeError (a: torch.Tensor[]) (b: torch.Tensor[]) =
 /// The faults this exists for (AMD EPYCs) gave 0.06-0.31 and NaN on every batch; NaN and passes that differ are
 /// caught exactly.
 let gradientOracle =
+    // Every family in the layout it trains in on more than one thread (NCHW), and the ResNet also in the one it trains
+    // in on 1 thread (channels-last, EarlyExit.Native.ConvolutionLayout.Training), whatever this process's thread count.
     let configs =
         [ for family in ModelRegistry.Families do
-            for scale, data in [ Scales.Smoke, "fashion-mnist"; Scales.Cpu, "fashion-mnist"; Scales.Smoke, "cifar100" ] -> family.Name, scale, data ]
+            for scale, data in [ Scales.Smoke, "fashion-mnist"; Scales.Cpu, "fashion-mnist"; Scales.Smoke, "cifar100" ] -> family.Name, scale, data, EarlyExit.Native.TrainingLayout.Nchw
+          yield "resnet34", Scales.Cpu, "fashion-mnist", EarlyExit.Native.TrainingLayout.ChannelsLast
+          yield "resnet34", Scales.Smoke, "cifar100", EarlyExit.Native.TrainingLayout.ChannelsLast ]
     testList "float32 gradients of every model family against float64" [
-        for family, scale, data in configs ->
-            test $"{family}, {Scales.name scale} scale, {data}'s input: eval mode within 1e-3; train mode finite, repeatable bit for bit, median within 1e-2" {
+        for family, scale, data, layout in configs ->
+            let trained = if layout = EarlyExit.Native.TrainingLayout.ChannelsLast then ", trained channels-last" else ""
+            test $"{family}, {Scales.name scale} scale, {data}'s input{trained}: eval mode within 1e-3; train mode finite, repeatable bit for bit, median within 1e-2" {
                 let spec = (Scales.settings scale family data).Model
                 let trainErrors = ResizeArray<float>()
+                let before = EarlyExit.Native.ConvolutionLayout.Training
+                EarlyExit.Native.ConvolutionLayout.Training <- layout
+                use _restore = { new IDisposable with member _.Dispose() = EarlyExit.Native.ConvolutionLayout.Training <- before }
                 for seed in [ 1L; 2L; 3L ] do
                     torch.manual_seed seed |> ignore
                     use net = ModelRegistry.Create(family, Validation.modelOptions spec)
@@ -497,11 +505,14 @@ let gradientOracle =
                 let each = trainErrors |> Seq.map (sprintf "%.1e") |> String.concat " "
                 Expect.isLessThanOrEqual median 1e-2 $"train mode, median over seeds of float32 against float64 (each: {each})"
             }
-        // A channels-last input, which the model zoo never makes itself but a user's data or plugin may: the kernels of
-        // the family 25 model 1 EPYC are wrong only there. The ResNet's shape meets the broken one (a 1x1 stride-2
-        // shortcut from 4 channels at 8x8, batch 3): under --numerics default there its train-mode gradient is 0.20
-        // off; under default-nchw (NCHW inputs, ConvolutionLayout) and on correct kernels within 1e-4, as on NCHW input.
+        // A channels-last input, which a user's data or plugin may hand in, and the ResNet's own training layout on 1
+        // thread (EarlyExit.Native.ConvolutionLayout.Training): the kernels of the family 25 model 1 EPYC are wrong only there. The
+        // ResNet's shape meets the broken one (a 1x1 stride-2 shortcut from 4 channels at 8x8, batch 3): under
+        // --numerics default there its train-mode gradient is 0.20 off; under default-nchw (NCHW inputs, never trained
+        // channels-last) and on correct kernels within 1e-4, as on NCHW input.
         yield test "a channels-last input: a ResNet's and an MSDNet's train-mode gradients within 1e-4 of float64, as on an NCHW input" {
+            let before = EarlyExit.Native.ConvolutionLayout.Training
+            use _restore = { new IDisposable with member _.Dispose() = EarlyExit.Native.ConvolutionLayout.Training <- before }
             for family, options, shape in
                 [ "resnet34", ModelOptions(NumClasses = 5, InputShape = [| 3L; 8L; 8L |], BaseWidth = 4, Blocks = [| 1; 1; 1 |], ExitPositions = [| 1; 2; 3 |]), [| 3L; 3L; 8L; 8L |]
                   "msdnet", ModelOptions(NumClasses = 5, InputShape = [| 3L; 20L; 20L |], BaseWidth = 4, Blocks = [| 3 |]), [| 6L; 3L; 20L; 20L |] ] do
@@ -516,10 +527,12 @@ let gradientOracle =
                 use x = x64.to_type(torch.float32)
                 use channelsLast = x.permute(0L, 2L, 3L, 1L).contiguous().permute(0L, 3L, 1L, 2L)
                 Expect.isFalse (channelsLast.is_contiguous()) "the input is channels-last"
-                for layout, input in [ "NCHW", x; "channels-last", channelsLast ] do
+                for trainingLayout in [ EarlyExit.Native.TrainingLayout.Nchw; EarlyExit.Native.TrainingLayout.ChannelsLast ] do
+                  EarlyExit.Native.ConvolutionLayout.Training <- trainingLayout
+                  for layout, input in [ "NCHW", x; "channels-last", channelsLast ] do
                     let g = jointGradients net input y true
                     let err = relativeError g g64
-                    Expect.isLessThanOrEqual err 1e-4 $"{family}, {layout} input, kernels {EarlyExit.Native.NumericsGuard.Current.Backend}: the whole gradient within float32 rounding of float64 ({err:G2})"
+                    Expect.isLessThanOrEqual err 1e-4 $"{family}, {layout} input, trained {trainingLayout}, kernels {EarlyExit.Native.NumericsGuard.Current.Backend}: the whole gradient within float32 rounding of float64 ({err:G2})"
                     for t in g do t.Dispose()
                 for t in g64 do t.Dispose()
         }
