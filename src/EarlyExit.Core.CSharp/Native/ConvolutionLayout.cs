@@ -38,7 +38,7 @@ namespace EarlyExit.Native
         /// family 6 model 207, AVX-512 without AMX; six alternated pairs of 60-step runs): on 1 thread channels-last / NCHW
         /// 0.90, 1.46, 1.22, 1.12, 1.16, 1.15 (993–1031 against 831–893 images/s in the last five), because oneDNN then
         /// runs its NHWC kernels on the map itself where an NCHW map is reordered to a blocked layout and back around
-        /// every convolution (oneDNN's own account per step: 67 against 87 ms in all, of which reorders 1.6 against 27);
+        /// every convolution (oneDNN's own account per step: 67.0 against 87.4 ms in all, of which reorders 2.3 against 25.8);
         /// on 2 threads 0.88, 0.91, 1.10, 0.89, 0.89, 0.98. So <c>auto</c> trains channels-last on 1 thread only (the
         /// executor's one-thread jobs among them); the bench's "layout" section measures it again on every machine.
         /// Inference, and every pass in eval mode, stays NCHW. The layout changes the order of float sums only (a golden
