@@ -273,6 +273,7 @@ let interpreter =
                 Expect.equal (n.GetProperty("libtorch").GetString()) "2.10.0" $"{f}: libtorch version"
                 Expect.stringStarts (n.GetProperty("onednn").GetString()) "v3." $"{f}: oneDNN version"
                 Expect.equal (n.GetProperty("allocator").GetString()) EarlyExit.Native.NativeAllocator.Status $"{f}: what the allocator was set to"
+                Expect.equal (n.GetProperty("trainingLayout").GetString()) EarlyExit.Native.ConvolutionLayout.TrainingStatus $"{f}: the layout it trained in, and why"
                 Expect.stringStarts (n.GetProperty("nativeScalars").GetString()) "deferred release" $"{f}: native scalars released at safe points"
             let info = EarlyExit.Experiments.Evaluation.RunFolder.readInfo out
             Expect.stringContains info.Numerics (verdict.Cpu.ModelName) "the table row carries the CPU"

@@ -200,7 +200,7 @@ namespace EarlyExit.Models
         public override Tensor forward(Tensor x) =>
             folded is not null && !training && !is_grad_enabled() && folded.Serves(x)
                 ? folded.Forward(x).relu_()
-                : training && is_grad_enabled()
+                : training  // with or without gradients: a train-mode forward is the same either way
                     ? Native.ConvolutionLayout.ForTraining(relu.call(bn.call(conv.call(x))))
                     : relu.call(bn.call(conv.call(x)));
 

@@ -41,7 +41,7 @@ namespace EarlyExit.Native
         /// every convolution (oneDNN's own account per step: 67.0 against 87.4 ms in all, of which reorders 2.3 against 25.8);
         /// on 2 threads 0.88, 0.91, 1.10, 0.89, 0.89, 0.98. So <c>auto</c> trains channels-last on 1 thread only (the
         /// executor's one-thread jobs among them); the bench's "layout" section measures it again on every machine.
-        /// Inference, and every pass in eval mode, stays NCHW. The layout changes the order of float sums only (a golden
+        /// Every train-mode forward (with gradients or without) takes it; every eval-mode pass, inference among them, stays NCHW. The layout changes the order of float sums only (a golden
         /// test: the same loss and gradients within float rounding). Never channels-last under a backend that needs
         /// NCHW inputs (<see cref="NchwInputs"/>), nor off the CPU.
         /// </summary>
