@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command: builds the solution (Release, linux-x64) and runs both Expecto executables.
+# The project's test command: builds the solution (Release, linux-x64) and runs both Expecto executables (the
+# properties twice: on the threads auto gives and on 1 thread), then the end-to-end checks.
 # Ends with one plain line "N passed, N failed" and a non-zero exit code on any failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,9 +12,14 @@ if ! dotnet build EarlyExit.sln -c Release -nologo -v q -clp:ErrorsOnly; then
 fi
 
 passed=0; failed=0; status=0
-for suite in Golden Properties; do
+# The properties run twice: on the threads auto gives, and on 1 thread, where a ResNet trains channels-last
+# (ConvolutionLayout.Training) and every training path meets that layout.
+for run in Golden Properties Properties:1; do
+  suite=${run%%:*}
+  threads=${run#*:}; [ "$threads" = "$run" ] && threads=${EARLYEXIT_THREADS:-auto}
   log=$(mktemp)
-  dotnet "tests/$suite/bin/Release/net10.0/linux-x64/EarlyExit.Tests.$suite.dll" --summary --no-spinner --colours 0 "$@" 2>&1 | tee "$log"
+  [ "$run" != "$suite" ] && echo "== $suite on $threads thread(s) =="
+  EARLYEXIT_THREADS=$threads dotnet "tests/$suite/bin/Release/net10.0/linux-x64/EarlyExit.Tests.$suite.dll" --summary --no-spinner --colours 0 "$@" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   line=$(grep -aE '^[a-z]+: [0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
   if [ -z "$line" ]; then
