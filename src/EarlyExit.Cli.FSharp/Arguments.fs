@@ -318,7 +318,7 @@ type CliArgs =
             | Version -> "print the version (with the git commit the build comes from) and stop"
             | Numerics _ -> "force the convolution kernels: auto (default: the first that passes the numerics check), default, default-nchw (default kernels, NCHW inputs), onednn-avx512_core, onednn-avx2, onednn-avx, onednn-sse41 or no-onednn (also EARLYEXIT_NUMERICS)"
             | Plugin _ -> "load models or regularisers of your own from this assembly (a class implementing EarlyExit.Extensions.IEarlyExitPlugin; also $EARLYEXIT_PLUGINS, paths separated by ':'); passed on to the runs it starts"
-            | Threads _ -> "torch threads of this process: a number, or auto (default: the cores minus the processes already running; also EARLYEXIT_THREADS); on 1 thread a ResNet trains channels-last (EARLYEXIT_TRAINING_LAYOUT=auto|nchw|channels-last)"
+            | Threads _ -> "torch threads of this process: a number, or auto (default: the cores minus the processes already running; also EARLYEXIT_THREADS); a ResNet trains channels-last on 1 thread, and on more from 16 channels (EARLYEXIT_TRAINING_LAYOUT=auto|nchw|channels-last)"
             | Models _ -> "list the model families (the built-in ones and those of loaded plugins)"
             | Describe _ -> "parameters and cumulative MACs of every exit of a model"
             | Data _ -> "check or download data sets"

@@ -136,7 +136,7 @@ let check =
 /// The training layout (ConvolutionLayout.Training): what each setting makes a ResNet's convolutions see, and that the
 /// layout changes nothing but the order of float sums.
 let layout =
-    testList "training layout (channels-last on 1 thread)" [
+    testList "training layout (channels-last on 1 thread, and from 16 channels)" [
         test "the variable: auto, nchw, channels-last, and a clear error for anything else" {
             Expect.equal (ConvolutionLayout.ParseTraining null) TrainingLayout.Auto "unset"
             Expect.equal (ConvolutionLayout.ParseTraining " Auto ") TrainingLayout.Auto "auto"
@@ -145,20 +145,23 @@ let layout =
             let e = Expect.throwsC (fun () -> ConvolutionLayout.ParseTraining "nhcw" |> ignore) id
             Expect.stringContains e.Message "EARLYEXIT_TRAINING_LAYOUT=nhcw: use auto (the default), nchw or channels-last" "names the variable and the choices"
         }
-        test "auto trains channels-last on 1 thread only, and never under kernels that need NCHW inputs" {
+        test "auto trains channels-last on 1 thread, on more from 16 channels, and never under kernels that need NCHW inputs" {
             let before, threads = ConvolutionLayout.Training, torch.get_num_threads()
             try
+                let allowed = not ConvolutionLayout.NchwInputs
                 ConvolutionLayout.Training <- TrainingLayout.Auto
                 torch.set_num_threads 1
-                Expect.equal ConvolutionLayout.TrainsChannelsLast (not ConvolutionLayout.NchwInputs) "1 thread"
-                Expect.stringContains ConvolutionLayout.TrainingStatus (if ConvolutionLayout.NchwInputs then "need NCHW inputs" else "now channels-last, 1 thread(s)") "the status says so"
+                Expect.equal (ConvolutionLayout.TrainsChannelsLast 8L) allowed "1 thread, 8 channels"
+                Expect.stringContains ConvolutionLayout.TrainingStatus (if allowed then "(now 1 thread(s))" else "need NCHW inputs") "the status says so"
                 torch.set_num_threads 2
-                Expect.isFalse ConvolutionLayout.TrainsChannelsLast "2 threads"
+                Expect.isFalse (ConvolutionLayout.TrainsChannelsLast 8L) "2 threads, 8 channels"
+                Expect.isFalse (ConvolutionLayout.TrainsChannelsLast 15L) "2 threads, 15 channels"
+                Expect.equal (ConvolutionLayout.TrainsChannelsLast 16L) allowed "2 threads, 16 channels"
                 ConvolutionLayout.Training <- TrainingLayout.ChannelsLast
-                Expect.equal ConvolutionLayout.TrainsChannelsLast (not ConvolutionLayout.NchwInputs) "forced"
+                Expect.equal (ConvolutionLayout.TrainsChannelsLast 8L) allowed "forced"
                 ConvolutionLayout.Training <- TrainingLayout.Nchw
                 torch.set_num_threads 1
-                Expect.isFalse ConvolutionLayout.TrainsChannelsLast "nchw"
+                Expect.isFalse (ConvolutionLayout.TrainsChannelsLast 64L) "nchw"
             finally
                 ConvolutionLayout.Training <- before
                 torch.set_num_threads threads

@@ -180,8 +180,8 @@ namespace EarlyExit.Models
     }
 
     /// <summary>CIFAR stem: 3×3 conv, stride 1, BN, ReLU (no max-pool). In a training forward its output is handed on in
-    /// the layout <see cref="Native.ConvolutionLayout.Training"/> chooses (channels-last on 1 thread by default), which
-    /// the rest of the network keeps.</summary>
+    /// the layout <see cref="Native.ConvolutionLayout.Training"/> chooses (by default channels-last on 1 thread, and on
+    /// more from 16 channels), which the rest of the network keeps.</summary>
     public sealed class CifarStem : nn.Module<Tensor, Tensor>, IBatchNormFoldable
     {
         private readonly Conv2d conv;

@@ -39,8 +39,14 @@ namespace EarlyExit.Native
         /// 0.90, 1.46, 1.22, 1.12, 1.16, 1.15 (993–1031 against 831–893 images/s in the last five), because oneDNN then
         /// runs its NHWC kernels on the map itself where an NCHW map is reordered to a blocked layout and back around
         /// every convolution (oneDNN's own account per step: 67.0 against 87.4 ms in all, of which reorders 2.3 against 25.8);
-        /// on 2 threads 0.88, 0.91, 1.10, 0.89, 0.89, 0.98. So <c>auto</c> trains channels-last on 1 thread only (the
-        /// executor's one-thread jobs among them); the bench's "layout" section measures it again on every machine.
+        /// on 2 threads 0.88, 0.91, 1.10, 0.89, 0.89, 0.98. What costs it on 2 threads is ATen's channels-last batch norm
+        /// on maps of fewer channels than an AVX-512 vector holds: forward and backward at 128×8×28×28 took 7.06 against
+        /// 1.45 ms NCHW on 2 threads (3.64 against 3.62 on 1), at 8×14×14 1.91 against 0.58, while from 16 channels on it is
+        /// faster channels-last (16×28×28: 2.84 against 3.49; 64×28×28: 15.3 against 17.0). And the same network at width 16
+        /// on 2 threads trained faster channels-last in 5 of 5 alternated rounds (step time 0.89–0.94 of NCHW's), at width
+        /// 8 slower in 3 of 5 (0.94–1.25). So <c>auto</c> trains channels-last on 1 thread, and on more threads where the
+        /// stem's map has at least <see cref="MinChannelsOnManyThreads"/> channels; the bench's "layout" section measures
+        /// the cpu-scale network (width 8) again on every machine.
         /// Every train-mode forward (with gradients or without) takes it; every eval-mode pass, inference among them, stays NCHW. The layout changes the order of float sums only (a golden
         /// test: the same loss and gradients within float rounding). Never channels-last under a backend that needs
         /// NCHW inputs (<see cref="NchwInputs"/>), nor off the CPU.
@@ -61,13 +67,18 @@ namespace EarlyExit.Native
                 _ => throw new ArgumentException($"{TrainingVariable}={spec}: use auto (the default), nchw or channels-last"),
             };
 
-        /// <summary>Whether a training forward in this process, on the threads torch has now, runs channels-last.</summary>
-        public static bool TrainsChannelsLast =>
+        /// <summary>The fewest channels the stem's map must have for <c>auto</c> to train channels-last on more than one
+        /// thread (16 floats: one AVX-512 vector; below it ATen's channels-last batch norm is slow on several threads).</summary>
+        public const long MinChannelsOnManyThreads = 16;
+
+        /// <summary>Whether a training forward in this process, on the threads torch has now, runs a network whose stem
+        /// has <paramref name="channels"/> channels channels-last.</summary>
+        public static bool TrainsChannelsLast(long channels) =>
             !NchwInputs && Training switch
             {
                 TrainingLayout.ChannelsLast => true,
                 TrainingLayout.Nchw => false,
-                _ => torch.get_num_threads() == 1,
+                _ => torch.get_num_threads() == 1 || channels >= MinChannelsOnManyThreads,
             };
 
         /// <summary>What the training layout is and why, for provenance (run.json, metrics.json, bench.json).</summary>
@@ -77,14 +88,15 @@ namespace EarlyExit.Native
             {
                 TrainingLayout.ChannelsLast => $"channels-last ({TrainingVariable}=channels-last)",
                 TrainingLayout.Nchw => $"NCHW ({TrainingVariable}=nchw)",
-                _ => $"auto: channels-last on 1 thread, NCHW on more (now {(TrainsChannelsLast ? "channels-last" : "NCHW")}, {torch.get_num_threads()} thread(s))",
+                _ => $"auto: channels-last on 1 thread, and on more where the stem has at least {MinChannelsOnManyThreads} channels (now {torch.get_num_threads()} thread(s))",
             };
 
-        /// <summary>A training forward's feature map in the layout <see cref="TrainsChannelsLast"/> chooses (a copy when it
+        /// <summary>A training forward's feature map in the layout <see cref="TrainsChannelsLast"/> chooses for its channel
+        /// count (a copy when it
         /// changes layout, the map itself otherwise). A map with one channel is left alone (both layouts are the same
         /// there), and so is one off the CPU (the measurement is of oneDNN's CPU kernels).</summary>
         public static Tensor ForTraining(Tensor x) =>
-            x.dim() == 4 && x.shape[1] > 1 && x.device_type == DeviceType.CPU && TrainsChannelsLast && !IsChannelsLast(x) ? ToChannelsLast(x) : x;
+            x.dim() == 4 && x.shape[1] > 1 && x.device_type == DeviceType.CPU && TrainsChannelsLast(x.shape[1]) && !IsChannelsLast(x) ? ToChannelsLast(x) : x;
 
         /// <summary>An N×C×H×W tensor laid out N,H,W,C in memory (TorchSharp has no memory-format argument: a permuted
         /// contiguous copy, permuted back).</summary>
