@@ -166,6 +166,27 @@ let layout =
                 ConvolutionLayout.Training <- before
                 torch.set_num_threads threads
         }
+        test "auto on 2 threads: a ResNet of width 16 trains channels-last, one of width 8 NCHW" {
+            use scope = torch.NewDisposeScope()
+            let before, threads = ConvolutionLayout.Training, torch.get_num_threads()
+            try
+                ConvolutionLayout.Training <- TrainingLayout.Auto
+                torch.set_num_threads 2
+                for width, expected in [ 16, not ConvolutionLayout.NchwInputs; 8, false ] do
+                    let options = EarlyExit.Models.ModelOptions(NumClasses = 10, InputShape = [| 1L; 8L; 8L |], BaseWidth = width, Blocks = [| 1; 1 |], ExitPositions = [| 1; 2 |])
+                    use net = EarlyExit.Models.ModelRegistry.Create("resnet34", options)
+                    net.train() |> ignore
+                    let seen = Collections.Generic.List<bool>()
+                    let convs = net.modules() |> Seq.choose (function :? TorchSharp.Modules.Conv2d as c -> Some c | _ -> None) |> List.ofSeq
+                    let removers = [ for c in convs -> c.register_forward_hook(fun _ _ output -> seen.Add(ConvolutionLayout.IsChannelsLast output); null) ]
+                    net.forward(torch.randn(3L, 1L, 8L, 8L)) |> ignore
+                    for r in removers do r.remove()
+                    Expect.equal (seen |> Seq.skip 1 |> Seq.forall id) expected $"width {width}: the blocks' convolutions write channels-last maps: {expected}"
+                    Expect.isTrue (seen |> Seq.skip 1 |> Seq.forall ((=) expected)) $"width {width}: all of them alike"
+            finally
+                ConvolutionLayout.Training <- before
+                torch.set_num_threads threads
+        }
         test "a ResNet trained channels-last: its blocks see channels-last maps, with NCHW's loss and gradients; eval stays NCHW" {
             use scope = torch.NewDisposeScope()
             let before = ConvolutionLayout.Training
