@@ -467,8 +467,8 @@ let private relativeError (a: torch.Tensor[]) (b: torch.Tensor[]) =
 /// The faults this exists for (AMD EPYCs) gave 0.06-0.31 and NaN on every batch; NaN and passes that differ are
 /// caught exactly.
 let gradientOracle =
-    // Every family in the layout it trains in on more than one thread (NCHW), and the ResNet also in the one it trains
-    // in on 1 thread (channels-last, EarlyExit.Native.ConvolutionLayout.Training), whatever this process's thread count.
+    // Every family trained NCHW, and the ResNet also trained channels-last (EarlyExit.Native.ConvolutionLayout.Training:
+    // on 1 thread, or from 16 channels), whatever this process's thread count.
     let configs =
         [ for family in ModelRegistry.Families do
             for scale, data in [ Scales.Smoke, "fashion-mnist"; Scales.Cpu, "fashion-mnist"; Scales.Smoke, "cifar100" ] -> family.Name, scale, data, EarlyExit.Native.TrainingLayout.Nchw

@@ -103,8 +103,6 @@ namespace EarlyExit.Native
             return new ConvCheckResult(backend, simulateFault, results, clock.Elapsed.TotalSeconds);
         }
 
-        static Tensor ChannelsLast(Tensor t) => t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2);
-
         static ConvCaseResult RunCase(ConvCase c, Generator g, bool corrupt)
         {
             using var scope = NewDisposeScope();
@@ -129,9 +127,9 @@ namespace EarlyExit.Native
 
             var reference = Pass(x64, w64, b64, gy64);
             var x32 = x64.to_type(float32);
-            if (c.InputChannelsLast) x32 = ChannelsLast(x32);
+            if (c.InputChannelsLast) x32 = ConvolutionLayout.ToChannelsLast(x32);
             var gy32 = gy64.to_type(float32);
-            if (c.GradChannelsLast) gy32 = ChannelsLast(gy32);
+            if (c.GradChannelsLast) gy32 = ConvolutionLayout.ToChannelsLast(gy32);
             var w32 = w64.to_type(float32);
             var b32 = b64?.to_type(float32);
             // Three identical passes: a racy kernel (seen here) does not differ every time.

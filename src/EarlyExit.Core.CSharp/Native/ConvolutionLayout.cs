@@ -139,7 +139,8 @@ namespace EarlyExit.Native
     /// <summary>The layout a network trains in (<see cref="ConvolutionLayout.Training"/>).</summary>
     public enum TrainingLayout
     {
-        /// <summary>Channels-last on 1 thread, NCHW on more (measured; the default).</summary>
+        /// <summary>Channels-last on 1 thread, and on more where the stem has at least
+        /// <see cref="ConvolutionLayout.MinChannelsOnManyThreads"/> channels; NCHW otherwise (measured; the default).</summary>
         Auto,
         /// <summary>Always NCHW.</summary>
         Nchw,
