@@ -189,7 +189,7 @@ let models =
                 let one = EarlyExitInference.Run(net, x.narrow(0, int64 i, 1L), 0.5)
                 one.Predictions[0] = batched.Predictions[i] && one.Exits[0] = batched.Exits[i]))
 
-        testPropArbs "streamed early exit (a queue per segment, full batches) gives Run's exits, predictions and confidences, in the input's order, for every policy" (fun (c: SmallResNet) ->
+        testPropArbs "streamed early exit (a queue per segment, full batches) gives Run's exits, predictions and confidences, in the input's order, for every policy, compacting or carrying" (fun (c: SmallResNet) ->
             use net = build c
             net.``to``(torch.float64) |> ignore
             net.eval() |> ignore
@@ -206,16 +206,20 @@ let models =
             let agree =
                 cases |> List.forall (fun (policy, t) ->
                     let whole = EarlyExitInference.Run(net, x, policy, t)
-                    [ 1; 1 + rng.Next 7; n; n + 3 ] |> List.forall (fun batch ->
-                        let streamed = EarlyExitInference.RunStreamed(net, x, policy, t, batch)
+                    // Compacting every batch (share 0), the default, and carrying every sample that has left (1).
+                    [ for batch in [ 1; 1 + rng.Next 7; n; n + 3 ] do for share in [ 0.0; EarlyExitInference.DefaultMaxCarriedShare; 1.0 ] -> batch, share ]
+                    |> List.forall (fun (batch, share) ->
+                        let streamed = EarlyExitInference.RunStreamed(net, x, policy, t, batch, share)
                         streamed.Exits = whole.Exits && streamed.Predictions = whole.Predictions && streamed.Confidences = whole.Confidences))
             // Every queued feature map is released: only Run's and RunStreamed's results (arrays) outlive the calls.
             agree && torch.Tensor.TotalCount = before)
 
-        test "streamed early exit refuses a batch size below 1" {
+        test "streamed early exit refuses a batch size below 1 and a carried share outside [0, 1]" {
             use net = build { Blocks = [| 1 |]; BaseWidth = 2; Exits = [| 1 |]; Classes = 2; Input = [| 1L; 8L; 8L |]; Seed = 0 }
             use x = torch.zeros(2L, 1L, 8L, 8L)
             Expect.throwsT<ArgumentOutOfRangeException> (fun () -> EarlyExitInference.RunStreamed(net, x, ExitPolicy.Softmax, 0.5, 0) |> ignore) "batch 0"
+            for share in [ -0.1; 1.5; nan ] do
+                Expect.throwsT<ArgumentOutOfRangeException> (fun () -> EarlyExitInference.RunStreamed(net, x, ExitPolicy.Softmax, 0.5, 2, share) |> ignore) $"carried share {share}"
         }
 
         test "a wrong input shape is refused before it reaches libtorch" {

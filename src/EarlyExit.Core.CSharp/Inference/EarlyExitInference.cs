@@ -22,6 +22,17 @@ namespace EarlyExit.Inference
     {
         public static EarlyExitResult Run(MultiExitNetwork net, Tensor x, double threshold) => Run(net, x, ExitPolicy.Softmax, threshold);
 
+        /// <summary>The default of <c>RunStreamed</c>'s <c>maxCarriedShare</c>: a batch goes on whole while at most
+        /// 1/8 of it has left. A carried sample costs its share of the next segment (for the cpu-scale ResNet on 2 threads
+        /// at batch 64, about 32 µs in segment 2), a compaction a copy of every staying sample's map (25 KB each after
+        /// the first block), and a second one where the next batch is put together from two chunks. Measured there
+        /// (1024 Fashion-MNIST test images, about half leaving early, 30 alternated pairs each against the full pass):
+        /// speed-up 0.927 of the latency-predicted one always compacting, 0.948 carrying up to 1/8, 0.953 up to 1/4.</summary>
+        public const double DefaultMaxCarriedShare = 0.125;
+
+        /// <summary>The id of a carried sample (one that has left, riding along in its batch) in a queued chunk.</summary>
+        const long Carried = -1;
+
         /// <summary>
         /// Real early exit: computes segment μ+1 only for the samples still in the network after exit μ, so a batch
         /// shrinks as samples leave (batch 1 stops as soon as its sample leaves). The network must be in eval mode
@@ -60,10 +71,18 @@ namespace EarlyExit.Inference
         /// batch by batch lets its batches shrink as samples leave, and a small batch costs more per sample.
         /// Per sample the same exits and predictions as <c>Run</c> (eval mode), in the input's order; at most about
         /// <paramref name="batchSize"/> × 2 feature maps per segment are held at a time.
+        /// <para>Compacting a batch (copying the maps of the samples that stay) costs a copy of every one of them,
+        /// twice where the next batch is put together from two queued chunks; when few samples leave, carrying them on
+        /// through the next segment costs less. So a batch whose share of samples that have left (at this exit or
+        /// carried from earlier ones) is at most <paramref name="maxCarriedShare"/> goes on whole, its leavers'
+        /// results ignored; a batch with more is compacted and sheds them all. 0 always compacts; 1 never does.</para>
         /// </summary>
-        public static EarlyExitResult RunStreamed(MultiExitNetwork net, Tensor x, ExitPolicy policy, double parameter, int batchSize)
+        public static EarlyExitResult RunStreamed(MultiExitNetwork net, Tensor x, ExitPolicy policy, double parameter, int batchSize,
+                                                  double maxCarriedShare = DefaultMaxCarriedShare)
         {
             if (batchSize < 1) throw new ArgumentOutOfRangeException(nameof(batchSize), batchSize, "the batch size must be at least 1");
+            if (!(maxCarriedShare >= 0.0 && maxCarriedShare <= 1.0))
+                throw new ArgumentOutOfRangeException(nameof(maxCarriedShare), maxCarriedShare, "the share of carried samples must be between 0 and 1");
             net.CheckInput(x);
             long n = x.shape[0];
             int m = net.ExitCount;
@@ -100,11 +119,23 @@ namespace EarlyExit.Inference
                     state = net.Segment(mu).call(state);
                     var stay = rule.Decide(mu, net.Head(mu).call(state), alive);
                     if (mu == m || stay.Count == 0) continue;
-                    var next = stay.Count == alive.Length
-                        ? state.Select(s => s.alias()).ToArray()
-                        : state.Select(s => s.index_select(0, tensor(stay.ToArray(), device: x.device))).ToArray();
+                    Tensor[] next;
+                    long[] nextIds;
+                    if (alive.Length - stay.Count <= maxCarriedShare * alive.Length)
+                    {
+                        // On whole: the samples that have left ride along as carried (id −1), and nothing is copied.
+                        next = state.Select(s => s.alias()).ToArray();
+                        nextIds = new long[alive.Length];
+                        Array.Fill(nextIds, Carried);
+                        foreach (var i in stay) nextIds[i] = alive[i];
+                    }
+                    else
+                    {
+                        next = state.Select(s => s.index_select(0, tensor(stay.ToArray(), device: x.device))).ToArray();
+                        nextIds = stay.Select(i => alive[i]).ToArray();
+                    }
                     foreach (var t in next) t.DetachFromDisposeScope();
-                    queues[mu].Add((next, stay.Select(i => alive[i]).ToArray()));
+                    queues[mu].Add((next, nextIds));
                 }
             }
             finally
@@ -205,7 +236,8 @@ namespace EarlyExit.Inference
             }
 
             /// <summary>Records the samples that leave at exit <paramref name="mu"/>; returns the batch positions of
-            /// those that stay (none at the last exit).</summary>
+            /// those that stay (none at the last exit). A negative position in <paramref name="alive"/> is a carried
+            /// sample: skipped.</summary>
             public System.Collections.Generic.List<long> Decide(int mu, Tensor logits, long[] alive)
             {
                 // One copy of the float32 logits to managed memory, and per row the maximum softmax probability, the
@@ -219,8 +251,9 @@ namespace EarlyExit.Inference
                 var stay = new System.Collections.Generic.List<long>();
                 for (int i = 0; i < alive.Length; i++)
                 {
-                    var (conf, pred, entropy) = Confidence(rows.AsSpan(i * classes, classes), policy == ExitPolicy.Entropy);
                     long at = alive[i];
+                    if (at < 0) continue;  // carried: it has left already
+                    var (conf, pred, entropy) = Confidence(rows.AsSpan(i * classes, classes), policy == ExitPolicy.Entropy);
                     if (policy == ExitPolicy.Patience)
                     {
                         agreements[at] = mu > 1 && pred == previous[at] ? agreements[at] + 1 : 0;
