@@ -229,7 +229,7 @@ let usage = """EarlyExit benchmarks: ratios timed side by side in one process, m
 
 usage: dotnet run -c Release --project bench/EarlyExit.Bench -- [--quick | --smoke] [--only SECTIONS] [--out DIR] [--numerics NAME]
 
-  --quick            fewer steps and 5 repeats (a few minutes here); the default is 9 repeats (~15 minutes)
+  --quick            fewer steps and 5 repeats (a few minutes here); the default is 9 repeats (21-38 minutes here)
   --smoke            one repeat of a few steps (seconds): checks that every figure is produced; its numbers mean nothing
   --only SECTIONS    comma-separated subset of: numerics, allocator, layout, threads, trainer, regularisers, fisher, inference, pipeline, memory, pytorch
                      (a partial run writes nothing)
