@@ -621,7 +621,8 @@ let main argv =
                         // by batch, so that nearly every batch leaves whole at one exit (no compaction, no carried
                         // samples, each segment on the one before's output).
                         let order = exits |> Array.indexed |> Array.sortBy (fun (_, e) -> -e) |> Array.map (fst >> int64)
-                        use sorted = images.index_select(0L, torch.tensor(order, device = device))
+                        use orderIndex = torch.tensor(order, device = device)
+                        use sorted = images.index_select(0L, orderIndex)
                         let early, full, _ = EarlyExit.Experiments.Evaluation.Eval.time net sorted b EarlyExit.Experiments.Evaluation.Budget.Softmax half.Threshold 3
                         oracle.Add((full / early) / byLatency)
                     measured / byMacs, measured / byLatency, byMacs, byLatency, exits, measured ]
