@@ -688,7 +688,7 @@ let main argv =
                     $"(predicted {byShrinking:F2}x: segment μ + head μ timed at every size that occurs; measured {median measuredSpeedUps:F2}x; what is left is the cost of deciding and compacting, and drift between the two timings)"
                 let each = String.Join(", ", streamedDetail)
                 addRepeats $"early-exit inference, batch {b}, streamed (EarlyExitInference.RunStreamed: a queue per segment, full batches): measured speed-up / speed-up predicted by each exit's measured latency" (List.ofSeq streamed) 0.95 false ">= 0.95"
-                    $"(the same samples, threshold and exits; every segment runs batches of {b} but the tail, carrying the samples that have left while they are at most {EarlyExitInference.DefaultMaxCarriedShare:F3} of a batch; runs, as measured/predicted: {each})"
+                    $"(the same samples, threshold and exits; every segment runs batches of {b} but the tail, carrying the samples that have left while they are at most {EarlyExitInference.DefaultMaxHoleShare:F3} of a batch; runs, as measured/predicted: {each})"
                 let oracleEach = oracle |> Seq.map (fun r -> r.ToString "F2") |> String.concat " "
                 info $"early-exit inference, batch {b}, the same samples sorted by their exit, batch by batch: measured speed-up / speed-up predicted by each exit's measured latency" (median (List.ofSeq oracle))
                     $"(the ceiling of batched early exit, which needs each sample's exit in advance: nearly every batch leaves whole at one exit; runs {oracleEach})"

@@ -189,7 +189,7 @@ let models =
                 let one = EarlyExitInference.Run(net, x.narrow(0, int64 i, 1L), 0.5)
                 one.Predictions[0] = batched.Predictions[i] && one.Exits[0] = batched.Exits[i]))
 
-        testPropArbs "streamed early exit (a queue per segment, full batches) gives Run's exits, predictions and confidences, in the input's order, for every policy, compacting or carrying" (fun (c: SmallResNet) ->
+        testPropArbs "streamed early exit (a queue per segment, full batches) gives Run's exits, predictions and confidences, in the input's order, for every policy, copying the stayers or filling holes" (fun (c: SmallResNet) ->
             use net = build c
             net.``to``(torch.float64) |> ignore
             net.eval() |> ignore
@@ -206,20 +206,54 @@ let models =
             let agree =
                 cases |> List.forall (fun (policy, t) ->
                     let whole = EarlyExitInference.Run(net, x, policy, t)
-                    // Compacting every batch (share 0), the default, and carrying every sample that has left (1).
-                    [ for batch in [ 1; 1 + rng.Next 7; n; n + 3 ] do for share in [ 0.0; EarlyExitInference.DefaultMaxCarriedShare; 1.0 ] -> batch, share ]
+                    // Copying every batch's stayers (share 0), the default, and queueing every batch whole, its holes filled later (1).
+                    [ for batch in [ 1; 1 + rng.Next 7; n; n + 3 ] do for share in [ 0.0; EarlyExitInference.DefaultMaxHoleShare; 1.0 ] -> batch, share ]
                     |> List.forall (fun (batch, share) ->
                         let streamed = EarlyExitInference.RunStreamed(net, x, policy, t, batch, share)
                         streamed.Exits = whole.Exits && streamed.Predictions = whole.Predictions && streamed.Confidences = whole.Confidences))
             // Every queued feature map is released: only Run's and RunStreamed's results (arrays) outlive the calls.
             agree && torch.Tensor.TotalCount = before)
 
-        test "streamed early exit refuses a batch size below 1 and a carried share outside [0, 1]" {
+        test "streamed early exit refuses a batch size below 1 and a share of holes outside [0, 1]" {
             use net = build { Blocks = [| 1 |]; BaseWidth = 2; Exits = [| 1 |]; Classes = 2; Input = [| 1L; 8L; 8L |]; Seed = 0 }
             use x = torch.zeros(2L, 1L, 8L, 8L)
             Expect.throwsT<ArgumentOutOfRangeException> (fun () -> EarlyExitInference.RunStreamed(net, x, ExitPolicy.Softmax, 0.5, 0) |> ignore) "batch 0"
             for share in [ -0.1; 1.5; nan ] do
-                Expect.throwsT<ArgumentOutOfRangeException> (fun () -> EarlyExitInference.RunStreamed(net, x, ExitPolicy.Softmax, 0.5, 2, share) |> ignore) $"carried share {share}"
+                Expect.throwsT<ArgumentOutOfRangeException> (fun () -> EarlyExitInference.RunStreamed(net, x, ExitPolicy.Softmax, 0.5, 2, share) |> ignore) $"share of holes {share}"
+        }
+
+        test "streamed early exit on MSDNet (several maps per sample) and on a segment that returns its input gives Run's results and leaves the input as it was" {
+            torch.manual_seed 3L |> ignore
+            use msd = ModelRegistry.Create("msdnet", ModelOptions(NumClasses = 4, InputShape = [| 1L; 20L; 20L |], BaseWidth = 4, Blocks = [| 3 |], GrowthRate = 2))
+            // Segment 1 is the identity: its output is the caller's input itself, which must not be written to.
+            let identity =
+                new ComposedNetwork(
+                    "identity-first",
+                    Func<_>(fun () ->
+                        [| torch.nn.Identity() :> torch.nn.Module<torch.Tensor, torch.Tensor>
+                           torch.nn.Sequential(torch.nn.Conv2d(1L, 3L, 3L, padding = 1L), torch.nn.ReLU())
+                           torch.nn.Sequential(torch.nn.Conv2d(3L, 3L, 3L, padding = 1L), torch.nn.ReLU()) |] :> Collections.Generic.IReadOnlyList<_>),
+                    Func<_, _>(fun (h: HeadContext) -> Heads.Sdn(2L).Invoke h), 4, [| 1L; 20L; 20L |])
+            for name, (net: MultiExitNetwork) in [ "MSDNet", msd; "identity segment", identity ] do
+                net.eval() |> ignore
+                use scope = torch.NewDisposeScope()
+                let x = torch.randn(37L, 1L, 20L, 20L)
+                let copy = x.clone()
+                // Thresholds where some samples leave at every exit: quantiles of exit 1's confidence.
+                let first = (net.forward x)[0]
+                let conf = EarlyExit.Native.TensorData.ToArray<float32>(first.softmax(1L).amax([| 1L |])) |> Array.sort
+                for q in [ 0.2; 0.5; 0.8 ] do
+                    let t = float conf[int (q * 36.0)]
+                    let whole = EarlyExitInference.Run(net, x, ExitPolicy.Softmax, t)
+                    Expect.isTrue (whole.Exits |> Array.distinct |> Array.length > 1) $"{name}: samples leave at more than one exit at {t}"
+                    for batch in [ 4; 8; 16 ] do
+                        for share in [ 0.0; EarlyExitInference.DefaultMaxHoleShare; 1.0 ] do
+                            let streamed = EarlyExitInference.RunStreamed(net, x, ExitPolicy.Softmax, t, batch, share)
+                            Expect.equal streamed.Exits whole.Exits $"{name} exits, batch {batch}, share {share}"
+                            Expect.equal streamed.Predictions whole.Predictions $"{name} predictions, batch {batch}, share {share}"
+                            Expect.equal streamed.Confidences whole.Confidences $"{name} confidences, batch {batch}, share {share}"
+                Expect.equal (EarlyExit.Native.TensorData.ToArray<float32> x) (EarlyExit.Native.TensorData.ToArray<float32> copy) $"{name}: the input is unchanged"
+            identity.Dispose()
         }
 
         test "a wrong input shape is refused before it reaches libtorch" {
