@@ -76,6 +76,12 @@ let check =
             Expect.isFalse (ConvolutionCheck.SameBits(torch.tensor([| 0.0f |]), torch.tensor([| -0.0f |]))) "0 and -0 differ in bits"
             Expect.isTrue (ConvolutionCheck.SameBits(torch.tensor([| nanf |]), torch.tensor([| nanf |]))) "the same NaN has the same bits"
         }
+        test "a dead probe is described by its last line that is not one of libtorch's warnings" {
+            let nnpack = "[W1207 21:45:06.047995277 NNPACK.cpp:56] Could not initialize NNPACK! Reason: Unsupported hardware."
+            Expect.equal (NumericsGuard.LastMessage $"{nnpack}\nfree(): invalid next size (fast)\n{nnpack}\n{nnpack}\n") "free(): invalid next size (fast)" "the allocator's message, not the warning after it"
+            Expect.equal (NumericsGuard.LastMessage $"{nnpack}\n") nnpack "only warnings: the last one"
+            Expect.equal (NumericsGuard.LastMessage "\n  \n") "" "nothing"
+        }
         test "the kernels the guard chose for this process pass the check here" {
             let r = ConvolutionCheck.Run(NumericsGuard.Current.Backend)
             Expect.isTrue r.Passed (r.Summary())
@@ -88,7 +94,7 @@ let check =
             Expect.stringContains (r.Summary()) "failed (simulated fault): weight gradient off by 0.3" "says what is wrong"
             Expect.isTrue (r.Cases |> Seq.skip 1 |> Seq.forall (fun c -> c.Passed)) "only that case"
         }
-        test "the cases cover 1x1 and 3x3, strides 1 and 2, both layouts and their mix, batch 1, tiny and real channel counts" {
+        test "the cases cover 1x1 and 3x3, strides 1 and 2, both layouts and their mix, batch 1, tiny and real channel counts, and counts off the kernels' blocks of 8 and 16" {
             let cs = ConvolutionCheck.Cases
             Expect.containsAll (cs |> Seq.map (fun c -> c.Kernel) |> set) [ 1; 3 ] "kernels"
             Expect.containsAll (cs |> Seq.map (fun c -> c.Stride) |> set) [ 1; 2 ] "strides"
@@ -96,6 +102,13 @@ let check =
             Expect.exists cs (fun c -> c.Batch = 1) "batch 1"
             Expect.exists cs (fun c -> c.In <= 2) "tiny"
             Expect.exists cs (fun c -> c.In >= 32) "real"
+            // The Zen 5 fault of 2026-12-07 (oneDNN capped at AVX): 3x3 convolutions from more than 8 channels that are
+            // not a multiple of 8, at both strides, and the default kernels' from a multiple of 8 that is not one of 16.
+            for stride in [ 1; 2 ] do
+                Expect.exists cs (fun c -> c.Kernel = 3 && c.Stride = stride && c.In > 8 && c.In % 8 <> 0) $"3x3/{stride} from a channel count above 8 and not a multiple of 8"
+            Expect.exists cs (fun c -> c.Kernel = 3 && c.In % 16 = 8 && c.In > 8) "3x3 from a multiple of 8 that is not one of 16"
+            Expect.exists cs (fun c -> c.Kernel = 3 && c.In < 8 && c.In > 4) "3x3 from 5-7 channels"
+            Expect.exists cs (fun c -> c.Kernel = 1 && c.In > 8 && c.In % 8 <> 0) "1x1 from a channel count above 8 and not a multiple of 8"
         }
         test "default-nchw is checked on every case with its input NCHW, output gradients in both layouts" {
             let cs = ConvolutionCheck.CasesFor NumericsBackend.DefaultNchw
@@ -290,6 +303,32 @@ let guard =
                     Expect.isTrue (out.Contains "default: failed" || out.Contains "default: crashed") "default tried and failed"
                 else Expect.stringContains out $"{b}: failed (simulated fault)" $"{b} tried and failed"
         }
+        test "faults on every backend above oneDNN capped at SSE4.1: the guard times the fallbacks that pass and takes the fastest" {
+            use dir = new TempDir()
+            let above = ladderHere () |> List.filter (fun n -> n <> "onednn-sse41" && n <> "no-onednn")
+            let code, out, err = runCli dir.Path [ NumericsGuard.SimulateVariable, String.Join(",", above) ] [ "doctor" ]
+            Expect.equal code 0 $"doctor succeeds:\n{out}{err}"
+            let row name = out.Split('\n') |> Array.find (fun l -> l.StartsWith $"  {name} ")
+            let rate name =
+                let m = Text.RegularExpressions.Regex.Match(row name, "trains at ([0-9]+) images/s")
+                if m.Success then Some(float m.Groups[1].Value) else None
+            let used = out.Split('\n') |> Array.find (fun l -> l.StartsWith "convolution kernels in use: ")
+            let chosen = used.Substring("convolution kernels in use: ".Length).Split(' ')[0]
+            if (row "onednn-sse41").Contains "passed" then
+                // Two fallbacks pass: both timed, the faster kept, and the decision says so.
+                let sse, off = rate "onednn-sse41", rate "no-onednn"
+                Expect.isSome sse $"oneDNN at SSE4.1 timed:\n{out}"
+                Expect.isSome off $"oneDNN off timed:\n{out}"
+                let fastest = if sse.Value >= off.Value then "onednn-sse41" else "no-onednn"
+                Expect.equal chosen fastest $"the faster of the two ({sse.Value} against {off.Value} images/s)"
+                Expect.stringContains out $"of the fallbacks that pass, {chosen} trains fastest here" "the decision names it"
+                Expect.stringContains err $"using {chosen}, the fastest backend that passes" "and the line on standard error"
+            else
+                // Where SSE4.1's kernels are really broken, oneDNN off passes alone, untimed.
+                Expect.equal chosen "no-onednn" "the only fallback that passes"
+                Expect.isNone (rate "no-onednn") "a lone fallback is not timed"
+            for b in above do Expect.isNone (rate b) $"{b} failed: not timed"
+        }
         test "no backend passes: exit code 1 and one message that lists what was tried and how to force one" {
             use dir = new TempDir()
             let code, out, err = runCli dir.Path [ NumericsGuard.SimulateVariable, String.Join(",", ladderHere ()) ] [ "doctor" ]
@@ -320,6 +359,18 @@ let guard =
             Expect.equal code2 0 err2
             Expect.isFalse (out2.Contains "primitive,exec,cpu,convolution") "no oneDNN convolution"
             Expect.stringContains out2 "\"Backend\":\"no-onednn\"" "the check ran"
+        }
+        test "NNPACK that does not initialise on this CPU is switched off at load, and convolutions that ask for it log nothing" {
+            // Batch-1 and one-thread 1x1 convolutions ask ATen for NNPACK; where it failed to initialise (an AMD EPYC
+            // family 26 model 2), libtorch logged a warning at every one: ~150,000 lines in one test run.
+            let available = LibTorchControls.NnpackAvailable()
+            Expect.equal Nnpack.SwitchedOff (not available) "switched off exactly where unavailable"
+            Expect.equal LibTorchControls.NnpackEnabled available "ATen's switch"
+            Expect.stringContains (TorchNativeLoader.Describe(TorchNativeLoader.LoadNatives())) $"NNPACK: {Nnpack.Status}" "the loader's line says what it did"
+            // oneDNN off: every convolution of the check (batch 1 among them) goes through ATen's choice of NNPACK.
+            let struct (code, _, err) = NumericsGuard.RunProbe([ "check"; "--backend"; "no-onednn" ])
+            Expect.equal code 0 err
+            Expect.isFalse (err.Contains "NNPACK") $"no NNPACK warning (NNPACK here: {Nnpack.Status})"
         }
         test "the probe's throughput runs the backend and the threads it is asked for, not the cached verdict or the automatic count" {
             // Model code calls TorchNativeLoader.EnsureLoaded, which applied the automatic thread count and the cached
