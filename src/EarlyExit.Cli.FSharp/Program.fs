@@ -92,7 +92,8 @@ let doctor (r: ParseResults<DoctorArgs>) =
     printfn "numerics check (%d cases, float32 against float64, tolerance %g, on %d threads; %s):"
         ConvolutionCheck.Cases.Count ConvolutionCheck.Tolerance shown.Threads shown.Decision
     for c in shown.Checked do
-        printfn "  %-20s %s (%.1f s)" c.Backend c.Detail c.Seconds
+        let timed = if c.ImagesPerSecond.HasValue then $"; trains at {c.ImagesPerSecond.Value:F0} images/s" else ""
+        printfn "  %-20s %s (%.1f s%s)" c.Backend c.Detail c.Seconds timed
     let device = Devices.Choose()
     printfn "device: %s" (Devices.Describe device)
     let load = try (IO.File.ReadAllText "/proc/loadavg").Split(' ') |> Array.take 3 |> String.concat " " with _ -> "unknown"

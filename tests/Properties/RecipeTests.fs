@@ -275,6 +275,7 @@ let interpreter =
                 Expect.equal (n.GetProperty("allocator").GetString()) EarlyExit.Native.NativeAllocator.Status $"{f}: what the allocator was set to"
                 Expect.equal (n.GetProperty("trainingLayout").GetString()) EarlyExit.Native.ConvolutionLayout.TrainingStatus $"{f}: the layout it trained in, and why"
                 Expect.stringStarts (n.GetProperty("nativeScalars").GetString()) "deferred release" $"{f}: native scalars released at safe points"
+                Expect.equal (n.GetProperty("nnpack").GetString()) EarlyExit.Native.Nnpack.Status $"{f}: what was done about NNPACK"
             let info = EarlyExit.Experiments.Evaluation.RunFolder.readInfo out
             Expect.stringContains info.Numerics (verdict.Cpu.ModelName) "the table row carries the CPU"
             Expect.stringContains info.Numerics $"convolution kernels {verdict.Backend}" "and the kernels"

@@ -70,6 +70,27 @@ namespace EarlyExit.Native
             set => ((delegate* unmanaged<IntPtr, byte, void>)Export("_ZN2at7Context20setUserEnabledMkldnnEb"))(GlobalContext(), value ? (byte)1 : (byte)0);
         }
 
+        /// <summary>Whether ATen may route a convolution to NNPACK (<c>at::Context::setUserEnabledNNPACK</c>); ATen asks
+        /// this before it asks whether NNPACK is available.</summary>
+        public static bool NnpackEnabled
+        {
+            get => ((delegate* unmanaged<IntPtr, byte>)Export("_ZNK2at7Context17userEnabledNNPACKEv"))(GlobalContext()) != 0;
+            set => ((delegate* unmanaged<IntPtr, byte, void>)Export("_ZN2at7Context20setUserEnabledNNPACKEb"))(GlobalContext(), value ? (byte)1 : (byte)0);
+        }
+
+        /// <summary>Whether NNPACK initialised on this CPU (<c>at::native::_nnpack_available()</c>: it initialises NNPACK
+        /// once and keeps the answer, but logs a warning at every call where it failed, so this call runs with libc10's
+        /// log level raised to errors).</summary>
+        public static bool NnpackAvailable()
+        {
+            var level = TorchNativeLoader.LibC10Handle != IntPtr.Zero && NativeLibrary.TryGetExport(TorchNativeLoader.LibC10Handle, "FLAGS_caffe2_log_level", out var flag)
+                ? (int*)flag : null;
+            int before = level is null ? 0 : *level;
+            if (level is not null) *level = 2;  // c10's ERROR
+            try { return ((delegate* unmanaged<byte>)Export("_ZN2at6native17_nnpack_availableEv"))() != 0; }
+            finally { if (level is not null) *level = before; }
+        }
+
         /// <summary>ATen's deterministic-algorithms switch (TorchSharp 0.107's torch.use_deterministic_algorithms throws
         /// "not implemented"): on, an operator without a deterministic implementation raises an error instead of
         /// running.</summary>

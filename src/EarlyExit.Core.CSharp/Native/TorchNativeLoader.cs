@@ -43,6 +43,9 @@ namespace EarlyExit.Native
         /// <summary>libtorch_cpu as loaded by absolute path (zero before loading, or where it was left to TorchSharp).</summary>
         public static IntPtr LibTorchCpuHandle { get; private set; }
 
+        /// <summary>libc10 as loaded by absolute path (zero before loading, or where it was left to TorchSharp).</summary>
+        public static IntPtr LibC10Handle { get; private set; }
+
         /// <summary>Makes TorchSharp usable in this process and runs the numerics guard (which chooses convolution
         /// kernels that pass its check, before any of them runs), or throws <see cref="TorchUnavailableException"/>
         /// or <see cref="NumericsException"/>.</summary>
@@ -67,6 +70,7 @@ namespace EarlyExit.Native
                 NativeAllocator.Configure();  // before the first tensor
                 var report = OperatingSystem.IsLinux() ? PrepareLinux() : new LoadReport("", "", false, "not Linux: TorchSharp loads as shipped");
                 Verify(report);
+                Nnpack.Configure();
                 _report = report;
                 return report;
             }
@@ -110,7 +114,11 @@ namespace EarlyExit.Native
             foreach (var lib in new[] { "libgomp-98b21ff3.so.1", "libc10.so", "libtorch_cpu.so", "libc10_cuda.so", "libtorch_cuda.so", "libtorch.so" })
             {
                 var path = Path.Combine(dir, lib);
-                if (File.Exists(path) && NativeLibrary.TryLoad(path, out var handle) && lib == "libtorch_cpu.so") LibTorchCpuHandle = handle;
+                if (File.Exists(path) && NativeLibrary.TryLoad(path, out var handle))
+                {
+                    if (lib == "libtorch_cpu.so") LibTorchCpuHandle = handle;
+                    if (lib == "libc10.so") LibC10Handle = handle;
+                }
             }
 
             var shipped = Path.Combine(dir, "libLibTorchSharp.so");
@@ -174,6 +182,6 @@ namespace EarlyExit.Native
 
         /// <summary>One line for logs: where the natives came from.</summary>
         public static string Describe(LoadReport r) =>
-            (r.LibTorchSharpPath.Length == 0 ? r.Detail : $"{r.LibTorchSharpPath} ({r.Detail})") + $"; native scalars: {NativeScalars.Status}; allocator: {NativeAllocator.Status}";
+            (r.LibTorchSharpPath.Length == 0 ? r.Detail : $"{r.LibTorchSharpPath} ({r.Detail})") + $"; native scalars: {NativeScalars.Status}; allocator: {NativeAllocator.Status}; NNPACK: {Nnpack.Status}";
     }
 }

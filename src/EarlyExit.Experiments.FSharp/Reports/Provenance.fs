@@ -51,4 +51,8 @@ let numericsRecord () =
        allocator = EarlyExit.Native.NativeAllocator.Status
        trainingLayout = EarlyExit.Native.ConvolutionLayout.TrainingStatus
        nativeScalars = EarlyExit.Native.NativeScalars.Status
-       checkedBackends = [| for c in v.Checked -> {| backend = c.Backend; outcome = c.Outcome; detail = c.Detail |} |] |}
+       nnpack = EarlyExit.Native.Nnpack.Status
+       checkedBackends =
+           [| for c in v.Checked ->
+               {| backend = c.Backend; outcome = c.Outcome; detail = c.Detail
+                  imagesPerSecond = c.ImagesPerSecond |} |] |}
