@@ -93,7 +93,7 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ] && [ -z "${EARLYEXIT_SKIP_PACKAGES:-}" ]; 
   report "packages (dotnet pack; the samples against the packages; the tool from the feed)" $? "$work/log"
   rm -rf "$work"
 fi
-# The benchmark harness, at smoke size (seconds): every figure is produced and written (28, and training throughput
+# The benchmark harness, at smoke size (seconds): every figure is produced and written (29, and training throughput
 # under each convolution backend of this CPU, at least default and no-onednn; the training layout on 1 thread and on
 # all cores, one row each (one in all on a 1-core machine); and, where Debian's python3-torch is
 # installed, the 14 of the PyTorch peer at one thread, its training step by phase, batch-1 profile and oneDNN convolution profile included),
@@ -107,7 +107,7 @@ if [ -z "${EARLYEXIT_SKIP_SMOKE:-}" ]; then
     && pytorch=$(grep -c '"Name": ".*PyTorch' "$bench/bench.json") \
     && layout=$(grep -c '"Name": "training images/s on [0-9]* thread(s): channels-last / NCHW' "$bench/bench.json") \
     && [ "$perbackend" -ge 2 ] && [ "$layout" -ge 1 ] && [ "$layout" -le 2 ] \
-    && [ "$(( $(grep -c '"Name"' "$bench/bench.json") - perbackend - pytorch - layout ))" -eq 28 ] \
+    && [ "$(( $(grep -c '"Name"' "$bench/bench.json") - perbackend - pytorch - layout ))" -eq 29 ] \
     && [ "$pytorch" -eq "$pytorch_expected" ] \
     && grep -q "^| trainer step" "$bench/bench.md" && grep -q "^Numerics: CPU " "$bench/bench.md" \
     && grep -q '"Name": "sequential + EWC step' "$bench/bench.json" && ! grep -q '\\u00' "$bench/bench.json"
