@@ -329,6 +329,27 @@ let guard =
                 Expect.isNone (rate "no-onednn") "a lone fallback is not timed"
             for b in above do Expect.isNone (rate b) $"{b} failed: not timed"
         }
+        test "a network check that fails with oneDNN on: oneDNN is switched off, the run trains and says why; one that fails without it stops the run" {
+            // The guard's own cache (no recalibration), oneDNN capped at SSE4.1 forced (oneDNN on, on any x86 CPU).
+            let cache = Path.GetDirectoryName(UserCache.Root())
+            use dir = new TempDir()
+            let env fault = [ NumericsGuard.Variable, "onednn-sse41"; NetworkCheck.SimulateVariable, fault ]
+            let train out = [ "train"; "--strategy"; "joint"; "--scale"; "smoke"; "--out"; out ]
+            let code, out, err = runCli cache (env "onednn") (train (dir.File "switched"))
+            Expect.equal code 0 $"trains:\n{out}{err}"
+            let lines = err.Split('\n') |> Array.filter (fun l -> l.Contains "oneDNN switched off in this process")
+            Expect.equal lines.Length 1 $"one line says so:\n{err}"
+            Expect.stringContains lines[0] "the network check of resnet34" "names the network"
+            use doc = Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(dir.File "switched", "run.json")))
+            let n = doc.RootElement.GetProperty "numerics"
+            Expect.equal (n.GetProperty("kernels").GetString()) "no-onednn" "the run records the kernels it trained with"
+            Expect.stringContains (n.GetProperty("decision").GetString()) "switched in this process from onednn-sse41" "and why"
+            Expect.stringStarts (doc.RootElement.GetProperty("networkCheck").GetString()) "passed" "the check it passed"
+            let code2, out2, err2 = runCli cache (env "always") (train (dir.File "stopped"))
+            Expect.equal code2 1 $"stops:\n{out2}{err2}"
+            Expect.stringContains err2 "does not compute correct gradients on this machine under no-onednn" "says what and under which kernels"
+            Expect.isFalse (File.Exists(Path.Combine(dir.File "stopped", "run.json"))) "before anything is written"
+        }
         test "no backend passes: exit code 1 and one message that lists what was tried and how to force one" {
             use dir = new TempDir()
             let code, out, err = runCli dir.Path [ NumericsGuard.SimulateVariable, String.Join(",", ladderHere ()) ] [ "doctor" ]

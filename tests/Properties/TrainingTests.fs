@@ -505,6 +505,37 @@ let gradientOracle =
                 let each = trainErrors |> Seq.map (sprintf "%.1e") |> String.concat " "
                 Expect.isLessThanOrEqual median 1e-2 $"train mode, median over seeds of float32 against float64 (each: {each})"
             }
+        // The network check every run and evaluation makes (EarlyExit.Native.NetworkCheck): it must pass wherever the
+        // oracle above passes, fail on a fault, and leave the network and the global generator as they were.
+        yield test "the network check passes every family at the smoke and cpu scales under the guard's kernels, fails on a simulated fault, and touches neither the network nor the generator" {
+            for family in ModelRegistry.Families do
+                for scale, data in [ Scales.Smoke, "fashion-mnist"; Scales.Cpu, "fashion-mnist"; Scales.Smoke, "cifar100" ] do
+                    let spec = (Scales.settings scale family.Name data).Model
+                    torch.manual_seed 4L |> ignore
+                    use net = ModelRegistry.Create(family.Name, Validation.modelOptions spec)
+                    net.train() |> ignore
+                    let before = [| for kv in net.state_dict() -> kv.Key, kv.Value.clone() |]
+                    torch.manual_seed 9L |> ignore
+                    let r = EarlyExit.Native.NetworkCheck.Run net
+                    use drawn = torch.randn(3L)
+                    torch.manual_seed 9L |> ignore
+                    use expected = torch.randn(3L)
+                    let where = $"{family.Name}, {Scales.name scale}, {data}, kernels {EarlyExit.Native.NumericsGuard.Current.Backend}"
+                    Expect.isTrue r.Passed $"{where}: {r.Summary()}"
+                    Expect.isLessThanOrEqual (max r.NchwError r.ChannelsLastError) 1e-4 $"{where}: within float32 rounding (measured 1e-7)"
+                    Expect.isTrue (drawn.eq(expected).all().item<bool>()) $"{where}: the global generator draws what it would have drawn"
+                    Expect.isTrue net.training $"{where}: still in train mode"
+                    let after = net.state_dict()
+                    for k, v in before do
+                        Expect.isTrue (v.eq(after[k]).all().item<bool>()) $"{where}: {k} untouched"
+                        v.Dispose()
+            use net = ModelRegistry.Create("msdnet", ModelOptions(NumClasses = 4, InputShape = [| 1L; 20L; 20L |], BaseWidth = 4, Blocks = [| 3 |], GrowthRate = 2))
+            let r = EarlyExit.Native.NetworkCheck.Run(net, simulateFault = true)
+            Expect.isFalse r.Passed "a simulated fault fails"
+            Expect.stringContains (r.Summary()) "gradient off by" $"says what: {r.Summary()}"
+            Expect.floatClose Accuracy.medium r.NchwError 0.3 "the whole gradient 1.3 times float64's"
+            Expect.isTrue (net.named_parameters() |> Seq.exists (fun struct (name, _) -> name = r.WorstParameter)) $"names a parameter: {r.WorstParameter}"
+        }
         // A channels-last input, which a user's data or plugin may hand in, and the ResNet's own training layout on 1
         // thread (EarlyExit.Native.ConvolutionLayout.Training): the kernels of the family 25 model 1 EPYC are wrong only there. The
         // ResNet's shape meets the broken one (a 1x1 stride-2 shortcut from 4 channels at 8x8, batch 3): under

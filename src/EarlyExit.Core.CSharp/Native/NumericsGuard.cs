@@ -166,6 +166,28 @@ namespace EarlyExit.Native
         }
 
         /// <summary>
+        /// Turns oneDNN off in this process (it can be, at any time: ATen reads its switch at every convolution) because
+        /// a check found the kernels in use wrong after the guard had chosen them (<see cref="NetworkCheck"/>): the
+        /// verdict becomes <c>no-onednn</c> with <paramref name="why"/> in its decision, and one line says so. The cached
+        /// verdict is left as it is (the next process checks its network again).
+        /// </summary>
+        public static NumericsVerdict SwitchOffOneDnn(string why)
+        {
+            lock (Gate)
+            {
+                var before = _current ?? Ensure();
+                NumericsBackend.NoOneDnn.Apply();
+                _current = before with
+                {
+                    Backend = NumericsBackend.NoOneDnn.Name,
+                    Decision = $"switched in this process from {before.Backend}: {why}",
+                };
+                Report($"numerics: {why}; oneDNN switched off in this process (no-onednn)");
+                return _current;
+            }
+        }
+
+        /// <summary>
         /// Checks the backends again, each in a fresh process, ignoring the cache, and writes the new verdict
         /// (<c>earlyexit doctor --recheck</c>). With <paramref name="all"/> every backend of the ladder is checked, not
         /// only up to the first that passes. This process keeps the backend it already uses.

@@ -43,6 +43,8 @@ let loadFinalNetwork (dir: string) (recipe: Recipe) =
     try TensorStore.LoadInto(net, tensors)
     finally for t in tensors.Values do t.Dispose()
     net.eval() |> ignore
+    // Its forward and gradients under this process's kernels, against float64 (oneDNN is switched off where they fail).
+    NetworkCheck.EnsureUnlessSkipped net |> ignore
     net
 
 let inferencePolicy =

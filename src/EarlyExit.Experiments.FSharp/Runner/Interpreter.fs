@@ -335,6 +335,17 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
     else
     let clock = Stopwatch.StartNew()
     let loader = TorchNativeLoader.EnsureLoaded()
+    let device = Devices.Choose(Option.toObj options.Device)
+    // The network's own numerics check (its float32 gradients against float64, every convolution shape it has), before
+    // anything is written: where the kernels in use fail it, oneDNN is switched off in this process (and the verdict
+    // below says so), or the run stops with NumericsException.
+    let networkCheck =
+        if device.``type`` <> DeviceType.CPU then "not run (not on the CPU)"
+        else
+            use candidate = ModelRegistry.Create(recipe.Model.Name, Validation.modelOptions recipe.Model)
+            match NetworkCheck.EnsureUnlessSkipped candidate with
+            | null -> $"skipped ({NetworkCheck.SkipVariable}=1)"
+            | r -> r.Summary()
     let numerics = Provenance.numericsRecord ()
     let threads = torch.get_num_threads ()
     // Deterministic mode: deterministic algorithms, and a resume only under the thread count and kernels that started it.
@@ -357,11 +368,11 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
         logFile.WriteLine stamped
         logFile.Flush()
         options.Log line
-    let device = Devices.Choose(Option.toObj options.Device)
     let code = Provenance.codeVersion ()
     log $"run {recipe.Name} in {out}"
     log $"device {Devices.Describe device}; threads {TorchThreads.Status}; TorchSharp natives {TorchNativeLoader.Describe loader}; code {code}"
     log $"numerics: {numerics.summary}"
+    log $"network check: {networkCheck}"
     if recipe.Deterministic then log $"deterministic mode: the same code, seed, thread count ({threads}) and kernels ({numerics.kernels}) give the same bits"
     let data = loadData recipe
     log $"data {data.Train.Name}: {data.Train.Count} train, {data.Validation.Count} validation, {data.Test.Count} test images from {data.Source}"
@@ -377,6 +388,7 @@ let run (options: RunOptions) (recipe: Recipe) : RunResult =
            codeVersion = code
            machine = Provenance.machine ()
            numerics = numerics
+           networkCheck = networkCheck
            data = data.Source
            trainImages = data.Train.Count
            validationImages = data.Validation.Count
