@@ -162,7 +162,7 @@ let pytorchPeer () =
 let lastLine (text: string) = text.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue ""
 
 /// The last line of a standard output that is a JSON object: the answer of the peer and of the probe.
-let lastJsonLine (out: string) = out.Split('\n') |> Array.tryFindBack (fun l -> l.TrimStart().StartsWith "{")
+let lastJsonLine (out: string) = EarlyExit.Native.NumericsGuard.LastJsonLine out |> Option.ofObj
 
 /// Runs the PyTorch peer (bench/pytorch/peer.py) with `env` added: its exit code, standard output and standard error.
 let execPeer (python: string) (script: string) (args: string list) (env: (string * string) list) =

@@ -112,17 +112,10 @@ namespace EarlyExit.Native
                 channelsLast = channelsLast.Select(g => g.mul(fault)).ToArray();
             }
             bool finite = nchw.Concat(channelsLast).Concat(again).All(g => g.isfinite().all().item<bool>());
-            double Error(Tensor[] g)
-            {
-                double diff = 0, norm = 0;
-                for (int i = 0; i < g.Length; i++)
-                {
-                    diff += (g[i] - reference[i]).square().sum().item<double>();
-                    norm += reference[i].square().sum().item<double>();
-                }
-                if (!double.IsFinite(diff)) return double.PositiveInfinity;
-                return norm > 0 ? Math.Sqrt(diff / norm) : Math.Sqrt(diff);
-            }
+            // The whole gradient as one vector, against the whole float64 one.
+            static Tensor Whole(Tensor[] g) => cat(g.Select(t => t.flatten()).ToArray());
+            var wholeReference = Whole(reference);
+            double Error(Tensor[] g) => ConvolutionCheck.RelativeError(Whole(g), wholeReference);
             var (worst, worstError) = ("", 0.0);
             for (int i = 0; i < names.Length; i++)
             {

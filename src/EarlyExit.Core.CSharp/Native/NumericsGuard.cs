@@ -275,7 +275,7 @@ namespace EarlyExit.Native
         static double? TimeTraining(string backend, int threads)
         {
             var (code, stdout, _) = RunProbe(new[] { "throughput", "--backend", backend, "--threads", threads.ToString(), "--steps", TimedSteps.ToString() });
-            var json = stdout.Split('\n').Select(l => l.Trim()).LastOrDefault(l => l.StartsWith('{'));
+            var json = LastJsonLine(stdout);
             if (code != 0 || json is null) return null;
             try
             {
@@ -340,7 +340,7 @@ namespace EarlyExit.Native
         {
             var clock = Stopwatch.StartNew();
             var (code, stdout, stderr) = RunProbe(new[] { "check", "--backend", backend.Name, "--threads", threads.ToString() });
-            var json = stdout.Split('\n').Select(l => l.Trim()).LastOrDefault(l => l.StartsWith('{'));
+            var json = LastJsonLine(stdout);
             if (code == 0 && json is not null)
             {
                 var r = JsonSerializer.Deserialize<ConvCheckResult>(json, Json)!;
@@ -350,6 +350,11 @@ namespace EarlyExit.Native
             var how = code > 128 ? $"killed by signal {code - 128}" : code < 0 ? "did not finish" : $"exit code {code}";
             return new BackendVerdict(backend.Name, "crashed", $"crashed: the check process died ({how}){(last.Length > 0 ? ": " + last : "")}", clock.Elapsed.TotalSeconds);
         }
+
+        /// <summary>The last line of a process's standard output that is a JSON object (trimmed), or null: how the probe
+        /// (and the benchmark's PyTorch peer) answer.</summary>
+        public static string? LastJsonLine(string stdout) =>
+            stdout.Split('\n').Select(l => l.Trim()).LastOrDefault(l => l.StartsWith('{'));
 
         /// <summary>The last line of a dead probe's standard error that says why it died: libtorch's own warnings
         /// (<c>[W1207 21:45:06.04 NNPACK.cpp:56] Could not initialize NNPACK!</c>, printed at every convolution that asks
