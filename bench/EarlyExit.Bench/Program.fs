@@ -934,7 +934,7 @@ let main argv =
         "(Student t on the logs of the per-repeat ratios) lies wholly on one side of the target, inconclusive where it spans it; " +
         "for a single measurement, the measured value's. " +
         $"Device: {Devices.Describe device}. Machine: {machine}. Code: {code}. " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC.\n\n" +
-        $"Numerics: {numerics.summary}.\n\nAllocator: {NativeAllocator.Status}. Native scalars: {NativeScalars.Status}. NNPACK: {EarlyExit.Native.Nnpack.Status}.\n\n" +
+        $"Numerics: {numerics.summary}.\n\nAllocator: {NativeAllocator.Status}. Native scalars: {NativeScalars.Status}. NNPACK: {EarlyExit.Native.Nnpack.Status}. oneDNN caches: {EarlyExit.Native.OneDnnCaches.Status}.\n\n" +
         Markdown.table [ "figure"; "measured"; "95% CI (repeats)"; "target"; "met"; "detail" ]
             [ for f in figures ->
                 let met =

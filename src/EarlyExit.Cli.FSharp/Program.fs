@@ -80,6 +80,7 @@ let doctor (r: ParseResults<DoctorArgs>) =
     printfn "TorchSharp natives: %s" (TorchNativeLoader.Describe report)
     let verdict = NumericsGuard.Current
     printfn "CPU: %s" (verdict.Cpu.Describe())
+    printfn "oneDNN's cache sizes: %s" OneDnnCaches.Status
     printfn "libtorch: %s" (verdict.LibTorch.Describe())
     printfn "convolution kernels in use: %s" verdict.Kernels
     let shown =

@@ -250,7 +250,7 @@ let private runCli (cache: string) (env: (string * string) list) (args: string l
     psi.RedirectStandardOutput <- true
     psi.RedirectStandardError <- true
     psi.Environment["XDG_CACHE_HOME"] <- cache
-    for k in [ NumericsGuard.Variable; NumericsGuard.SimulateVariable; "ONEDNN_MAX_CPU_ISA"; "DNNL_MAX_CPU_ISA"; NativeAllocator.Variable; "MALLOC_TOP_PAD_" ] do psi.Environment.Remove k |> ignore
+    for k in [ NumericsGuard.Variable; NumericsGuard.SimulateVariable; "ONEDNN_MAX_CPU_ISA"; "DNNL_MAX_CPU_ISA"; NativeAllocator.Variable; "MALLOC_TOP_PAD_"; OneDnnCaches.Variable ] do psi.Environment.Remove k |> ignore
     // A fixed thread count: verdicts are cached per thread count, and the automatic choice follows the load (the
     // other tests of this suite run beside these), so two runs with auto threads may look for different verdicts.
     psi.Environment[TorchThreads.Variable] <- "2"
@@ -412,6 +412,104 @@ let guard =
         }
     ]
 
+/// The record oneDNN 3.7.1's Xbyak filled on the EPYC VM here (AuthenticAMD family 26 model 2 stepping 1, CPUID leaf
+/// 0x8000001D all zeros), as 36 words read from libtorch_cpu's memory: flags, three topology words, ten cache sizes
+/// (1, 1, 1 bytes), ten sharing counts (1, 1, 1), the level count (3), the AVX10 version, then model, family, stepping,
+/// extended model and family, display family (26) and model (2).
+let private emptyLeafRecord =
+    [| 1592850431; -939684034; 50339854; 0; 1; 1; 1; 1; 1; 1; 0; 0; 0; 0; 0; 0; 0; 1; 1; 1; 0; 0; 0; 0; 0; 0; 0; 3; 0
+       2; 15; 1; 0; 11; 26; 2 |]
+let private zen5Leaf1 = 0x00B00F21u
+let private bytesOf (words: int[]) = words |> Array.collect BitConverter.GetBytes
+
+/// A minimal ELF64 file: a string table whose "foo" is the tail of "xfoo" (as linkers share tails), and a symbol
+/// table with a function "xfoo", an object "foo" and an undefined "bar".
+let private tinyElf () =
+    let strtab = Text.Encoding.ASCII.GetBytes "\000xfoo\000bar\000"
+    let symbol (name: int) (info: int) (shndx: int) (value: uint64) (size: uint64) =
+        Array.concat [ BitConverter.GetBytes(uint32 name); [| byte info; 0uy |]; BitConverter.GetBytes(uint16 shndx)
+                       BitConverter.GetBytes value; BitConverter.GetBytes size ]
+    let symtab = Array.concat [ Array.zeroCreate 24; symbol 1 0x12 1 0x1000UL 10UL; symbol 2 0x01 1 0x2000UL 144UL; symbol 6 0x12 0 0UL 0UL ]
+    let strOffset, symOffset = 64, 64 + strtab.Length
+    let shoff = symOffset + symtab.Length
+    let section (kind: uint32) (offset: int) (size: int) (link: uint32) (entsize: uint64) =
+        Array.concat [ BitConverter.GetBytes 0u; BitConverter.GetBytes kind; Array.zeroCreate 16
+                       BitConverter.GetBytes(uint64 offset); BitConverter.GetBytes(uint64 size); BitConverter.GetBytes link
+                       BitConverter.GetBytes 0u; BitConverter.GetBytes 8UL; BitConverter.GetBytes entsize ]
+    let header = Array.zeroCreate<byte> 64
+    Array.blit [| 0x7fuy; byte 'E'; byte 'L'; byte 'F'; 2uy; 1uy; 1uy |] 0 header 0 7
+    Array.blit (BitConverter.GetBytes(uint64 shoff)) 0 header 0x28 8
+    Array.blit (BitConverter.GetBytes 64us) 0 header 0x3A 2
+    Array.blit (BitConverter.GetBytes 3us) 0 header 0x3C 2
+    Array.concat [ header; strtab; symtab; Array.zeroCreate 64; section 2u symOffset symtab.Length 2u 24UL; section 3u strOffset strtab.Length 0u 0UL ]
+
+let caches =
+    testList "oneDNN's cache sizes (a VM that hides them)" [
+        test "Xbyak's identification words from CPUID leaf 1: this Zen 5, and an Intel Skylake" {
+            Expect.equal (List.ofArray (OneDnnCaches.XbyakSignature(zen5Leaf1, false))) [ 2; 15; 1; 0; 11; 26; 2 ] "family 26 model 2 stepping 1"
+            Expect.equal (List.ofArray (OneDnnCaches.XbyakSignature(0x00050654u, true))) [ 5; 6; 4; 5; 0; 6; 85 ] "family 6 model 85 stepping 4"
+        }
+        test "the 1-byte reading is found in the record as read on the VM, and nothing else is taken for it" {
+            let signature = OneDnnCaches.XbyakSignature(zen5Leaf1, false)
+            let found = OneDnnCaches.LocateEmptyLeafReading(bytesOf emptyLeafRecord, signature)
+            Expect.isNotNull found "found"
+            Expect.equal (found.LevelsOffset, found.Levels, List.ofArray found.Sizes, List.ofArray found.Sharing) (108, 3u, [ 1u; 1u; 1u ], [ 1u; 1u; 1u ]) "the level count at byte 108"
+            // Real caches (48 KB, 1 MB, 32 MB shared by 8): nothing to correct.
+            let real = Array.copy emptyLeafRecord
+            real[7] <- 49152; real[8] <- 1048576; real[9] <- 33554432; real[19] <- 8
+            Expect.isNull (OneDnnCaches.LocateEmptyLeafReading(bytesOf real, signature)) "real caches are left alone"
+            Expect.isNull (OneDnnCaches.LocateEmptyLeafReading(bytesOf emptyLeafRecord, OneDnnCaches.XbyakSignature(0x00A00F11u, false))) "another processor's signature: not this record"
+            Expect.isNull (OneDnnCaches.LocateEmptyLeafReading(bytesOf (Array.append emptyLeafRecord signature), signature)) "a signature seen twice: layout unknown"
+            // An older Xbyak without the AVX10 word: the level count right before the identification.
+            let older = Array.append emptyLeafRecord[.. 27] emptyLeafRecord[29 ..]
+            let olderFound = OneDnnCaches.LocateEmptyLeafReading(bytesOf older, signature)
+            Expect.isNotNull olderFound "found without the AVX10 word"
+            Expect.equal olderFound.LevelsOffset 108 "the level count"
+        }
+        test "ELF symbols: exact names only (a shared string tail is not a match), undefined ones left out" {
+            let elf = tinyElf ()
+            let found = ElfSymbols.Find(elf, [| "foo"; "bar"; "baz" |])
+            Expect.equal (found |> Seq.map (fun s -> s.Name, s.Value, s.Size, s.IsFunction, s.IsObject) |> List.ofSeq) [ "foo", 0x2000UL, 144UL, false, true ] "foo only"
+            let x = ElfSymbols.Find(elf, [| "xfoo" |]) |> List.ofSeq
+            Expect.equal (x |> List.map (fun s -> s.Name, s.Value, s.IsFunction)) [ "xfoo", 0x1000UL, true ] "xfoo, the function"
+            Expect.throwsT<InvalidDataException> (fun () -> ElfSymbols.Find(Array.zeroCreate<byte> 128, [| "foo" |]) |> ignore) "not ELF"
+        }
+        test "the shipped libtorch_cpu lists oneDNN's CPU record and the function that fills it" {
+            let dir = TorchNativeLoader.LoadNatives().NativeDirectory
+            let lib = Path.Combine(dir, "libtorch_cpu.so")
+            let found = ElfSymbols.Find(lib, [| "_ZN4dnnl4impl3cpu3x643cpuEv"; "_ZZN4dnnl4impl3cpu3x643cpuEvE4cpu_"; "_ZN2at13globalContextEv" |])
+            let one name = found |> Seq.filter (fun s -> s.Name = name) |> List.ofSeq
+            Expect.equal (one "_ZN4dnnl4impl3cpu3x643cpuEv" |> List.map (fun s -> s.IsFunction)) [ true ] "dnnl::impl::cpu::x64::cpu()"
+            Expect.equal (one "_ZZN4dnnl4impl3cpu3x643cpuEvE4cpu_" |> List.map (fun s -> s.IsObject, s.Size >= 64UL)) [ true, true ] "its static record"
+            Expect.equal (one "_ZN2at13globalContextEv").Length 1 "the exported anchor"
+        }
+        test "this process: corrected exactly where the CPU hides its caches, and the record says so" {
+            match OneDnnCaches.ReadCpuid() |> Option.ofNullable with
+            | Some c when c.Amd && c.LeafEmpty ->
+                Expect.isTrue OneDnnCaches.Corrected OneDnnCaches.Status
+                Expect.equal (OneDnnCaches.LevelsNow() |> Option.ofNullable) (Some 0) "no cache levels read: oneDNN's defaults"
+                Expect.stringContains (TorchNativeLoader.Describe(TorchNativeLoader.LoadNatives())) $"oneDNN caches: {OneDnnCaches.Status}" "the loader's line says so"
+            | _ ->
+                Expect.isFalse OneDnnCaches.Corrected OneDnnCaches.Status
+                Expect.isTrue (OneDnnCaches.Status.StartsWith "left alone" || OneDnnCaches.Status.StartsWith "not checked") OneDnnCaches.Status
+        }
+        test "from the command line: a bad setting is an error; as-read leaves the record (and, where the CPU hides its caches, the default kernels fail again)" {
+            use dir = new TempDir()
+            let code, _, err = runCli dir.Path [ OneDnnCaches.Variable, "bogus" ] [ "doctor" ]
+            Expect.notEqual code 0 "refused"
+            Expect.stringContains err $"{OneDnnCaches.Variable}=bogus: use auto (the default) or as-read" "says what to give"
+            let code2, out2, err2 = runCli dir.Path [] [ "doctor" ]
+            Expect.equal code2 0 err2
+            Expect.stringContains out2 $"oneDNN's cache sizes: {OneDnnCaches.Status}" "doctor says what was done"
+            if OneDnnCaches.Corrected then
+                let code3, out3, err3 = runCli dir.Path [ OneDnnCaches.Variable, "as-read" ] [ "doctor" ]
+                Expect.equal code3 0 err3
+                Expect.stringContains out3 "oneDNN's cache sizes: left as read" "left as read"
+                let used = out3.Split('\n') |> Array.find (fun l -> l.StartsWith "convolution kernels in use: ")
+                Expect.isFalse (used.StartsWith "convolution kernels in use: default ") $"with 1-byte caches the default kernels fail the check here:\n{out3}{err3}"
+        }
+    ]
+
 let allocator =
     testList "glibc malloc settings (page faults)" [
         test "this process runs with EarlyExit's settings, and getrusage counts the faults of fresh pages" {
@@ -439,4 +537,4 @@ let allocator =
         }
     ]
 
-let all = testList "numerics guard" [ ladder; libtorchInfo; check; layout; guard; allocator ]
+let all = testList "numerics guard" [ ladder; libtorchInfo; check; layout; guard; caches; allocator ]

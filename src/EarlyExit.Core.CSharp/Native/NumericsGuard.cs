@@ -366,7 +366,8 @@ namespace EarlyExit.Native
             return lines.LastOrDefault(l => !TorchWarning(l)) ?? lines.LastOrDefault() ?? "";
         }
 
-        /// <summary>The verdict file of one (CPU, libtorch, oneDNN, threads, simulated faults, check version).</summary>
+        /// <summary>The verdict file of one (CPU, libtorch, oneDNN, threads, simulated faults, check version, and whether
+        /// oneDNN's cache record was corrected: <see cref="OneDnnCaches"/>).</summary>
         sealed class VerdictCache
         {
             readonly string _path;
@@ -375,7 +376,7 @@ namespace EarlyExit.Native
             {
                 var identity = string.Join("|", ConvolutionCheck.Version, cpu.Vendor, cpu.ModelName, cpu.Family, cpu.Model, cpu.Stepping,
                     string.Join(",", cpu.Flags), lib.TorchVersion, lib.OneDnnVersion, lib.TorchSharpVersion, threads, UserIsaCap,
-                    string.Join(",", simulated.OrderBy(s => s)));
+                    string.Join(",", simulated.OrderBy(s => s)), OneDnnCaches.State);
                 var key = Convert.ToHexString(SHA256.HashData(Encoding.UTF8.GetBytes(identity)))[..16].ToLowerInvariant();
                 _path = Path.Combine(UserCache.Root(), "numerics", key + ".json");
             }

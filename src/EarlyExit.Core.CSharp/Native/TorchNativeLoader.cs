@@ -70,6 +70,7 @@ namespace EarlyExit.Native
                 NativeAllocator.Configure();  // before the first tensor
                 var report = OperatingSystem.IsLinux() ? PrepareLinux() : new LoadReport("", "", false, "not Linux: TorchSharp loads as shipped");
                 Verify(report);
+                if (report.NativeDirectory.Length > 0) OneDnnCaches.Configure(Path.Combine(report.NativeDirectory, "libtorch_cpu.so"));
                 Nnpack.Configure();
                 _report = report;
                 return report;
@@ -182,6 +183,6 @@ namespace EarlyExit.Native
 
         /// <summary>One line for logs: where the natives came from.</summary>
         public static string Describe(LoadReport r) =>
-            (r.LibTorchSharpPath.Length == 0 ? r.Detail : $"{r.LibTorchSharpPath} ({r.Detail})") + $"; native scalars: {NativeScalars.Status}; allocator: {NativeAllocator.Status}; NNPACK: {Nnpack.Status}";
+            (r.LibTorchSharpPath.Length == 0 ? r.Detail : $"{r.LibTorchSharpPath} ({r.Detail})") + $"; native scalars: {NativeScalars.Status}; allocator: {NativeAllocator.Status}; NNPACK: {Nnpack.Status}; oneDNN caches: {OneDnnCaches.Status}";
     }
 }

@@ -52,6 +52,7 @@ let numericsRecord () =
        trainingLayout = EarlyExit.Native.ConvolutionLayout.TrainingStatus
        nativeScalars = EarlyExit.Native.NativeScalars.Status
        nnpack = EarlyExit.Native.Nnpack.Status
+       onednnCaches = EarlyExit.Native.OneDnnCaches.Status
        checkedBackends =
            [| for c in v.Checked ->
                {| backend = c.Backend; outcome = c.Outcome; detail = c.Detail
