@@ -146,6 +146,48 @@ let check =
         }
     ]
 
+/// oneDNN#6035: the backward-weights of a strided 1x1 convolution of fewer channels than oneDNN's block, on a
+/// channels-last input, writes past its workspace (aborts here on 2 threads); a network's such convolutions read NCHW.
+let stridedPointwise =
+    testList "strided 1x1 convolutions of few channels (oneDNN#6035)" [
+        test "only they are hooked; they read NCHW inputs; weight gradients on channels-last inputs run, and match float64" {
+            use scope = torch.NewDisposeScope()
+            torch.manual_seed 11L |> ignore
+            let m (c: TorchSharp.Modules.Conv2d) = c :> torch.nn.Module<torch.Tensor, torch.Tensor>
+            // Without the hook, these twelve (batch 5, 14x14, 2 threads) aborted this AMD EPYC's process in 5 runs of 5
+            // ("free(): invalid next size", segmentation faults); with it, 0 of 4.
+            let small = [ for ic in [ 5L; 9L; 12L; 15L ] do for oc in [ 6L; 8L; 16L ] -> torch.nn.Conv2d(ic, oc, 1L, stride = 2L, bias = false) ]
+            let wide = torch.nn.Conv2d(16L, 8L, 1L, stride = 2L, bias = false)
+            let plain = torch.nn.Conv2d(8L, 8L, 3L, padding = 1L, bias = false)
+            Expect.isTrue (small |> List.forall ConvolutionLayout.IsSmallStridedPointwise) "5-15 channels, 1x1, stride 2"
+            Expect.isFalse (ConvolutionLayout.IsSmallStridedPointwise wide) "16 channels"
+            Expect.isFalse (ConvolutionLayout.IsSmallStridedPointwise plain) "3x3"
+            use net = torch.nn.Sequential([| for i, c in List.indexed (small @ [ wide; plain ]) -> string i, m c |])
+            let before = ConvolutionLayout.HookedCount
+            ConvolutionLayout.Attach(net)
+            ConvolutionLayout.Attach(net)
+            Expect.equal (ConvolutionLayout.HookedCount - before) (if ConvolutionLayout.NchwInputs then 14 else 12) "hooked once each: the small ones (all under a backend that needs NCHW)"
+            let seen = Collections.Generic.List<bool>()
+            let removers = [ for c in small -> c.register_forward_hook(fun _ input _ -> seen.Add(input.is_contiguous()); null) ]
+            let input (c: TorchSharp.Modules.Conv2d) = ConvolutionLayout.ToChannelsLast(torch.randn(5L, c.in_channels, 14L, 14L))
+            for _ in 1 .. 3 do
+                for c in small do
+                    use step = torch.NewDisposeScope()
+                    c.zero_grad()
+                    c.call(input c).square().sum().backward()
+            for r in removers do r.remove()
+            Expect.isTrue (seen.Count = 36 && Seq.forall id seen) "each read NCHW every time"
+            // The weight gradient of one of them against float64.
+            let c = small[4]
+            let x = input c
+            c.zero_grad()
+            c.call(x).square().sum().backward()
+            let w64 = c.weight.detach().to_type(torch.float64).requires_grad_(true)
+            torch.nn.functional.conv2d(x.to_type torch.float64, w64, strides = [| 2L; 2L |]).square().sum().backward()
+            Expect.isLessThanOrEqual (ConvolutionCheck.RelativeError(c.weight.grad, w64.grad)) 1e-4 "9 -> 8 channels: the weight gradient"
+        }
+    ]
+
 /// The training layout (ConvolutionLayout.Training): what each setting makes a ResNet's convolutions see, and that the
 /// layout changes nothing but the order of float sums.
 let layout =
@@ -537,4 +579,4 @@ let allocator =
         }
     ]
 
-let all = testList "numerics guard" [ ladder; libtorchInfo; check; layout; guard; caches; allocator ]
+let all = testList "numerics guard" [ ladder; libtorchInfo; check; stridedPointwise; layout; guard; caches; allocator ]

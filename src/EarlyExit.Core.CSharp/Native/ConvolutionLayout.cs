@@ -1,4 +1,5 @@
 using System;
+using System.Linq;
 using System.Runtime.CompilerServices;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -113,18 +114,35 @@ namespace EarlyExit.Native
         /// <summary>Convolutions hooked in this process (for tests and reports).</summary>
         public static int HookedCount { get; private set; }
 
-        /// <summary>Hooks every <see cref="Conv2d"/> under <paramref name="root"/> when the backend in use needs NCHW
-        /// inputs (or always, with <paramref name="always"/>); a convolution is hooked once however often it is asked.</summary>
+        /// <summary>
+        /// The fewest input channels a strided 1×1 convolution may have and still read a channels-last input. oneDNN
+        /// (v3.7.1 in libtorch 2.10; upstream issue uxlfoundation/oneDNN#6035, open) computes the backward-weights of a
+        /// strided 1×1 convolution on an NHWC source by first copying the strided pixels into a per-thread workspace
+        /// ("reduce to unit stride"), and where the input has fewer channels than its kernel's channel block (16 with
+        /// AVX-512, 8 with AVX2) it writes past that workspace. Measured here (AMD EPYC family 26 model 2, default
+        /// kernels, caches corrected, 2 threads): the weight gradients of 1×1 stride-2 convolutions from 5-15 channels on
+        /// channels-last inputs aborted the process with "corrupted size vs. prev_size" or a segmentation fault in every
+        /// run of 18 such shapes (inputs and forward passes alone: never; NCHW inputs, which take oneDNN's blocked
+        /// path: never, 144 of 144 correct).
+        /// </summary>
+        public const long MinChannelsForStridedPointwise = 16;
+
+        /// <summary>Whether a convolution is a strided 1×1 one with fewer input channels than
+        /// <see cref="MinChannelsForStridedPointwise"/>: such a convolution of a network always reads NCHW inputs.</summary>
+        public static bool IsSmallStridedPointwise(Conv2d conv) =>
+            conv.kernel_size.All(k => k == 1) && conv.stride.Any(s => s > 1) && conv.in_channels < MinChannelsForStridedPointwise;
+
+        /// <summary>Hooks the convolutions under <paramref name="root"/> that must read NCHW inputs: every
+        /// <see cref="Conv2d"/> when the backend in use needs NCHW inputs (or with <paramref name="always"/>), and
+        /// otherwise the strided 1×1 convolutions of few channels (<see cref="IsSmallStridedPointwise"/>). A hooked
+        /// convolution's non-contiguous (channels-last) input is made contiguous before libtorch chooses its kernel. A convolution is hooked once however often it is asked.</summary>
         public static void Attach(nn.Module root, bool always = false)
         {
-            if (!always)
-            {
-                TorchNativeLoader.EnsureLoaded();  // the verdict decides
-                if (!NchwInputs) return;
-            }
+            if (!always) TorchNativeLoader.EnsureLoaded();  // the verdict decides
+            bool all = always || NchwInputs;
             foreach (var m in root.modules())
             {
-                if (m is not Conv2d conv) continue;
+                if (m is not Conv2d conv || !(all || IsSmallStridedPointwise(conv))) continue;
                 lock (Hooked)
                 {
                     if (Hooked.TryGetValue(conv, out _)) continue;
